@@ -1,0 +1,7 @@
+"""``python -m cronfile`` is the ``cronfile`` command."""
+
+import sys
+
+from cronfile.cli import main
+
+sys.exit(main())

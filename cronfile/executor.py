@@ -1,0 +1,99 @@
+"""The one seam between the scheduler and the hosts that run jobs.
+
+The center decides *when* and *where*; an :class:`Executor` decides *how* a run reaches its
+host: ``local`` (a child process of the center), ``tcp`` (an agent's channel) or ``ssh``.
+All three take the same :class:`RunRequest` and end with the same :class:`RunOutcome`, so
+the records, timeouts and output rules are identical whatever the transport.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cronfile.model import EnvValue, RunStatus
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a host needs to run one attempt of one slot.
+
+    ``env`` may hold :class:`~cronfile.model.SecretRef` values: they are resolved by the
+    executor on the host that runs the command, at run time, and never written anywhere.
+    """
+
+    run_id: str
+    job: str
+    command: tuple[str, ...] | str
+    scheduled_at: datetime | None = None
+    attempt: int = 1
+    env: tuple[tuple[str, EnvValue], ...] = ()
+    workdir: str | None = None
+    run_as: str | None = None
+    timeout_s: float | None = None
+    kill_grace_s: float = 10.0
+    output_keep: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one run ended. ``signal`` is the signal number that ended the process, if any."""
+
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime
+    exit_code: int | None = None
+    signal: int | None = None
+    output_tail: str = ""
+    reason: str | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return round((self.finished_at - self.started_at).total_seconds(), 6)
+
+
+class RunRefused(Exception):
+    """The run could not start at all (bad workdir, unknown user, command not found, ...).
+
+    The message is safe to record: it never contains a secret value.
+    """
+
+
+class RunHandle(abc.ABC):
+    """A run in progress."""
+
+    run_id: str
+    started_at: datetime
+
+    @abc.abstractmethod
+    async def wait(self) -> RunOutcome:
+        """Wait for the run to end and return its outcome (may be awaited more than once)."""
+
+    @abc.abstractmethod
+    async def stop(self, reason: str = "stopped", grace_s: float | None = None) -> None:
+        """SIGTERM the run's process group, SIGKILL after the grace period.
+
+        The outcome then reports ``killed`` (unless the run ended by itself first).
+        """
+
+
+@dataclass
+class ExecutorInfo:
+    """What ``cronfile status`` shows about an executor."""
+
+    transport: str
+    running: list[str] = field(default_factory=list)
+
+
+class Executor(abc.ABC):
+    """Starts runs on one host through one transport."""
+
+    transport: str
+
+    @abc.abstractmethod
+    async def start(self, request: RunRequest) -> RunHandle:
+        """Start the run; raise :class:`RunRefused` when it cannot start."""
+
+    async def close(self) -> None:
+        """Release connections; running runs are not touched."""

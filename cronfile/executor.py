@@ -95,5 +95,5 @@ class Executor(abc.ABC):
     async def start(self, request: RunRequest) -> RunHandle:
         """Start the run; raise :class:`RunRefused` when it cannot start."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections; running runs are not touched."""

@@ -1,0 +1,175 @@
+"""The ``cronfile`` command: argument parsing and printing only.
+
+Every command calls a plain function that returns data and an exit code; this layer turns
+arguments into calls and results into text. Exit codes (SPEC §3): 0 success, 1 the thing
+checked is bad, 2 usage errors. :func:`main` is the one error boundary: no traceback
+reaches a user for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cronfile import __version__
+
+FORMATS = click.Choice(["text", "json"])
+SCHEDULES = click.option(
+    "--schedules", "schedules", type=click.Path(path_type=Path), default=Path("schedules"),
+    show_default=True, help="The schedules directory.",
+)
+
+
+def _echo(out: str, err: str = "") -> None:
+    if out:
+        click.echo(out, nl=False)
+    if err:
+        click.echo(err, nl=False, err=True)
+
+
+def _print_problems_and_exit(result: object) -> None:
+    from cronfile.validate import ValidateReport, render
+
+    problems = getattr(result, "problems", [])
+    report = ValidateReport(problems, len(getattr(result, "files", [])), 0, 0, False)
+    _echo(*render(report, "text"))
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cronfile")
+def cli() -> None:
+    """Cron for a fleet, configured as code."""
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@SCHEDULES
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",
+              show_default=True)
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+def validate(paths: tuple[Path, ...], schedules: Path, fmt: str, strict: bool) -> None:
+    """Check schedule files; print every problem as file:line:col: error|warning: message."""
+    from cronfile.validate import render, run_validate
+
+    report = run_validate(list(paths), schedules, strict)
+    _echo(*render(report, fmt))
+    sys.exit(report.exit_code)
+
+
+@cli.command("next")
+@click.argument("job", required=False)
+@click.option("-n", "count", type=click.IntRange(1, 10000), default=5, show_default=True,
+              help="How many fire times.")
+@click.option("--after", "after", help="ISO-8601 time to start from (default: now; no offset = UTC).")
+@SCHEDULES
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def next_(job: str | None, count: int, after: str | None, schedules: Path, fmt: str) -> None:
+    """The next fire times of JOB (or of every job), in its zone and UTC."""
+    from cronfile.loader import load_schedules
+    from cronfile.nexttimes import UsageError, next_fires, parse_time, render
+
+    try:
+        start = parse_time(after) if after else time.time()
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = load_schedules(schedules)
+    if result.state is None:
+        _print_problems_and_exit(result)
+        return
+    try:
+        fires = next_fires(result.state, job, count, start)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    _echo(render(fires, job is not None, fmt))
+
+
+def _plan_options(f: Any) -> Any:
+    f = click.option("--detailed-exitcode", is_flag=True,
+                     help="Exit 0 when nothing changes, 2 when something does.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
+                     default="text", show_default=True)(f)
+    f = click.option("--center", "center", help="Compare with a running center (URL).")(f)
+    f = click.option("--state", "state_dir", type=click.Path(path_type=Path),
+                     help="Compare with what a center applied (its state directory).")(f)
+    f = click.option("--against", "against", help="Compare with a git revision, e.g. origin/main.")(f)
+    return SCHEDULES(f)
+
+
+def _run_plan(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
+              fmt: str, detailed_exitcode: bool) -> None:
+    from cronfile.plan import run_plan
+
+    given = [x for x in (against, state_dir, center) if x]
+    if len(given) > 1:
+        raise click.UsageError("use only one of --against, --state, --center")
+    out, code = run_plan(schedules, against=against, state_dir=state_dir, center=center,
+                         fmt=fmt, detailed_exitcode=detailed_exitcode)
+    _echo(out)
+    sys.exit(code)
+
+
+@cli.command()
+@_plan_options
+def plan(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
+         fmt: str, detailed_exitcode: bool) -> None:
+    """What would change, terraform-style, and what it does in time and place."""
+    _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode)
+
+
+@cli.command()
+@_plan_options
+@click.option("--dry-run", is_flag=True, help="Only show the plan (same as `cronfile plan`).")
+def apply(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
+          fmt: str, detailed_exitcode: bool, dry_run: bool) -> None:
+    """Push the validated desired state to a running center (--dry-run: plan only)."""
+    if dry_run:
+        _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode)
+        return
+    from cronfile.control import apply_to_center
+
+    out, code = apply_to_center(schedules, state_dir=state_dir, center=center)
+    _echo(out)
+    sys.exit(code)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of schedule files."""
+    from cronfile.schema import schema_text
+
+    _echo(schema_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; maps every failure to an exit code and never shows a traceback for
+    bad input (an unexpected crash is reported in one line with a hint)."""
+    try:
+        cli.main(args=argv, prog_name="cronfile", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return 2 if isinstance(exc, click.UsageError) else 1
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # the error boundary: one line, no traceback
+        click.echo(f"cronfile: internal error: {type(exc).__name__}: {exc} "
+                   "(set CRONFILE_DEBUG=1 for a traceback)", err=True)
+        import os
+
+        if os.environ.get("CRONFILE_DEBUG"):
+            raise
+        return 1
+    return 0

@@ -1,0 +1,284 @@
+"""Fire times: THE function that says when a job runs, used by ``next``, ``plan`` and the center.
+
+Daylight saving, per SPEC §2 and cronie's rule
+----------------------------------------------
+Time is split into *segments* of constant UTC offset between a zone's transitions. Inside a
+segment local wall time advances with real time, so a plain cron search on naive local
+times is exact. At a segment boundary:
+
+* spring forward (offset grows): local times inside the gap never happen. A *fixed-time*
+  job (``30 2 * * *``) that matched inside the gap fires ONCE at the first valid instant
+  after it (the transition itself); an *interval* job (``*/15``) simply skips the gap,
+  since its next slot by real elapsed time is after it.
+* fall back (offset shrinks): local times repeat. A fixed-time job fired during the first
+  pass, so the search resumes after the repeated range (it fires ONCE); an interval job
+  follows real time and fires in both passes.
+
+croniter 7.0.0 evaluates in local time and converts each match, which is why it fires
+``30 2 * * *`` twice on 2026-10-25 in Europe/Berlin; the segment walk cannot, by
+construction, because no naive time is ever visited twice for a fixed-time job.
+
+Speed: a search costs a few field lookups. Results are memoised per (expression, zone,
+instant), so 10,000 jobs sharing ``*/5 * * * *`` in one zone cost one search per tick.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from cronfile.cronexpr import CronSpec, EverySpec, Spec, parse_schedule
+
+_EPOCH = datetime(1970, 1, 1)
+_SEARCH_YEARS = 9  # 29 February can be 8 years away (2096 -> 2104)
+
+
+# --------------------------------------------------------------------------- zones
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A span of real time [start, end) with one UTC offset; ``None`` ends are unbounded."""
+
+    start: float | None
+    end: float | None
+    offset: int
+    previous_offset: int | None
+
+
+class ZoneTimeline:
+    """The transitions of one zone, found by probing ``utcoffset`` and cached per year.
+
+    zoneinfo has no public list of transitions; probing once a day and bisecting to the
+    second finds every transition that is more than a day away from the next, which all
+    real zones satisfy.
+    """
+
+    _PROBE_S = 86400
+
+    def __init__(self, name: str) -> None:
+        self.zone = ZoneInfo(name)
+        self._transitions: list[int] = []  # epoch seconds where a new offset begins
+        self._years: set[int] = set()
+
+    def offset_at(self, ts: float) -> int:
+        off = datetime.fromtimestamp(ts, self.zone).utcoffset()
+        return int(off.total_seconds()) if off is not None else 0
+
+    def _scan_year(self, year: int) -> None:
+        if year in self._years:
+            return
+        self._years.add(year)
+        start = int(datetime(year, 1, 1, tzinfo=UTC).timestamp())
+        end = int(datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
+        found = []
+        previous = self.offset_at(start)
+        t = start
+        while t < end:
+            nxt = min(t + self._PROBE_S, end)
+            current = self.offset_at(nxt)
+            if current != previous:
+                lo, hi = t, nxt  # offset(lo) == previous, offset(hi) == current
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if self.offset_at(mid) == previous:
+                        lo = mid
+                    else:
+                        hi = mid
+                found.append(hi)
+                previous = current
+            t = nxt
+        for ts in found:
+            i = bisect.bisect_left(self._transitions, ts)
+            if i == len(self._transitions) or self._transitions[i] != ts:
+                self._transitions.insert(i, ts)
+
+    def segment(self, ts: float) -> Segment:
+        year = datetime.fromtimestamp(ts, UTC).year
+        for y in (year - 1, year, year + 1):
+            self._scan_year(y)
+        i = bisect.bisect_right(self._transitions, ts)
+        start = self._transitions[i - 1] if i > 0 else None
+        if i < len(self._transitions):
+            end: float | None = self._transitions[i]
+        else:
+            self._scan_year(year + 2)  # the next transition may be further than a year out
+            i2 = bisect.bisect_right(self._transitions, ts)
+            end = self._transitions[i2] if i2 < len(self._transitions) else None
+        previous = self.offset_at(start - 1) if start is not None else None
+        return Segment(start, end, self.offset_at(ts), previous)
+
+    def transitions_between(self, start: float, end: float) -> list[tuple[int, int, int]]:
+        """(instant, offset before, offset after) for each transition in [start, end)."""
+        for y in range(datetime.fromtimestamp(start, UTC).year - 1,
+                       datetime.fromtimestamp(end, UTC).year + 1):
+            self._scan_year(y)
+        lo = bisect.bisect_left(self._transitions, start)
+        hi = bisect.bisect_left(self._transitions, end)
+        return [(t, self.offset_at(t - 1), self.offset_at(t)) for t in self._transitions[lo:hi]]
+
+
+@functools.lru_cache(maxsize=1024)
+def timeline(zone: str) -> ZoneTimeline:
+    """The shared timeline of a zone (raises ZoneInfoNotFoundError for unknown names)."""
+    return ZoneTimeline(zone)
+
+
+# --------------------------------------------------------------------------- cron search
+
+
+def _naive_seconds(dt: datetime) -> int:
+    return int((dt - _EPOCH).total_seconds())
+
+
+def _naive(seconds: float) -> datetime:
+    return _EPOCH + timedelta(seconds=seconds)
+
+
+def _first_at_least(values: tuple[int, ...], x: int) -> int | None:
+    i = bisect.bisect_left(values, x)
+    return values[i] if i < len(values) else None
+
+
+def _day_matches(spec: CronSpec, t: datetime) -> bool:
+    dom_ok = t.day in spec.days
+    dow_ok = (t.weekday() + 1) % 7 in spec.weekdays
+    if spec.dom_restricted and spec.dow_restricted:
+        return dom_ok or dow_ok
+    return dom_ok and dow_ok
+
+
+def next_local(spec: CronSpec, start: datetime, inclusive: bool) -> datetime | None:
+    """The first naive local time >= (or >) ``start`` matching ``spec``, ignoring zones."""
+    step = timedelta(seconds=1) if spec.has_seconds else timedelta(minutes=1)
+    t = start.replace(microsecond=0)
+    if not spec.has_seconds:
+        t = t.replace(second=0)
+    if t < start or (not inclusive and t == start):
+        t += step
+    limit_year = start.year + _SEARCH_YEARS
+    while t.year <= limit_year:
+        if t.month not in spec.months:
+            month = _first_at_least(spec.months, t.month + 1)
+            t = datetime(t.year, month, 1) if month else datetime(t.year + 1, spec.months[0], 1)
+            continue
+        if not _day_matches(spec, t):
+            t = datetime(t.year, t.month, t.day) + timedelta(days=1)
+            continue
+        if t.hour not in spec.hours:
+            hour = _first_at_least(spec.hours, t.hour + 1)
+            t = (t.replace(hour=hour, minute=0, second=0) if hour is not None
+                 else datetime(t.year, t.month, t.day) + timedelta(days=1))
+            continue
+        if t.minute not in spec.minutes:
+            minute = _first_at_least(spec.minutes, t.minute + 1)
+            t = (t.replace(minute=minute, second=0) if minute is not None
+                 else t.replace(minute=0, second=0) + timedelta(hours=1))
+            continue
+        if t.second not in spec.seconds:
+            second = _first_at_least(spec.seconds, t.second + 1)
+            t = (t.replace(second=second) if second is not None
+                 else t.replace(second=0) + timedelta(minutes=1))
+            continue
+        return t
+    return None
+
+
+def _next_cron(spec: CronSpec, zone: str, after: float) -> float | None:
+    line = timeline(zone)
+    seg = line.segment(after)
+    naive_from: float = math.floor(after) + seg.offset
+    inclusive = False
+    if (spec.fixed_time and seg.previous_offset is not None and seg.start is not None
+            and seg.previous_offset > seg.offset):
+        floor = seg.start + seg.previous_offset  # end of the repeated local range
+        if naive_from < floor:
+            naive_from, inclusive = floor, True
+    for _ in range(64):  # each pass crosses one transition; 64 are ~30 years of DST
+        found = next_local(spec, _naive(naive_from), inclusive)
+        if found is None:
+            return None
+        local = _naive_seconds(found)
+        if seg.end is None or local - seg.offset < seg.end:
+            return float(local - seg.offset)
+        boundary = seg.end
+        nxt = line.segment(boundary)
+        if nxt.offset > seg.offset:  # spring forward: [boundary+old, boundary+new) is a gap
+            if local < boundary + nxt.offset and spec.fixed_time:
+                return float(boundary)
+            naive_from = boundary + nxt.offset
+        else:  # fall back: a fixed-time job does not revisit the repeated range
+            naive_from = boundary + (seg.offset if spec.fixed_time else nxt.offset)
+        inclusive = True
+        seg = nxt
+    return None
+
+
+def _next_every(spec: EverySpec, after: float) -> float:
+    n = math.floor(after / spec.interval_s) + 1
+    return n * spec.interval_s
+
+
+@functools.lru_cache(maxsize=65536)
+def _next_cached(spec: Spec, zone: str, after: float) -> float | None:
+    if isinstance(spec, EverySpec):
+        return _next_every(spec, after)
+    return _next_cron(spec, zone, after)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@functools.lru_cache(maxsize=65536)
+def compile_schedule(text: str, seed: str = "") -> Spec:
+    """Parse and memoise; ``seed`` only matters (and only keys the cache) when H is used."""
+    return parse_schedule(text, seed)
+
+
+def spec_for(text: str, job: str) -> Spec:
+    return compile_schedule(text, job if "H" in text else "")
+
+
+@dataclass(frozen=True)
+class JobTimer:
+    """When one job fires: the union of its schedules, in its zone."""
+
+    specs: tuple[Spec, ...]
+    zone: str
+
+    @classmethod
+    def for_job(cls, schedules: tuple[str, ...], zone: str, job: str) -> JobTimer:
+        return cls(tuple(spec_for(s, job) for s in schedules), zone)
+
+    def next_after(self, after: float) -> float | None:
+        """The first fire time strictly after ``after`` (epoch seconds), or None."""
+        best: float | None = None
+        for spec in self.specs:
+            t = _next_cached(spec, self.zone, after)
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def iter_after(self, after: float) -> Iterator[float]:
+        t: float | None = after
+        while t is not None:
+            t = self.next_after(t)
+            if t is not None:
+                yield t
+
+    def times(self, after: float, count: int) -> list[float]:
+        out = []
+        for t in self.iter_after(after):
+            out.append(t)
+            if len(out) >= count:
+                break
+        return out
+
+
+def to_datetime(ts: float, zone: str = "UTC") -> datetime:
+    return datetime.fromtimestamp(ts, ZoneInfo(zone))

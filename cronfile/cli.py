@@ -145,6 +145,116 @@ def schema() -> None:
     _echo(schema_text())
 
 
+STATE = click.option(
+    "--state", "state_dir", type=click.Path(path_type=Path), default=Path(".state"),
+    show_default=True, envvar="CRONFILE_STATE", help="The center's state directory.",
+)
+
+
+@cli.command()
+@SCHEDULES
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), required=True,
+              help="Where the ledger and applied state live.")
+@click.option("--listen", help="HOST:PORT where agents connect (default: no agent listener).")
+@click.option("--token-file", type=click.Path(path_type=Path), help="Agent secrets.")
+@click.option("--accept-undeclared", is_flag=True, help="Let agents not in the inventory register.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="Seconds running jobs get at shutdown before they are killed.")
+@click.option("--no-watch", is_flag=True, help="Reload only on SIGHUP or `cronfile apply`.")
+def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
+           accept_undeclared: bool, grace: float, no_watch: bool) -> None:
+    """Run the center: schedule, dispatch and record; hot-reload the schedules."""
+    from cronfile.center import CenterOptions, run_center
+
+    if not schedules.is_dir():
+        raise click.UsageError(f"--schedules {schedules}: not a directory")
+    sys.exit(run_center(CenterOptions(schedules, state_dir, listen, token_file, grace,
+                                      not no_watch, accept_undeclared)))
+
+
+@cli.command()
+@click.option("--center", "center_addr", required=True, help="HOST:PORT of the center.")
+@click.option("--name", required=True, help="This agent's name, as declared in the inventory.")
+@click.option("--token-file", type=click.Path(path_type=Path), required=True)
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--tls-ca", type=click.Path(path_type=Path), help="CA to verify the center with.")
+@click.option("--allow-run-as", default="", help="Users jobs may run as (comma-separated).")
+def agent(center_addr: str, name: str, token_file: Path, state_dir: Path, tls_ca: Path | None,
+          allow_run_as: str) -> None:
+    """Run an agent: one persistent, authenticated connection to the center."""
+    from cronfile.agent import main as agent_main
+
+    args = ["--center", center_addr, "--name", name, "--token-file", str(token_file),
+            "--state", str(state_dir)]
+    if tls_ca:
+        args += ["--tls-ca", str(tls_ca)]
+    if allow_run_as:
+        args += ["--allow-run-as", allow_run_as]
+    sys.exit(agent_main(args))
+
+
+@cli.command()
+@STATE
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def status(state_dir: Path, fmt: str) -> None:
+    """The applied revision, last rejection, each job's next and last run, agents."""
+    from cronfile.reports import build_status, render_status
+
+    _echo(render_status(build_status(state_dir), fmt))
+
+
+@cli.command()
+@STATE
+@click.option("--job", help="Only this job.")
+@click.option("--status", "status_", help="Only runs with this status (or 'running').")
+@click.option("--since", help="Only runs scheduled at or after this ISO-8601 time.")
+@click.option("--limit", type=int, default=50, show_default=True, help="The latest N runs (0: all).")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def runs(state_dir: Path, job: str | None, status_: str | None, since: str | None, limit: int,
+         fmt: str) -> None:
+    """Runs recorded in the ledger, one line per run."""
+    from cronfile.nexttimes import UsageError
+    from cronfile.reports import query_runs, render_runs
+
+    try:
+        views = query_runs(state_dir, job, status_, since, limit or None)
+    except UsageError as exc:
+        raise click.UsageError(str(exc).replace("--after", "--since")) from None
+    _echo(render_runs(views, fmt))
+
+
+@cli.command("run")
+@click.argument("job")
+@STATE
+def run_(job: str, state_dir: Path) -> None:
+    """Run JOB now on the running center."""
+    from cronfile.control import CenterUnavailable, request
+
+    try:
+        answer = request(state_dir, {"op": "run", "job": job})
+    except CenterUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("error")))
+    _echo(f"started {job}; follow it with: cronfile runs --job {job} --state {state_dir}\n")
+
+
+@cli.command()
+@click.argument("event")
+@STATE
+def trigger(event: str, state_dir: Path) -> None:
+    """Fire EVENT: runs every job with trigger: {event: EVENT}."""
+    from cronfile.control import CenterUnavailable, request
+
+    try:
+        answer = request(state_dir, {"op": "trigger", "event": event})
+    except CenterUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    jobs = answer.get("jobs") or []
+    _echo(f"event {event}: {', '.join(jobs) if jobs else 'no job listens for it'}\n")
+    sys.exit(0 if jobs else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; maps every failure to an exit code and never shows a traceback for
     bad input (an unexpected crash is reported in one line with a hint)."""

@@ -1,0 +1,593 @@
+"""``cronfile center``: the daemon that schedules, dispatches and records.
+
+One object, :class:`Center`, wires the parts together and owns the I/O:
+
+* the desired state comes from :class:`~cronfile.loader.ScheduleLoader` (hot-reloaded by
+  :mod:`watchfiles` and SIGHUP through ONE path, :meth:`Center.reload`);
+* timing decisions come from :class:`~cronfile.engine.Scheduler` (pure, clock-driven);
+* runs go through :class:`~cronfile.executor.Executor` implementations: the built-in
+  ``local`` one here, agents and SSH through :class:`Targets` resolution;
+* every outcome lands in :class:`~cronfile.ledger.Ledger`.
+
+Once per slot (SPEC §5). Before a run is sent, its ``dispatched`` record is written and
+fsynced (one write and one fsync for all runs due in the same tick: group commit). At
+start, runs dispatched but never finished are recorded ``lost`` and every slot already in
+the ledger is excluded from catch-up, so a restart never runs a slot twice. The center also
+keeps a *watermark* file (``<state>/watermark``): all slots up to it were handled, which
+tells the next start how long it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cronfile.clock import Clock, SystemClock
+from cronfile.daemons import DaemonSupervisor
+from cronfile.diff import diff_states
+from cronfile.engine import Action, RecordSlot, Scheduler, StartRun, StopRuns
+from cronfile.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.ledger import Ledger, fold_runs, utc_ts
+from cronfile.loader import LOCAL_AGENT, ScheduleLoader
+from cronfile.local_exec import LocalExecutor
+from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, Revision, RunStatus
+from cronfile.statefile import read_applied, write_applied
+
+log = logging.getLogger("cronfile.center")
+
+WATERMARK_FILE = "watermark"
+CENTER_FILE = "center.json"
+RELOAD_DEBOUNCE_S = 0.2
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
+
+
+def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
+    """Deterministic: the same (slot, target, attempt) always has the same id, which is what
+    lets an agent (and the ledger) recognise a run it has already seen."""
+    return hashlib.sha256(f"{job}|{slot:.3f}|{agent}|{attempt}".encode()).hexdigest()[:20]
+
+
+@dataclass
+class Target:
+    """One place a slot runs: an agent name and the executor that reaches it."""
+
+    agent: str
+    executor: Executor | None
+    transport: str
+    env: tuple[tuple[str, str], ...] = ()
+    why: str = ""
+
+
+@dataclass
+class _Running:
+    run_id: str
+    job: str
+    agent: str
+    slot: float
+    attempt: int
+    handle: RunHandle
+    base: dict[str, Any]
+    stop_reason: str | None = None
+
+
+@dataclass
+class CenterOptions:
+    schedules: Path
+    state: Path
+    listen: str | None = None
+    token_file: Path | None = None
+    shutdown_grace_s: float = DEFAULT_KILL_GRACE_S
+    watch: bool = True
+    accept_undeclared: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Center:
+    """The center daemon; :meth:`run_until_stopped` is its whole life."""
+
+    def __init__(self, options: CenterOptions, clock: Clock | None = None) -> None:
+        self.options = options
+        self.clock = clock or SystemClock()
+        self.state_dir = options.state
+        self.ledger = Ledger(options.state)
+        self.loader = ScheduleLoader(options.schedules)
+        self.scheduler = Scheduler()
+        self.local = LocalExecutor(state_dir=options.state.resolve())
+        self.desired: DesiredState | None = None
+        self.running: dict[str, _Running] = {}
+        self.daemons: dict[str, DaemonSupervisor] = {}
+        self.done_slots: set[tuple[str, float, str]] = set()
+        self.last_rejection: dict[str, Any] | None = None
+        self.hub: Any = None  # the agent hub, when agents are enabled
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._pending: list[dict[str, Any]] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._signals = 0
+        self._last_watermark = 0.0
+
+    # ------------------------------------------------------------------ records
+
+    def _revision(self) -> dict[str, Any]:
+        return self.desired.revision.to_dict() if self.desired else {}
+
+    def _base(self, job: Job, slot: float, agent: str, transport: str, attempt: int,
+              run_id: str) -> dict[str, Any]:
+        return {"run_id": run_id, "job": job.name, "agent": agent, "transport": transport,
+                "scheduled_at": iso(slot), "attempt": attempt, "revision": self._revision()}
+
+    def _record(self, record: dict[str, Any], sync: bool = True) -> None:
+        """Queue a run record; all records queued in one loop iteration share one write
+        and one fsync."""
+        self._pending.append(record)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self.ledger.runs.append(batch)
+
+    def _event(self, name: str, **fields: Any) -> None:
+        self.ledger.event(name, **fields)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run_until_stopped(self) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        dropped = self.ledger.open()
+        if any(dropped.values()):
+            self._event("ledger_repaired", dropped_bytes=dropped)
+        self._write_center_file()
+        self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
+                    listen=self.options.listen)
+        since = self._read_watermark()
+        self._recover_ledger(since)
+        first = await asyncio.to_thread(self.loader.load, with_git=True)
+        if first.state is None:
+            self._reject(first.problems)
+            previous = read_applied(self.state_dir)
+            if previous is not None:
+                log.warning("schedules are invalid; keeping the last applied revision")
+                self._apply(previous, initial=True)
+        else:
+            self._apply(first.state, initial=True)
+        if since is not None:
+            self._catch_up(since)
+        self._install_signals()
+        await self._start_services()
+        self._spawn(self._scheduler_loop())
+        if self.options.watch:
+            self._spawn(self._watch_files())
+        self._spawn(self._reload_loop())
+        log.info("center running: %d jobs; state in %s", len(self.scheduler.jobs), self.state_dir)
+        await self._stopping.wait()
+        await self._shutdown()
+        return 0
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("center task failed: %r", task.exception(), exc_info=task.exception())
+
+    async def _start_services(self) -> None:
+        from cronfile.control import ControlServer
+
+        self.control = ControlServer(self)
+        await self.control.start()
+        if self.options.listen:
+            from cronfile.fleet import start_hub
+
+            self.hub = await start_hub(self)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_stop() -> None:
+            self._signals += 1
+            if self._signals > 1:  # a second signal: exit at once, children get SIGKILL
+                log.warning("second signal: exiting now")
+                for run in self.running.values():
+                    with contextlib.suppress(Exception):
+                        os.killpg(getattr(run.handle, "pgid", -1), signal.SIGKILL)
+                self._flush()
+                os._exit(1)
+            log.info("stopping: no new runs; waiting up to %gs for running ones",
+                     self.options.shutdown_grace_s)
+            self.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            if task.get_name() != "run":
+                task.cancel()
+        grace = self.options.shutdown_grace_s
+        waiting = [asyncio.ensure_future(r.handle.wait()) for r in self.running.values()]
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=grace)
+            for run in list(self.running.values()):
+                run.stop_reason = "center shutting down"
+                with contextlib.suppress(Exception):
+                    await run.handle.stop("center shutting down", grace_s=min(grace, 5.0))
+            if pending:
+                await asyncio.wait(pending, timeout=grace + 5)
+        for supervisor in self.daemons.values():
+            with contextlib.suppress(Exception):
+                await supervisor.stop(min(grace, 5.0))
+        await asyncio.sleep(0)  # let run watchers record their outcomes
+        for _ in range(50):
+            if not self.running:
+                break
+            await asyncio.sleep(0.02)
+        if self.hub is not None:
+            with contextlib.suppress(Exception):
+                await self.hub.close()
+        with contextlib.suppress(Exception):
+            await self.control.close()
+        self._flush()
+        self._write_watermark(force=True)
+        self._event("center_stopped", reason="signal", pid=os.getpid())
+        self.ledger.close()
+        with contextlib.suppress(OSError):
+            (self.state_dir / CENTER_FILE).unlink()
+
+    # ------------------------------------------------------------------ desired state
+
+    def _reject(self, problems: Iterable[Any]) -> None:
+        errors = [p.render() for p in problems if p.severity.value == "error"]
+        self.last_rejection = {"ts": utc_ts(), "errors": errors}
+        self._event("revision_rejected", errors=errors,
+                    kept=self.desired.revision.to_dict() if self.desired else None)
+        log.error("schedules rejected (%d errors); keeping the last good revision:\n  %s",
+                  len(errors), "\n  ".join(errors[:20]))
+
+    def _apply(self, state: DesiredState, initial: bool = False) -> None:
+        """Apply ONLY the difference: unchanged jobs keep their timing and processes."""
+        now = self.clock.time()
+        diff = diff_states(self.desired, state)
+        old = self.desired
+        self.desired = state
+        for name in diff.jobs.removed:
+            self.scheduler.remove_job(name)
+            self._stop_daemon(name)
+            if old is not None and old.jobs[name].on_change.value == "restart":
+                self._stop_runs(name, "job removed (on_change: restart)")
+        for name in (*diff.jobs.added, *diff.jobs.changed_names):
+            job = state.jobs[name]
+            self.scheduler.set_job(job, now)
+            if job.kind is JobKind.DAEMON:
+                self._restart_daemon(job)
+            else:
+                self._stop_daemon(name)
+            if name in diff.jobs.changed_names and job.on_change.value == "restart":
+                self._stop_runs(name, "job changed (on_change: restart)")
+        if self.hub is not None:
+            with contextlib.suppress(Exception):
+                self.hub.update_inventory(state.agents)
+        self._event("revision_applied", revision=state.revision.to_dict(),
+                    initial=initial, diff=diff.summary())
+        self._spawn_write_applied(state)
+        self._wake.set()
+
+    def _spawn_write_applied(self, state: DesiredState) -> None:
+        def write() -> None:
+            write_applied(self.state_dir, state)
+
+        with contextlib.suppress(RuntimeError):
+            self._spawn(asyncio.to_thread(write))
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the schedules: apply the difference, or keep the last good revision."""
+        result = await asyncio.to_thread(self.loader.load, with_git=True)
+        if result.state is None:
+            self._reject(result.problems)
+            return {"applied": False, "errors": self.last_rejection["errors"] if self.last_rejection else []}
+        if self.desired is not None and result.state.revision == self.desired.revision:
+            return {"applied": False, "unchanged": True, "revision": result.state.revision.to_dict()}
+        self.last_rejection = None
+        diff = diff_states(self.desired, result.state)
+        self._apply(result.state)
+        return {"applied": True, "revision": result.state.revision.to_dict(), "diff": diff.summary()}
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            await asyncio.sleep(RELOAD_DEBOUNCE_S)  # a checkout touching 50 files = one reload
+            self._reload_requested.clear()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("reload failed; keeping the current revision")
+
+    async def _watch_files(self) -> None:
+        import watchfiles
+
+        def relevant(change: Any, path: str) -> bool:
+            return path.endswith((".yaml", ".yml")) or os.path.isdir(path)
+
+        async for _ in watchfiles.awatch(self.options.schedules, watch_filter=relevant,
+                                          debounce=int(RELOAD_DEBOUNCE_S * 1000), step=50,
+                                          stop_event=self._stopping, recursive=True):
+            self._reload_requested.set()
+
+    # ------------------------------------------------------------------ daemons
+
+    def _restart_daemon(self, job: Job) -> None:
+        self._stop_daemon(job.name)
+        request = self._request(job, run_id_for(job.name, 0, LOCAL_AGENT, 0), None, 1, ())
+        base = self._base(job, 0, LOCAL_AGENT, "local", 1, request.run_id)
+        base["scheduled_at"] = None
+
+        async def on_exit(replica: int, outcome: RunOutcome) -> None:
+            self._record({**base, "record": "finished", "replica": replica,
+                          **self._outcome_fields(outcome)})
+
+        supervisor = DaemonSupervisor(self.local, request, job.replicas, job.restart, on_exit)
+        self.daemons[job.name] = supervisor
+        self._spawn(supervisor.start())
+
+    def _stop_daemon(self, name: str) -> None:
+        supervisor = self.daemons.pop(name, None)
+        if supervisor is not None:
+            self._spawn(supervisor.stop())
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _scheduler_loop(self) -> None:
+        mono0, wall0 = self.clock.monotonic(), self.clock.time()
+        while not self._stopping.is_set():
+            now = self.clock.time()
+            drift = now - (wall0 + self.clock.monotonic() - mono0)
+            if abs(drift) > 2.0:
+                self._event("clock_step", seconds=round(drift, 3))
+                log.warning("wall clock stepped by %+.1fs", drift)
+                mono0, wall0 = self.clock.monotonic(), now
+            await self.perform(self.scheduler.tick(now))
+            self._write_watermark()
+            due = self.scheduler.next_due()
+            delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def perform(self, actions: list[Action]) -> None:
+        """Carry out the scheduler's actions; starts are batched (one fsync)."""
+        starts: list[tuple[StartRun, Target]] = []
+        for action in actions:
+            if isinstance(action, RecordSlot):
+                self._record_slot(action)
+            elif isinstance(action, StopRuns):
+                self._stop_runs(action.job, action.reason)
+            elif isinstance(action, StartRun):
+                targets = self.targets_for(action.job, action.target)
+                if not targets:
+                    self._record_slot(RecordSlot(action.job, action.scheduled_at, RunStatus.NO_AGENT,
+                                                 self._no_agent_reason(action.job)))
+                    continue
+                for target in targets:
+                    key = (action.job.name, round(action.scheduled_at, 3), target.agent)
+                    if action.attempt == 1 and action.reason != "manual" and key in self.done_slots:
+                        continue  # already in the ledger: once per slot
+                    self.done_slots.add(key)
+                    starts.append((action, target))
+        if starts:
+            await self._dispatch(starts)
+
+    def targets_for(self, job: Job, only: str | None = None) -> list[Target]:
+        if self.hub is not None:
+            from cronfile.fleet import resolve_targets
+
+            targets = resolve_targets(self, job)
+        else:
+            targets = [Target(LOCAL_AGENT, self.local, "local")] if job.targets.is_local_only else []
+        if only is not None:
+            targets = [t for t in targets if t.agent == only] or targets[:1]
+        return targets
+
+    def _no_agent_reason(self, job: Job) -> str:
+        wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
+        return f"no connected agent matches targets ({', '.join(wanted) or 'local'})"
+
+    def _request(self, job: Job, run_id: str, slot: float | None, attempt: int,
+                 extra_env: tuple[tuple[str, str], ...]) -> RunRequest:
+        return RunRequest(
+            run_id=run_id, job=job.name, command=job.command,
+            scheduled_at=datetime.fromtimestamp(slot, UTC) if slot else None,
+            attempt=attempt, env=job.env + extra_env, workdir=job.workdir, run_as=job.run_as,
+            timeout_s=job.timeout_s, output_keep=job.output_keep,
+        )
+
+    async def _dispatch(self, starts: list[tuple[StartRun, Target]]) -> None:
+        prepared = []
+        dispatched = []
+        for action, target in starts:
+            job = action.job
+            run_id = run_id_for(job.name, action.scheduled_at, target.agent, action.attempt)
+            if action.reason in ("manual", "trigger", "after"):
+                run_id = run_id_for(job.name, self.clock.time(), target.agent, action.attempt)
+            base = self._base(job, action.scheduled_at, target.agent, target.transport,
+                              action.attempt, run_id)
+            if action.reason != "schedule":
+                base["trigger"] = action.reason
+            request = self._request(job, run_id, action.scheduled_at, action.attempt, target.env)
+            prepared.append((action, target, request, base))
+            dispatched.append({**base, "record": "dispatched"})
+        self._flush()
+        self.ledger.runs.append(dispatched)  # durable BEFORE anything starts
+        started = []
+        for action, target, request, base in prepared:
+            assert target.executor is not None
+            try:
+                handle = await target.executor.start(request)
+            except RunRefused as exc:
+                now = datetime.now(UTC)
+                self._record({**base, "record": "finished", "status": "failed", "exit_code": None,
+                              "signal": None, "started_at": None, "finished_at": iso(now.timestamp()),
+                              "duration_s": 0.0, "output_tail": "", "reason": str(exc)})
+                self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED, None,
+                                        action.scheduled_at, action.attempt, target.agent,
+                                        self.clock.time())
+                continue
+            run = _Running(request.run_id, action.job.name, target.agent, action.scheduled_at,
+                           action.attempt, handle, base)
+            self.running[run.run_id] = run
+            self.scheduler.started(action.job.name, run.run_id)
+            started.append({**base, "record": "started",
+                            "started_at": iso(handle.started_at.timestamp())})
+            task = asyncio.get_running_loop().create_task(self._watch_run(run, action), name="run")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if started:
+            self.ledger.runs.append(started, sync=False)
+
+    @staticmethod
+    def _outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
+        fields = {
+            "status": outcome.status.value, "exit_code": outcome.exit_code,
+            "signal": outcome.signal, "started_at": iso(outcome.started_at.timestamp()),
+            "finished_at": iso(outcome.finished_at.timestamp()),
+            "duration_s": outcome.duration_s, "output_tail": outcome.output_tail,
+        }
+        if outcome.reason:
+            fields["reason"] = outcome.reason
+        return fields
+
+    async def _watch_run(self, run: _Running, action: StartRun) -> None:
+        outcome = await run.handle.wait()
+        self.running.pop(run.run_id, None)
+        if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
+            outcome = replace(outcome, reason=run.stop_reason)
+        self._record({**run.base, "record": "finished", **self._outcome_fields(outcome)})
+        follow = self.scheduler.finished(run.job, run.run_id, outcome.status, outcome.exit_code,
+                                         run.slot, run.attempt, run.agent, self.clock.time())
+        if follow and not self._stopping.is_set():
+            await self.perform(follow)
+        self._wake.set()
+
+    def _stop_runs(self, job: str, reason: str) -> None:
+        for run in list(self.running.values()):
+            if run.job == job:
+                run.stop_reason = reason
+                self._spawn(run.handle.stop(reason))
+
+    def _record_slot(self, action: RecordSlot) -> None:
+        job = action.job
+        agent = LOCAL_AGENT if job.targets.is_local_only else ",".join(job.targets.agents) or "*"
+        run_id = run_id_for(job.name, action.scheduled_at, agent, 0) + "-" + action.status.value
+        record = {**self._base(job, action.scheduled_at, agent, "local", 1, run_id),
+                  "record": "finished", "status": action.status.value, "exit_code": None,
+                  "signal": None, "started_at": None, "finished_at": None, "duration_s": 0.0,
+                  "output_tail": "", "reason": action.reason}
+        if action.count > 1 or action.last_scheduled_at not in (None, action.scheduled_at):
+            record.update(count=action.count, first_scheduled_at=iso(action.scheduled_at),
+                          last_scheduled_at=iso(action.last_scheduled_at))
+        self._record(record)
+
+    # ------------------------------------------------------------------ restarts
+
+    def _recover_ledger(self, since: float | None) -> None:
+        """Runs the previous center left in flight are ``lost``; remember handled slots."""
+        lost = []
+        for view in fold_runs(self.ledger.read_runs()):
+            slot = _parse_iso(view.get("scheduled_at"))
+            if slot is not None and isinstance(view.get("job"), str):
+                self.done_slots.add((view["job"], round(slot, 3), str(view.get("agent"))))
+            if view.get("record") in ("dispatched", "started"):
+                lost.append({k: view.get(k) for k in ("run_id", "job", "agent", "transport",
+                                                      "scheduled_at", "attempt", "revision")}
+                            | {"record": "finished", "status": "lost", "exit_code": None,
+                               "signal": None, "started_at": view.get("started_at"),
+                               "finished_at": None, "duration_s": None, "output_tail": "",
+                               "reason": "the center stopped while the run was in flight"})
+        if lost:
+            self.ledger.runs.append(lost)
+
+    def _catch_up(self, since: float) -> None:
+        now = self.clock.time()
+        actions: list[Action] = []
+        for name, job in self.scheduler.jobs.items():
+            done = {slot for (j, slot, _a) in self.done_slots if j == name}
+            actions.extend(self.scheduler.catch_up(name, since, now, done))
+        if actions:
+            self._spawn(self.perform(actions))
+
+    def _read_watermark(self) -> float | None:
+        try:
+            return float((self.state_dir / WATERMARK_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _write_watermark(self, force: bool = False) -> None:
+        now = self.clock.time()
+        if not force and now - self._last_watermark < 1.0:
+            return
+        self._last_watermark = now
+        floor = self.scheduler.pending_start_floor()
+        mark = now if floor is None else min(now, floor - 0.001)
+        path = self.state_dir / WATERMARK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{mark:.3f}\n")
+        os.replace(tmp, path)
+
+    def _write_center_file(self) -> None:
+        info = {"pid": os.getpid(), "started_at": utc_ts(), "listen": self.options.listen,
+                "schedules": str(self.options.schedules)}
+        (self.state_dir / CENTER_FILE).write_text(json.dumps(info) + "\n")
+
+
+def _parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def run_center(options: CenterOptions) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    center = Center(options)
+    try:
+        return asyncio.run(center.run_until_stopped())
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["Center", "CenterOptions", "Revision", "Target", "run_center", "time"]

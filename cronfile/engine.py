@@ -1,0 +1,289 @@
+"""The scheduler: WHEN each job's slots happen and what to do with each, with no I/O.
+
+The center feeds it the desired jobs and the time; it answers with actions (start a run,
+record a slot that will not run, stop runs). Keeping the decisions here, free of processes
+and files, is what lets the tests drive DST days, clock steps and every concurrency policy
+with a fake clock.
+
+Timing is a heap of due times, never a scan of all jobs per tick: with 10,000 jobs a tick
+touches only the jobs that are due. Each job has at most one pending ``fire`` entry (its
+next slot); a reload bumps a job's *generation*, which makes its old entries stale without
+searching the heap for them.
+
+Slots are identified by (job, scheduled time, target). A job's next slot is always computed
+strictly after the last one it handled, so a wall clock that steps BACK never replays a slot;
+a clock that steps FORWARD makes several slots due at once: the latest runs (subject to
+``starting_deadline``) and the earlier ones are recorded ``missed`` as one bounded record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from cronfile.firetimes import JobTimer
+from cronfile.model import CatchUp, Concurrency, Job, JobKind, RunStatus
+
+MAX_ENUMERATED_SLOTS = 10_000
+"""A long outage of a per-second job is counted up to this many slots, then bounded."""
+
+
+@dataclass(frozen=True)
+class StartRun:
+    job: Job
+    scheduled_at: float
+    attempt: int = 1
+    reason: str = "schedule"
+    target: str | None = None  # a retry goes back to the target that failed
+
+
+@dataclass(frozen=True)
+class RecordSlot:
+    """A slot that will not run, and why (one record, even for a range of slots)."""
+
+    job: Job
+    scheduled_at: float
+    status: RunStatus
+    reason: str
+    count: int = 1
+    last_scheduled_at: float | None = None
+
+
+@dataclass(frozen=True)
+class StopRuns:
+    job: str
+    reason: str
+
+
+Action = StartRun | RecordSlot | StopRuns
+
+
+@dataclass
+class _JobState:
+    job: Job
+    timer: JobTimer | None
+    generation: int
+    last_slot: float | None = None
+    running: set[str] = field(default_factory=set)
+    deps_done: set[str] = field(default_factory=set)
+
+
+def jitter_for(job: Job, slot: float) -> float:
+    """A delay in [0, jitter) that is the same for a slot on every host and restart."""
+    if job.jitter_s <= 0:
+        return 0.0
+    digest = hashlib.sha256(f"{job.name}\0{slot}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") / 2**64) * job.jitter_s
+
+
+class Scheduler:
+    """Holds the schedule of every job; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _JobState] = {}
+        self._heap: list[tuple[float, int, str, str, int, float, int, str | None]] = []
+        self._seq = itertools.count()
+        self._generations = itertools.count(1)
+
+    # ------------------------------------------------------------------ desired state
+
+    @property
+    def jobs(self) -> dict[str, Job]:
+        return {name: s.job for name, s in self._jobs.items()}
+
+    def set_job(self, job: Job, now: float) -> None:
+        """Add or replace a job; its next slot is computed from now (a changed job's
+        pending entries become stale)."""
+        old = self._jobs.get(job.name)
+        timer = None
+        if job.schedules and job.kind is JobKind.CRON:
+            timer = JobTimer.for_job(job.schedules, job.timezone, job.name)
+        state = _JobState(job, timer, next(self._generations))
+        if old is not None:
+            state.running = old.running
+            state.last_slot = old.last_slot if old.job.schedules == job.schedules else None
+        self._jobs[job.name] = state
+        self._schedule_next(state, max(now, state.last_slot or now))
+
+    def remove_job(self, name: str) -> None:
+        self._jobs.pop(name, None)  # its heap entries are stale from now on
+
+    def _schedule_next(self, state: _JobState, after: float) -> None:
+        if state.timer is None:
+            return
+        nxt = state.timer.next_after(after)
+        if nxt is not None:
+            self._push(nxt, "fire", state, nxt)
+
+    def _push(self, due: float, kind: str, state: _JobState, slot: float, attempt: int = 1,
+              target: str | None = None) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), kind, state.job.name, state.generation,
+                                    slot, attempt, target))
+
+    def next_due(self) -> float | None:
+        while self._heap:
+            due, _, _, name, generation, *_ = self._heap[0]
+            state = self._jobs.get(name)
+            if state is not None and state.generation == generation:
+                return due
+            heapq.heappop(self._heap)
+        return None
+
+    def pending_start_floor(self) -> float | None:
+        """The earliest slot whose run is delayed (jitter, retry, trigger delay): the
+        center's watermark must not pass it, or a crash would lose that slot silently."""
+        slots = [e[5] for e in self._heap if e[2] != "fire"]
+        return min(slots) if slots else None
+
+    # ------------------------------------------------------------------ time passes
+
+    def tick(self, now: float) -> list[Action]:
+        """Everything due at ``now``, in due order."""
+        actions: list[Action] = []
+        while self._heap and self._heap[0][0] <= now:
+            _, _, kind, name, generation, slot, attempt, target = heapq.heappop(self._heap)
+            state = self._jobs.get(name)
+            if state is None or state.generation != generation:
+                continue
+            if kind == "fire":
+                actions.extend(self._fire(state, slot, now))
+            else:
+                actions.extend(self._start(state, slot, now, attempt, kind, target))
+        return actions
+
+    def _fire(self, state: _JobState, slot: float, now: float) -> list[Action]:
+        assert state.timer is not None
+        actions: list[Action] = []
+        missed_first: float | None = None
+        missed_last = slot
+        missed = 0
+        nxt = state.timer.next_after(slot)
+        # Several slots due at once (clock stepped forward, loop stalled): keep the latest.
+        while nxt is not None and nxt <= now:
+            if missed_first is None:
+                missed_first = slot
+            missed += 1
+            missed_last = slot
+            slot = nxt
+            if missed >= MAX_ENUMERATED_SLOTS:
+                nxt = state.timer.next_after(now)
+                break
+            nxt = state.timer.next_after(slot)
+        state.last_slot = slot
+        if nxt is not None:
+            self._push(nxt, "fire", state, nxt)
+        if state.job.suspend:
+            return actions
+        if missed_first is not None:
+            actions.append(RecordSlot(state.job, missed_first, RunStatus.MISSED,
+                                      "a later slot was already due (clock step or stall)",
+                                      missed, missed_last))
+        delay = jitter_for(state.job, slot)
+        if delay > 0:
+            self._push(slot + delay, "start", state, slot)
+            return actions
+        actions.extend(self._start(state, slot, now, 1, "schedule", None))
+        return actions
+
+    def _start(self, state: _JobState, slot: float, now: float, attempt: int, reason: str,
+               target: str | None) -> list[Action]:
+        job = state.job
+        if reason == "start":
+            reason = "schedule"
+        intended = slot + (jitter_for(job, slot) if reason == "schedule" else 0.0)
+        deadline = job.starting_deadline_s
+        if deadline is not None and now - intended > deadline and attempt == 1:
+            return [RecordSlot(job, slot, RunStatus.MISSED,
+                               f"could not start within starting_deadline ({deadline:g}s); "
+                               f"{now - intended:.1f}s late")]
+        if state.running and attempt == 1 and reason not in ("manual",):
+            if job.concurrency is Concurrency.FORBID:
+                return [RecordSlot(job, slot, RunStatus.SKIPPED,
+                                   "previous run still running (concurrency: forbid)")]
+            if job.concurrency is Concurrency.REPLACE:
+                return [StopRuns(job.name, "replaced by a newer slot (concurrency: replace)"),
+                        StartRun(job, slot, attempt, reason, target)]
+        return [StartRun(job, slot, attempt, reason, target)]
+
+    # ------------------------------------------------------------------ other ways to run
+
+    def run_now(self, name: str, now: float) -> list[Action]:
+        state = self._jobs[name]
+        return [StartRun(state.job, now, 1, "manual")]
+
+    def trigger(self, event: str, now: float) -> list[str]:
+        """Queue every job triggered by ``event``; returns their names."""
+        names = []
+        for state in self._jobs.values():
+            trig = state.job.trigger
+            if trig is not None and trig.event == event and not state.job.suspend:
+                self._push(now + trig.delay_s, "trigger", state, now + trig.delay_s)
+                names.append(state.job.name)
+        return sorted(names)
+
+    def catch_up(self, name: str, since: float, now: float, done: set[float]) -> list[Action]:
+        """Slots in (since, now] while the center was down, minus those in the ledger
+        (``done``): with ``catch_up: latest`` the latest runs once; the rest are one
+        bounded ``missed`` record."""
+        state = self._jobs.get(name)
+        if state is None or state.timer is None or state.job.suspend:
+            return []
+        count = 0
+        first = last = before_last = None
+        t = state.timer.next_after(since)
+        while t is not None and t <= now and count < MAX_ENUMERATED_SLOTS:
+            if t not in done:
+                count += 1
+                first = t if first is None else first
+                before_last, last = last, t
+            t = state.timer.next_after(t)
+        if first is None or last is None:
+            return []
+        actions: list[Action] = []
+        run_latest = state.job.catch_up is CatchUp.LATEST
+        missed_last = before_last if run_latest else last
+        missed = count - 1 if run_latest else count
+        if missed and missed_last is not None:
+            actions.append(RecordSlot(state.job, first, RunStatus.MISSED,
+                                      "the center was not running", missed, missed_last))
+        if run_latest:
+            actions.extend(self._start(state, last, now, 1, "catch_up", None))
+        state.last_slot = max(state.last_slot or last, last)
+        return actions
+
+    # ------------------------------------------------------------------ runs report back
+
+    def started(self, name: str, run_id: str) -> None:
+        state = self._jobs.get(name)
+        if state is not None:
+            state.running.add(run_id)
+
+    def finished(self, name: str, run_id: str, status: RunStatus, exit_code: int | None,
+                 slot: float, attempt: int, target: str | None, now: float) -> list[Action]:
+        """A run ended: maybe retry it, maybe start the jobs that come ``after`` it."""
+        state = self._jobs.get(name)
+        if state is None:
+            return []
+        state.running.discard(run_id)
+        job = state.job
+        actions: list[Action] = []
+        if status in (RunStatus.FAILED, RunStatus.TIMEOUT) and attempt <= job.retries.max:
+            codes = job.retries.retry_on_exit_codes
+            if codes is None or exit_code in codes:
+                self._push(now + job.retries.delay_before(attempt + 1), "retry", state, slot,
+                           attempt + 1, target)
+        if status is RunStatus.SUCCEEDED:
+            actions.extend(self._after(name, now))
+        return actions
+
+    def _after(self, done: str, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for state in self._jobs.values():
+            if done in state.job.after and not state.job.suspend:
+                state.deps_done.add(done)
+                if state.deps_done >= set(state.job.after):
+                    state.deps_done.clear()
+                    actions.extend(self._start(state, now, now, 1, "after", None))
+        return actions

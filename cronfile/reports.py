@@ -1,0 +1,169 @@
+"""``cronfile runs`` and ``cronfile status``: read a center's state directory.
+
+Both work from the files alone (the ledger, ``applied.json``, ``center.json``), so they
+answer whether or not the center is running, and from any process that can read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cronfile.firetimes import JobTimer, to_datetime
+from cronfile.ledger import ReadStats, fold_runs, read
+from cronfile.model import JobKind
+from cronfile.nexttimes import parse_time
+from cronfile.statefile import read_applied
+
+
+def _ts(text: Any) -> float:
+    if not isinstance(text, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def load_runs(state_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """Every run folded into one view (records of one run_id merged), and the number of
+    unreadable lines skipped (a torn tail never stops a reader)."""
+    stats = ReadStats()
+    views = fold_runs(read(state_dir / "runs.jsonl", stats))
+    return views, getattr(stats, "skipped", 0)
+
+
+def query_runs(state_dir: Path, job: str | None = None, status: str | None = None,
+               since: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    views, _ = load_runs(state_dir)
+    since_ts = parse_time(since) if since else None
+    out = []
+    for view in views:
+        state = view.get("status") or ("running" if view.get("record") == "started" else view.get("record"))
+        view["state"] = state
+        if job and view.get("job") != job:
+            continue
+        if status and state != status:
+            continue
+        if since_ts is not None and _ts(view.get("scheduled_at") or view.get("dispatched_ts")) < since_ts:
+            continue
+        out.append(view)
+    if limit:
+        out = out[-limit:]
+    return out
+
+
+def render_runs(views: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(views, indent=2) + "\n"
+    if not views:
+        return "no runs recorded\n"
+    lines = [f"{'SCHEDULED':<24} {'JOB':<24} {'AGENT':<12} {'TRY':>3} {'STATUS':<10} {'EXIT':>4} "
+             f"{'SECS':>7}  RUN_ID"]
+    for v in views:
+        exit_code = v.get("exit_code")
+        duration = v.get("duration_s")
+        extra = f" x{v['count']}" if v.get("count") else ""
+        lines.append(
+            f"{str(v.get('scheduled_at') or '-'):<24} {str(v.get('job')):<24} {str(v.get('agent')):<12} "
+            f"{v.get('attempt', 1):>3} {str(v.get('state')) + extra:<10} "
+            f"{'' if exit_code is None else exit_code:>4} "
+            f"{'' if duration is None else f'{duration:.2f}':>7}  {v.get('run_id')}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _center_alive(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((state_dir / "center.json").read_text())
+        os.kill(int(info["pid"]), 0)
+        return dict(info)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    applied = read_applied(state_dir)
+    views, skipped = load_runs(state_dir)
+    last: dict[str, dict[str, Any]] = {}
+    running: dict[str, list[str]] = {}
+    for v in views:
+        name = v.get("job")
+        if not isinstance(name, str):
+            continue
+        if v.get("record") in ("dispatched", "started"):
+            running.setdefault(name, []).append(str(v.get("run_id")))
+        elif v.get("status"):
+            last[name] = v
+    rejection = None
+    for event in read(state_dir / "events.jsonl"):
+        if event.get("event") == "revision_rejected":
+            rejection = event
+        elif event.get("event") == "revision_applied":
+            rejection = None
+    jobs = []
+    if applied is not None:
+        for name, job in sorted(applied.jobs.items()):
+            nxt = None
+            if job.schedules and job.kind is JobKind.CRON and not job.suspend:
+                t = JobTimer.for_job(job.schedules, job.timezone, name).next_after(now)
+                nxt = to_datetime(t, job.timezone).isoformat() if t else None
+            lv = last.get(name, {})
+            jobs.append({
+                "job": name, "kind": job.kind.value, "schedule": list(job.schedules),
+                "timezone": job.timezone, "suspend": job.suspend, "next": nxt,
+                "last_status": lv.get("status"), "last_scheduled_at": lv.get("scheduled_at"),
+                "last_transport": lv.get("transport"), "last_agent": lv.get("agent"),
+                "last_reason": lv.get("reason"),
+                "running": running.get(name, []),
+                "description": job.description, "owner": job.owner,
+            })
+    agents = []
+    try:
+        agents = json.loads((state_dir / "agents.json").read_text())
+    except (OSError, ValueError):
+        pass
+    center = _center_alive(state_dir)
+    return {
+        "center": {"running": center is not None, **(center or {})},
+        "revision": applied.revision.to_dict() if applied else None,
+        "last_rejection": rejection and {"ts": rejection.get("ts"), "errors": rejection.get("errors")},
+        "jobs": jobs,
+        "agents": agents,
+        "unreadable_ledger_lines": skipped,
+    }
+
+
+def render_status(status: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(status, indent=2) + "\n"
+    c = status["center"]
+    lines = [f"center: {'running (pid ' + str(c.get('pid')) + ')' if c['running'] else 'not running'}"]
+    rev = status["revision"]
+    lines.append(f"revision: {rev['content_hash'] + (' @ ' + rev['git_commit'][:12] if rev.get('git_commit') else '') if rev else 'none applied'}")
+    if status["last_rejection"]:
+        lines.append(f"LAST CHANGE REJECTED at {status['last_rejection']['ts']} (still running the revision above):")
+        lines.extend(f"  {e}" for e in status["last_rejection"]["errors"] or [])
+    lines.append("")
+    lines.append(f"{'JOB':<28} {'NEXT':<27} {'LAST':<10} {'VIA':<10} RUNNING")
+    for j in status["jobs"]:
+        nxt = j["next"] or ("suspended" if j["suspend"] else j["kind"] if j["kind"] == "daemon" else "-")
+        via = f"{j['last_transport'] or '-'}"
+        lines.append(f"{j['job']:<28} {nxt:<27} {str(j['last_status'] or '-'):<10} {via:<10} "
+                     f"{len(j['running']) or ''}")
+    if status["agents"]:
+        lines.append("")
+        lines.append(f"{'AGENT':<20} {'CONNECTED SINCE':<26} {'LAST HEARTBEAT':<26} LABELS")
+        for a in status["agents"]:
+            labels = ",".join(f"{k}={v}" for k, v in (a.get("labels") or {}).items())
+            lines.append(f"{a.get('name', ''):<20} {str(a.get('connected_since') or '-'):<26} "
+                         f"{str(a.get('last_heartbeat') or '-'):<26} {labels}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["build_status", "query_runs", "render_runs", "render_status", "to_datetime"]

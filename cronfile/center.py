@@ -114,6 +114,7 @@ class Center:
         self.running: dict[str, _Running] = {}
         self.daemons: dict[str, DaemonSupervisor] = {}
         self.done_slots: set[tuple[str, float, str]] = set()
+        self.lost_bases: dict[str, dict[str, Any]] = {}  # run_id -> record base, for late outcomes
         self.last_rejection: dict[str, Any] | None = None
         self.hub: Any = None  # the agent hub, when agents are enabled
         self._wake = asyncio.Event()
@@ -451,7 +452,6 @@ class Center:
             dispatched.append({**base, "record": "dispatched"})
         self._flush()
         self.ledger.runs.append(dispatched)  # durable BEFORE anything starts
-        started = []
         for action, target, request, base in prepared:
             assert target.executor is not None
             try:
@@ -469,13 +469,11 @@ class Center:
                            action.attempt, handle, base)
             self.running[run.run_id] = run
             self.scheduler.started(action.job.name, run.run_id)
-            started.append({**base, "record": "started",
-                            "started_at": iso(handle.started_at.timestamp())})
+            self._record({**base, "record": "started",
+                          "started_at": iso(handle.started_at.timestamp())})
             task = asyncio.get_running_loop().create_task(self._watch_run(run, action), name="run")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if started:
-            self.ledger.runs.append(started, sync=False)
 
     @staticmethod
     def _outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
@@ -495,6 +493,8 @@ class Center:
         if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
             outcome = replace(outcome, reason=run.stop_reason)
         self._record({**run.base, "record": "finished", **self._outcome_fields(outcome)})
+        if outcome.status is RunStatus.LOST:
+            self.lost_bases[run.run_id] = run.base
         follow = self.scheduler.finished(run.job, run.run_id, outcome.status, outcome.exit_code,
                                          run.slot, run.attempt, run.agent, self.clock.time())
         if follow and not self._stopping.is_set():
@@ -530,6 +530,9 @@ class Center:
             if slot is not None and isinstance(view.get("job"), str):
                 self.done_slots.add((view["job"], round(slot, 3), str(view.get("agent"))))
             if view.get("record") in ("dispatched", "started"):
+                self.lost_bases[str(view.get("run_id"))] = {
+                    k: view.get(k) for k in ("run_id", "job", "agent", "transport", "scheduled_at",
+                                             "attempt", "revision")}
                 lost.append({k: view.get(k) for k in ("run_id", "job", "agent", "transport",
                                                       "scheduled_at", "attempt", "revision")}
                             | {"record": "finished", "status": "lost", "exit_code": None,
@@ -542,7 +545,7 @@ class Center:
     def _catch_up(self, since: float) -> None:
         now = self.clock.time()
         actions: list[Action] = []
-        for name, job in self.scheduler.jobs.items():
+        for name in self.scheduler.jobs:
             done = {slot for (j, slot, _a) in self.done_slots if j == name}
             actions.extend(self.scheduler.catch_up(name, since, now, done))
         if actions:

@@ -6,6 +6,7 @@ answer whether or not the center is running, and from any process that can read 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -43,7 +44,7 @@ def query_runs(state_dir: Path, job: str | None = None, status: str | None = Non
     since_ts = parse_time(since) if since else None
     out = []
     for view in views:
-        state = view.get("status") or ("running" if view.get("record") == "started" else view.get("record"))
+        state = view.get("status") or ("running" if view.get("record") == "started" else "dispatched")
         view["state"] = state
         if job and view.get("job") != job:
             continue
@@ -96,7 +97,7 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
         name = v.get("job")
         if not isinstance(name, str):
             continue
-        if v.get("record") in ("dispatched", "started"):
+        if not v.get("status"):
             running.setdefault(name, []).append(str(v.get("run_id")))
         elif v.get("status"):
             last[name] = v
@@ -124,10 +125,8 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
                 "description": job.description, "owner": job.owner,
             })
     agents = []
-    try:
+    with contextlib.suppress(OSError, ValueError):
         agents = json.loads((state_dir / "agents.json").read_text())
-    except (OSError, ValueError):
-        pass
     center = _center_alive(state_dir)
     return {
         "center": {"running": center is not None, **(center or {})},
@@ -145,9 +144,14 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
     c = status["center"]
     lines = [f"center: {'running (pid ' + str(c.get('pid')) + ')' if c['running'] else 'not running'}"]
     rev = status["revision"]
-    lines.append(f"revision: {rev['content_hash'] + (' @ ' + rev['git_commit'][:12] if rev.get('git_commit') else '') if rev else 'none applied'}")
+    if rev:
+        commit = f" @ {rev['git_commit'][:12]}" if rev.get("git_commit") else ""
+        lines.append(f"revision: {rev['content_hash']}{commit}")
+    else:
+        lines.append("revision: none applied")
     if status["last_rejection"]:
-        lines.append(f"LAST CHANGE REJECTED at {status['last_rejection']['ts']} (still running the revision above):")
+        lines.append(f"LAST CHANGE REJECTED at {status['last_rejection']['ts']} "
+                     "(still running the revision above):")
         lines.extend(f"  {e}" for e in status["last_rejection"]["errors"] or [])
     lines.append("")
     lines.append(f"{'JOB':<28} {'NEXT':<27} {'LAST':<10} {'VIA':<10} RUNNING")

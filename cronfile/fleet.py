@@ -1,0 +1,151 @@
+"""Where a slot runs: agents over TCP, SSH for hosts without one, and the routing strategies.
+
+The center asks :func:`resolve_targets` for a job's targets at dispatch time. A declared
+agent is *available* when it can be reached through the job's transport:
+
+* ``tcp``: its agent is connected to the hub;
+* ``ssh``: it declares ``ssh:``;
+* ``auto``: the TCP channel when connected, else SSH when declared (SPEC §2).
+
+Then the strategy picks among the available ones: ``one`` round-robin, ``all`` every one,
+``hash`` a stable one per job (rendezvous hashing, so adding an agent moves only the jobs
+it wins), ``failover`` the first in declared order, ``shard`` every one told its index.
+When a job names both ``agents`` and ``labels``, a target must satisfy both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from cronfile.loader import LOCAL_AGENT
+from cronfile.model import Agent, Job, Strategy, Transport
+
+if TYPE_CHECKING:
+    from cronfile.center import Center, Target
+
+log = logging.getLogger("cronfile.fleet")
+
+_round_robin: dict[str, itertools.count[int]] = {}
+
+
+def _candidates(center: Center, job: Job) -> list[str]:
+    """Declared (or connected) agents that match the job's targets, in declared order."""
+    assert center.desired is not None
+    inventory: dict[str, Agent] = center.desired.agents
+    wanted = set(job.targets.labels)
+    names: list[str] = list(job.targets.agents) or list(inventory)
+    if center.hub is not None and not job.targets.agents:
+        names += [n for n in center.hub.connected() if n not in inventory]
+    out = []
+    for name in names:
+        if name == LOCAL_AGENT:
+            out.append(name)
+            continue
+        labels = set(inventory[name].labels) if name in inventory else set(
+            center.hub.labels_of(name).items() if center.hub else ())
+        if wanted <= labels:
+            out.append(name)
+    return out
+
+
+def _reach(center: Center, job: Job, name: str) -> Target | None:
+    from cronfile.center import Target
+
+    if name == LOCAL_AGENT:
+        return Target(LOCAL_AGENT, center.local, "local")
+    transport = job.targets.transport
+    if transport in (Transport.AUTO, Transport.TCP) and center.hub is not None:
+        executor = center.hub.executor_for(name)
+        if executor is not None:
+            return Target(name, executor, "tcp")
+    agent = center.desired.agents.get(name) if center.desired else None
+    if transport in (Transport.AUTO, Transport.SSH) and agent is not None and agent.ssh is not None:
+        why = "transport: ssh" if transport is Transport.SSH else "agent not connected; declared ssh:"
+        return Target(name, ssh_executor(center, agent), "ssh", why=why)
+    return None
+
+
+def ssh_executor(center: Center, agent: Agent) -> Any:
+    """One SSH executor (one reused connection) per agent, rebuilt when its config changes."""
+    from cronfile.ssh_exec import SshExecutor
+
+    cache: dict[str, tuple[Any, Any]] = center.__dict__.setdefault("_ssh_executors", {})
+    cached = cache.get(agent.name)
+    if cached is None or cached[0] != agent.ssh:
+        assert agent.ssh is not None
+        cache[agent.name] = (agent.ssh, SshExecutor(agent.name, agent.ssh))
+    return cache[agent.name][1]
+
+
+def _rendezvous(job: str, names: list[str]) -> str:
+    return max(names, key=lambda n: hashlib.sha256(f"{job}\0{n}".encode()).digest())
+
+
+def resolve_targets(center: Center, job: Job) -> list[Target]:
+    if job.targets.is_local_only:
+        return [t for t in [_reach(center, job, LOCAL_AGENT)] if t is not None]
+    available = [t for t in (_reach(center, job, n) for n in _candidates(center, job)) if t]
+    if not available:
+        return []
+    strategy = job.targets.strategy
+    if strategy is Strategy.ALL:
+        return available
+    if strategy is Strategy.FAILOVER:
+        return available[:1]
+    if strategy is Strategy.HASH:
+        chosen = _rendezvous(job.name, [t.agent for t in available])
+        return [t for t in available if t.agent == chosen]
+    if strategy is Strategy.SHARD:
+        ordered = sorted(available, key=lambda t: t.agent)
+        total = str(len(ordered))
+        for index, target in enumerate(ordered):
+            target.env = (("CRONFILE_SHARD_INDEX", str(index)), ("CRONFILE_SHARD_TOTAL", total))
+        return ordered
+    counter = _round_robin.setdefault(job.name, itertools.count())
+    return [available[next(counter) % len(available)]]
+
+
+async def start_hub(center: Center) -> Any:
+    """Listen for agents on ``--listen`` with the secrets of ``--token-file``."""
+    from cronfile.agent_hub import AgentHub
+    from cronfile.protocol import Secrets, load_secrets
+
+    listen = center.options.listen or "127.0.0.1:0"
+    host, _, port = listen.rpartition(":")
+    secrets = load_secrets(center.options.token_file) if center.options.token_file else Secrets()
+
+    def write_agents() -> None:
+        path = center.state_dir / "agents.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(hub.snapshot(), indent=1))
+        os.replace(tmp, path)
+
+    def on_connect(name: str, *_: Any) -> None:
+        center._event("agent_connected", agent=name)
+        write_agents()
+        center._wake.set()
+
+    def on_disconnect(name: str, *_: Any) -> None:
+        center._event("agent_disconnected", agent=name)
+        write_agents()
+
+    def on_outcome(run_id: str, agent: str, outcome: dict[str, Any]) -> None:
+        if run_id in center.running:
+            return  # the run's handle resolves and the center records it there
+        base = center.lost_bases.get(run_id, {"run_id": run_id, "agent": agent, "transport": "tcp"})
+        center._record({**base, "record": "finished", **outcome, "supersedes": "lost",
+                        "reason": "outcome delivered after the run was recorded lost"})
+        center._flush()
+
+    hub = AgentHub(host or "127.0.0.1", int(port or 0),
+                   inventory=center.desired.agents if center.desired else {},
+                   secrets=secrets, accept_undeclared=center.options.accept_undeclared,
+                   on_connect=on_connect, on_disconnect=on_disconnect, on_outcome=on_outcome)
+    await hub.start()
+    write_agents()
+    return hub

@@ -42,6 +42,7 @@ from cronfile.ledger import Ledger, fold_runs, utc_ts
 from cronfile.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.local_exec import LocalExecutor
 from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, Revision, RunStatus
+from cronfile.notify import Notifier, runtime_alerts
 from cronfile.statefile import read_applied, write_applied
 
 log = logging.getLogger("cronfile.center")
@@ -115,6 +116,10 @@ class Center:
         self.daemons: dict[str, DaemonSupervisor] = {}
         self.done_slots: set[tuple[str, float, str]] = set()
         self.lost_bases: dict[str, dict[str, Any]] = {}  # run_id -> record base, for late outcomes
+        self.notifier = Notifier(self.local, self._event)
+        self.last_success: dict[str, float] = {}
+        self._success_alerted: set[str] = set()
+        self._started_at = self.clock.time()
         self.last_rejection: dict[str, Any] | None = None
         self.hub: Any = None  # the agent hub, when agents are enabled
         self._wake = asyncio.Event()
@@ -125,6 +130,7 @@ class Center:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
         self._last_watermark = 0.0
+        self._last_expect_check = 0.0
 
     # ------------------------------------------------------------------ records
 
@@ -152,6 +158,50 @@ class Center:
 
     def _event(self, name: str, **fields: Any) -> None:
         self.ledger.event(name, **fields)
+
+    def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
+        """Every final outcome passes here once: notifications and expectations."""
+        job = self.desired.jobs.get(job_name) if self.desired else None
+        if job is None:
+            return
+        status = RunStatus(record["status"])
+        if status is RunStatus.SUCCEEDED:
+            self.last_success[job_name] = self.clock.time()
+            self._success_alerted.discard(job_name)
+        retrying = (status in (RunStatus.FAILED, RunStatus.TIMEOUT)
+                    and int(record.get("attempt") or 1) <= job.retries.max
+                    and (job.retries.retry_on_exit_codes is None
+                         or record.get("exit_code") in job.retries.retry_on_exit_codes))
+        if not retrying:  # notify once the last attempt has failed, not per attempt
+            self.notifier.outcome(job, status, record)
+        for what, detail in runtime_alerts(job, record.get("duration_s"), status):
+            self.notifier.alert(job, what, detail, record)
+
+    def _check_success_within(self) -> None:
+        """``expect.success_within``: alert once when a job has not succeeded for too long."""
+        now = self.clock.time()
+        for name, job in self.scheduler.jobs.items():
+            limit = job.expect.success_within_s
+            if limit is None or name in self._success_alerted or job.suspend:
+                continue
+            since = self.last_success.get(name, self._started_at)
+            if now - since > limit:
+                self._success_alerted.add(name)
+                self.notifier.alert(job, "success_within",
+                                    f"no success for {now - since:.0f}s (expected within {limit:g}s)",
+                                    {"job": name})
+
+    def _watch_max_runtime(self, run: _Running, job: Job) -> None:
+        limit = job.expect.max_runtime_s
+        if limit is None:
+            return
+
+        def check() -> None:
+            if run.run_id in self.running:
+                self.notifier.alert(job, "max_runtime", f"still running after {limit:g}s",
+                                    run.base)
+
+        asyncio.get_running_loop().call_later(limit, check)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -381,6 +431,9 @@ class Center:
                 mono0, wall0 = self.clock.monotonic(), now
             await self.perform(self.scheduler.tick(now))
             self._write_watermark()
+            if now - self._last_expect_check >= 5.0:
+                self._last_expect_check = now
+                self._check_success_within()
             due = self.scheduler.next_due()
             delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
             if delay > 0:
@@ -447,6 +500,8 @@ class Center:
                               action.attempt, run_id)
             if action.reason != "schedule":
                 base["trigger"] = action.reason
+            if target.why:
+                base["route"] = target.why
             request = self._request(job, run_id, action.scheduled_at, action.attempt, target.env)
             prepared.append((action, target, request, base))
             dispatched.append({**base, "record": "dispatched"})
@@ -458,9 +513,11 @@ class Center:
                 handle = await target.executor.start(request)
             except RunRefused as exc:
                 now = datetime.now(UTC)
-                self._record({**base, "record": "finished", "status": "failed", "exit_code": None,
-                              "signal": None, "started_at": None, "finished_at": iso(now.timestamp()),
-                              "duration_s": 0.0, "output_tail": "", "reason": str(exc)})
+                refused = {**base, "record": "finished", "status": "failed", "exit_code": None,
+                           "signal": None, "started_at": None, "finished_at": iso(now.timestamp()),
+                           "duration_s": 0.0, "output_tail": "", "reason": str(exc)}
+                self._record(refused)
+                self._outcome(action.job.name, refused)
                 self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED, None,
                                         action.scheduled_at, action.attempt, target.agent,
                                         self.clock.time())
@@ -468,6 +525,7 @@ class Center:
             run = _Running(request.run_id, action.job.name, target.agent, action.scheduled_at,
                            action.attempt, handle, base)
             self.running[run.run_id] = run
+            self._watch_max_runtime(run, action.job)
             self.scheduler.started(action.job.name, run.run_id)
             self._record({**base, "record": "started",
                           "started_at": iso(handle.started_at.timestamp())})
@@ -492,7 +550,9 @@ class Center:
         self.running.pop(run.run_id, None)
         if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
             outcome = replace(outcome, reason=run.stop_reason)
-        self._record({**run.base, "record": "finished", **self._outcome_fields(outcome)})
+        final = {**run.base, "record": "finished", **self._outcome_fields(outcome)}
+        self._record(final)
+        self._outcome(run.job, final)
         if outcome.status is RunStatus.LOST:
             self.lost_bases[run.run_id] = run.base
         follow = self.scheduler.finished(run.job, run.run_id, outcome.status, outcome.exit_code,
@@ -519,6 +579,7 @@ class Center:
             record.update(count=action.count, first_scheduled_at=iso(action.scheduled_at),
                           last_scheduled_at=iso(action.last_scheduled_at))
         self._record(record)
+        self._outcome(job.name, record)
 
     # ------------------------------------------------------------------ restarts
 
@@ -529,6 +590,9 @@ class Center:
             slot = _parse_iso(view.get("scheduled_at"))
             if slot is not None and isinstance(view.get("job"), str):
                 self.done_slots.add((view["job"], round(slot, 3), str(view.get("agent"))))
+            if view.get("status") == "succeeded" and isinstance(view.get("job"), str):
+                ended = _parse_iso(view.get("finished_at")) or 0.0
+                self.last_success[view["job"]] = max(self.last_success.get(view["job"], 0.0), ended)
             if view.get("record") in ("dispatched", "started"):
                 self.lost_bases[str(view.get("run_id"))] = {
                     k: view.get(k) for k in ("run_id", "job", "agent", "transport", "scheduled_at",

@@ -120,7 +120,7 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
                 "timezone": job.timezone, "suspend": job.suspend, "next": nxt,
                 "last_status": lv.get("status"), "last_scheduled_at": lv.get("scheduled_at"),
                 "last_transport": lv.get("transport"), "last_agent": lv.get("agent"),
-                "last_reason": lv.get("reason"),
+                "last_reason": lv.get("reason"), "last_route": lv.get("route"),
                 "running": running.get(name, []),
                 "description": job.description, "owner": job.owner,
             })

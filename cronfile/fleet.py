@@ -10,7 +10,7 @@ agent is *available* when it can be reached through the job's transport:
 Then the strategy picks among the available ones: ``one`` round-robin, ``all`` every one,
 ``hash`` a stable one per job (rendezvous hashing, so adding an agent moves only the jobs
 it wins), ``failover`` the first in declared order, ``shard`` every one told its index.
-When a job names both ``agents`` and ``labels``, a target must satisfy both.
+When a job names both ``agents`` and ``labels``, it targets the union (as ``cronfile plan`` shows).
 """
 
 from __future__ import annotations
@@ -34,22 +34,22 @@ _round_robin: dict[str, itertools.count[int]] = {}
 
 
 def _candidates(center: Center, job: Job) -> list[str]:
-    """Declared (or connected) agents that match the job's targets, in declared order."""
+    """The agents a job targets: the ones it names, in its order, then (union) every agent
+    carrying all its labels, in declared order, connected undeclared agents last. The
+    planner (plan.matching_agents) reads targets the same way."""
     assert center.desired is not None
     inventory: dict[str, Agent] = center.desired.agents
+    out: list[str] = list(dict.fromkeys(job.targets.agents))
     wanted = set(job.targets.labels)
-    names: list[str] = list(job.targets.agents) or list(inventory)
-    if center.hub is not None and not job.targets.agents:
-        names += [n for n in center.hub.connected() if n not in inventory]
-    out = []
-    for name in names:
-        if name == LOCAL_AGENT:
-            out.append(name)
-            continue
-        labels = set(inventory[name].labels) if name in inventory else set(
-            center.hub.labels_of(name).items() if center.hub else ())
-        if wanted <= labels:
-            out.append(name)
+    if wanted:
+        names = list(inventory)
+        if center.hub is not None:
+            names += [n for n in center.hub.connected() if n not in inventory]
+        for name in names:
+            labels = set(inventory[name].labels) if name in inventory else set(
+                center.hub.labels_of(name).items() if center.hub else ())
+            if wanted <= labels and name not in out:
+                out.append(name)
     return out
 
 

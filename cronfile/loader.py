@@ -137,7 +137,8 @@ class ScheduleLoader:
         state = DesiredState(
             jobs={j.name: j for r in results for j in r.jobs},
             agents={a.name: a for r in results for a in r.agents},
-            revision=Revision(_content_hash(results), git_commit(self.root) if with_git else None),
+            revision=Revision(_content_hash(results, self.root),
+                              git_commit(self.root) if with_git else None),
         )
         return LoadResult(state, problems, files)
 
@@ -147,10 +148,14 @@ def load_schedules(root: Path | str, *, with_git: bool = False) -> LoadResult:
     return ScheduleLoader(root).load(with_git=with_git)
 
 
-def _content_hash(results: Iterable[FileResult]) -> str:
+def _content_hash(results: Iterable[FileResult], root: Path) -> str:
+    """Hash of (path relative to the root, bytes) of every file: the same directory gives
+    the same hash however its path is spelled, here or in a temporary git checkout."""
     h = hashlib.sha256()
-    for r in sorted(results, key=lambda r: r.file):
-        h.update(f"{r.file}\0{r.digest}\n".encode())
+    base = os.path.normpath(str(root))
+    relative = sorted((os.path.relpath(r.file, base), r.digest) for r in results)
+    for rel, digest in relative:
+        h.update(f"{rel}\0{digest}\n".encode())
     return "sha256:" + h.hexdigest()[:16]
 
 

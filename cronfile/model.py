@@ -10,6 +10,7 @@ checks that decide whether a job changed: moving a job to another file is no cha
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -235,7 +236,7 @@ class Job:
 
     def definition(self) -> dict[str, Any]:
         """The job's fields as plain data, without its source location (for diffs and JSON)."""
-        return {f.name: to_plain(getattr(self, f.name)) for f in fields(self) if f.compare}
+        return {name: to_plain(getattr(self, name)) for name in _compared_fields(type(self))}
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ class Agent:
     source: Source = field(default=Source("", 0), compare=False)
 
     def definition(self) -> dict[str, Any]:
-        return {f.name: to_plain(getattr(self, f.name)) for f in fields(self) if f.compare}
+        return {name: to_plain(getattr(self, name)) for name in _compared_fields(type(self))}
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,13 @@ class DesiredState:
         return hash(self.revision)
 
 
+@functools.cache
+def _compared_fields(cls: type) -> tuple[str, ...]:
+    """The fields that define a value (source locations excluded); cached per class because
+    plans and diffs call this for every job."""
+    return tuple(f.name for f in fields(cls) if f.compare)
+
+
 def to_plain(value: Any) -> Any:
     """Turn model values into JSON-ready data (enums to values, dataclasses to dicts)."""
     if isinstance(value, enum.Enum):
@@ -295,7 +303,7 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, SecretRef):
         return {"from_file": value.from_file} if value.from_file else {"from_env": value.from_env}
     if hasattr(value, "__dataclass_fields__"):
-        return {f.name: to_plain(getattr(value, f.name)) for f in fields(value) if f.compare}
+        return {name: to_plain(getattr(value, name)) for name in _compared_fields(type(value))}
     if isinstance(value, tuple):
         if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
             return {k: to_plain(v) for k, v in value}

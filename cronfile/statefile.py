@@ -1,0 +1,298 @@
+"""The applied desired state on disk: ``<state>/applied.json``.
+
+The center writes the state it last applied so that a restart, ``cronfile plan --state DIR``
+and ``cronfile status`` know what is running without re-reading (possibly changed, possibly
+broken) schedule files. The file round-trips EXACTLY: every field of every job and agent,
+enums, durations, secret references, source locations, tuples.
+
+Secrets: an ``env`` value that is a :class:`~cronfile.model.SecretRef` is stored as the
+reference (``{"from_file": PATH}`` / ``{"from_env": NAME}``), which is all the model ever holds;
+the value is resolved on the host that runs the job and never reaches this file.
+
+Format (``"v": 1``)::
+
+    {"v": 1, "revision": {"content_hash": ..., "git_commit": ...},
+     "jobs": [{"name": ..., "command": ..., ..., "source": {"file", "line", "column"}}, ...],
+     "agents": [{"name": ..., "labels": {...}, "ssh": {...} | null, "source": {...}}, ...]}
+
+Encoding is driven by the model's type hints, so a field added to ``Job`` is stored without
+touching this module; a shape the codec does not know raises at once instead of being
+written lossily. Name/value pairs (``env``, ``labels``) are JSON objects, in their order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import MISSING, fields, is_dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from cronfile.model import Agent, DesiredState, Job, Revision
+
+FORMAT_VERSION = 1
+APPLIED_FILE = "applied.json"
+
+
+class StateFileError(ValueError):
+    """A state file that cannot be read back; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def state_to_json(state: DesiredState) -> dict[str, Any]:
+    """The desired state as JSON-ready data (see the module docstring for the format)."""
+    return {
+        "v": FORMAT_VERSION,
+        "revision": _encode(state.revision, Revision, "revision"),
+        "jobs": [_encode(job, Job, f"jobs.{name}") for name, job in state.jobs.items()],
+        "agents": [_encode(agent, Agent, f"agents.{name}") for name, agent in state.agents.items()],
+    }
+
+
+def state_from_json(data: Any) -> DesiredState:
+    """The inverse of :func:`state_to_json`; raises :class:`StateFileError` on bad data."""
+    if not isinstance(data, dict):
+        raise StateFileError("expected a JSON object")
+    version = data.get("v")
+    if version != FORMAT_VERSION:
+        raise StateFileError(f"format version {version!r} is not supported "
+                             f"(this cronfile reads version {FORMAT_VERSION})")
+    unknown = set(data) - {"v", "revision", "jobs", "agents"}
+    if unknown:
+        raise StateFileError(f"unknown keys {sorted(unknown)}")
+    revision = _decode(data.get("revision"), Revision, "revision")
+    jobs: dict[str, Job] = {}
+    for i, raw in enumerate(_list(data.get("jobs", []), "jobs")):
+        job = _decode(raw, Job, f"jobs[{i}]")
+        if job.name in jobs:
+            raise StateFileError(f"jobs[{i}]: job {job.name!r} appears twice")
+        jobs[job.name] = job
+    agents: dict[str, Agent] = {}
+    for i, raw in enumerate(_list(data.get("agents", []), "agents")):
+        agent = _decode(raw, Agent, f"agents[{i}]")
+        if agent.name in agents:
+            raise StateFileError(f"agents[{i}]: agent {agent.name!r} appears twice")
+        agents[agent.name] = agent
+    return DesiredState(jobs=jobs, agents=agents, revision=revision)
+
+
+def write_applied(state_dir: Path, state: DesiredState) -> Path:
+    """Write ``<state_dir>/applied.json`` atomically and durably; returns its path.
+
+    A reader (a restarting center, ``plan --state``) sees the old file or the new one, never
+    half of one: the data goes to a temporary file in the SAME directory (``os.replace`` is
+    atomic only within one file system), is fsynced, then renamed over the old file, and the
+    directory is fsynced so the rename itself survives a power cut.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    target = state_dir / APPLIED_FILE
+    # ASCII-escaped: a YAML "\ud800" escape yields a lone surrogate, which UTF-8 cannot encode
+    text = json.dumps(state_to_json(state), indent=1, ensure_ascii=True, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=".applied.", suffix=".tmp", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(state_dir)
+    return target
+
+
+def read_applied(state_dir: Path) -> DesiredState | None:
+    """The state in ``<state_dir>/applied.json``; None when no state was applied yet.
+
+    A file that exists but cannot be read back raises :class:`StateFileError` naming it:
+    silently treating it as "nothing applied" would make a plan claim every job is new.
+    """
+    path = state_dir / APPLIED_FILE
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateFileError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StateFileError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        return state_from_json(data)
+    except StateFileError as exc:
+        raise StateFileError(f"{path}: {exc}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _pair_value_type(tp: Any) -> Any | None:
+    """For ``tuple[tuple[str, V], ...]`` (name/value pairs) the type V, else None."""
+    if typing.get_origin(tp) is not tuple:
+        return None
+    args = typing.get_args(tp)
+    if len(args) != 2 or args[1] is not Ellipsis:
+        return None
+    inner = args[0]
+    inner_args = typing.get_args(inner)
+    if typing.get_origin(inner) is tuple and len(inner_args) == 2 and inner_args[0] is str:
+        return inner_args[1]
+    return None
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    """Whether a model value belongs to one arm of a union."""
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return isinstance(value, tuple)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _encode(value: Any, tp: Any, where: str) -> Any:
+    if _is_union(tp):
+        for arm in typing.get_args(tp):
+            if _is_instance(value, arm):
+                return _encode(value, arm, where)
+        raise TypeError(f"{where}: {value!r} does not fit {tp}")
+    if tp is type(None):
+        return None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value.value
+    if isinstance(tp, type) and is_dataclass(tp):
+        hints = _hints(tp)
+        return {f.name: _encode(getattr(value, f.name), hints[f.name], f"{where}.{f.name}")
+                for f in fields(tp)}
+    if typing.get_origin(tp) is tuple:
+        pair_type = _pair_value_type(tp)
+        if pair_type is not None:
+            out: dict[str, Any] = {}
+            for key, item in value:
+                if key in out:
+                    raise TypeError(f"{where}: key {key!r} appears twice")
+                out[key] = _encode(item, pair_type, f"{where}.{key}")
+            return out
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return [_encode(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_encode(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args,
+                                                                              strict=True))]
+    if tp in (str, int, float, bool):
+        if not _is_instance(value, tp):
+            raise TypeError(f"{where}: {value!r} is not a {tp.__name__}")
+        return value
+    raise TypeError(f"{where}: no JSON encoding for {tp}")
+
+
+def _fits_json(data: Any, tp: Any) -> bool:
+    """Whether JSON data can be decoded as one arm of a union."""
+    if tp is type(None):
+        return data is None
+    if typing.get_origin(tp) is tuple:
+        return isinstance(data, dict) if _pair_value_type(tp) is not None else isinstance(data,
+                                                                                         list)
+    if isinstance(tp, type) and is_dataclass(tp):
+        return isinstance(data, dict)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(data, str)
+    return _is_instance(data, tp)
+
+
+def _decode(data: Any, tp: Any, where: str) -> Any:
+    if _is_union(tp):
+        for arm in typing.get_args(tp):
+            if _fits_json(data, arm):
+                return _decode(data, arm, where)
+        raise StateFileError(f"{where}: {data!r} is not a valid value")
+    if tp is type(None):
+        if data is not None:
+            raise StateFileError(f"{where}: expected null")
+        return None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(data)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in tp)
+            raise StateFileError(f"{where}: {data!r} is not one of {allowed}") from None
+    if isinstance(tp, type) and is_dataclass(tp):
+        return _decode_dataclass(data, tp, where)
+    if typing.get_origin(tp) is tuple:
+        pair_type = _pair_value_type(tp)
+        if pair_type is not None:
+            if not isinstance(data, dict):
+                raise StateFileError(f"{where}: expected an object")
+            return tuple((str(k), _decode(v, pair_type, f"{where}.{k}")) for k, v in data.items())
+        items = _list(data, where)
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(v, args[0], f"{where}[{i}]") for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise StateFileError(f"{where}: expected {len(args)} items")
+        return tuple(_decode(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(items, args,
+                                                                                  strict=True)))
+    if tp in (str, int, float, bool):
+        if not _is_instance(data, tp):
+            raise StateFileError(f"{where}: expected {tp.__name__}, got {data!r}")
+        return float(data) if tp is float else data
+    raise StateFileError(f"{where}: no JSON decoding for {tp}")
+
+
+def _decode_dataclass(data: Any, cls: type, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise StateFileError(f"{where}: expected an object")
+    hints = _hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise StateFileError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _decode(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise StateFileError(f"{where}: missing {f.name!r}")
+    return cls(**kwargs)
+
+
+def _list(data: Any, where: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise StateFileError(f"{where}: expected a list")
+    return data

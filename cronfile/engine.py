@@ -78,6 +78,28 @@ def jitter_for(job: Job, slot: float) -> float:
     return (int.from_bytes(digest[:8], "big") / 2**64) * job.jitter_s
 
 
+def latest_two(timer: JobTimer, floor: float, now: float) -> tuple[float | None, float | None]:
+    """The latest slot in (floor, now] and the one before it (None when there is no such
+    slot after ``floor``), found by searching back from ``now`` in doubling windows: cost
+    grows with the log of the range, not with the number of slots in it."""
+    width = 1.0
+    while True:
+        start = max(floor, now - width)
+        t = timer.next_after(start)
+        if t is not None and t <= now:
+            before: float | None = None
+            latest = t
+            n = timer.next_after(t)
+            while n is not None and n <= now:
+                before, latest = latest, n
+                n = timer.next_after(n)
+            if before is not None or start <= floor:
+                return before, latest
+        elif start <= floor:
+            return None, None
+        width *= 2
+
+
 class Scheduler:
     """Holds the schedule of every job; see the module docstring."""
 
@@ -160,6 +182,7 @@ class Scheduler:
         missed_last = slot
         missed = 0
         nxt = state.timer.next_after(slot)
+        bounded = False
         # Several slots due at once (clock stepped forward, loop stalled): keep the latest.
         while nxt is not None and nxt <= now:
             if missed_first is None:
@@ -168,7 +191,15 @@ class Scheduler:
             missed_last = slot
             slot = nxt
             if missed >= MAX_ENUMERATED_SLOTS:
-                nxt = state.timer.next_after(now)
+                # Too many to enumerate: jump to the latest slot (the one that runs) and
+                # count the rest as a lower bound.
+                before, latest = latest_two(state.timer, slot, now)
+                if latest is not None and latest > slot:
+                    missed += 1
+                    missed_last = before if before is not None and before > slot else slot
+                    slot = latest
+                    bounded = True
+                nxt = state.timer.next_after(max(now, slot))
                 break
             nxt = state.timer.next_after(slot)
         state.last_slot = slot
@@ -177,8 +208,10 @@ class Scheduler:
         if state.job.suspend:
             return actions
         if missed_first is not None:
-            actions.append(RecordSlot(state.job, missed_first, RunStatus.MISSED,
-                                      "a later slot was already due (clock step or stall)",
+            why = "a later slot was already due (clock step or stall)"
+            if bounded:
+                why += f"; at least {missed} slots (too many to count)"
+            actions.append(RecordSlot(state.job, missed_first, RunStatus.MISSED, why,
                                       missed, missed_last))
         delay = jitter_for(state.job, slot)
         if delay > 0:
@@ -239,6 +272,16 @@ class Scheduler:
                 first = t if first is None else first
                 before_last, last = last, t
             t = state.timer.next_after(t)
+        bounded = False
+        if t is not None and t <= now and last is not None:
+            # Too many to enumerate: the range ends at the real latest slot, the count is
+            # a lower bound.
+            before, latest = latest_two(state.timer, last, now)
+            if latest is not None and latest > last:
+                count += 1
+                before_last = before if before is not None and before > last else last
+                last = latest
+                bounded = True
         if first is None or last is None:
             return []
         actions: list[Action] = []
@@ -246,8 +289,10 @@ class Scheduler:
         missed_last = before_last if run_latest else last
         missed = count - 1 if run_latest else count
         if missed and missed_last is not None:
-            actions.append(RecordSlot(state.job, first, RunStatus.MISSED,
-                                      "the center was not running", missed, missed_last))
+            why = "the center was not running"
+            if bounded:
+                why += f"; at least {missed} slots (too many to count)"
+            actions.append(RecordSlot(state.job, first, RunStatus.MISSED, why, missed, missed_last))
         if run_latest:
             actions.extend(self._start(state, last, now, 1, "catch_up", None))
         state.last_slot = max(state.last_slot or last, last)

@@ -10,7 +10,6 @@ checks that decide whether a job changed: moving a job to another file is no cha
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -289,11 +288,16 @@ class DesiredState:
         return hash(self.revision)
 
 
-@functools.cache
+_FIELD_CACHE: dict[type, tuple[str, ...]] = {}
+
+
 def _compared_fields(cls: type) -> tuple[str, ...]:
     """The fields that define a value (source locations excluded); cached per class because
     plans and diffs call this for every job."""
-    return tuple(f.name for f in fields(cls) if f.compare)
+    names = _FIELD_CACHE.get(cls)
+    if names is None:
+        names = _FIELD_CACHE[cls] = tuple(f.name for f in fields(cls) if f.compare)
+    return names
 
 
 def to_plain(value: Any) -> Any:

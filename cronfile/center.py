@@ -257,6 +257,9 @@ class Center:
             from cronfile.fleet import start_hub
 
             self.hub = await start_hub(self)
+            from cronfile.fleet import sync_agent_daemons
+
+            await sync_agent_daemons(self)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -342,15 +345,18 @@ class Center:
         for name in (*diff.jobs.added, *diff.jobs.changed_names):
             job = state.jobs[name]
             self.scheduler.set_job(job, now)
-            if job.kind is JobKind.DAEMON:
+            if job.kind is JobKind.DAEMON and job.targets.is_local_only and not job.suspend:
                 self._restart_daemon(job)
             else:
                 self._stop_daemon(name)
             if name in diff.jobs.changed_names and job.on_change.value == "restart":
                 self._stop_runs(name, "job changed (on_change: restart)")
         if self.hub is not None:
+            from cronfile.fleet import sync_agent_daemons
+
             with contextlib.suppress(Exception):
                 self.hub.update_inventory(state.agents)
+            self._spawn(sync_agent_daemons(self))
         self._event("revision_applied", revision=state.revision.to_dict(),
                     initial=initial, diff=diff.summary())
         self._spawn_write_applied(state)
@@ -434,6 +440,10 @@ class Center:
             if now - self._last_expect_check >= 5.0:
                 self._last_expect_check = now
                 self._check_success_within()
+                if self.hub is not None:
+                    from cronfile.fleet import write_agents_file
+
+                    write_agents_file(self)
             due = self.scheduler.next_due()
             delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
             if delay > 0:

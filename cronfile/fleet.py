@@ -110,6 +110,16 @@ def resolve_targets(center: Center, job: Job) -> list[Target]:
     return [available[next(counter) % len(available)]]
 
 
+def write_agents_file(center: Center) -> None:
+    """``<state>/agents.json``: the registry for ``cronfile status`` (atomic replace)."""
+    if center.hub is None:
+        return
+    path = center.state_dir / "agents.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(center.hub.snapshot(), indent=1))
+    os.replace(tmp, path)
+
+
 async def start_hub(center: Center) -> Any:
     """Listen for agents on ``--listen`` with the secrets of ``--token-file``."""
     from cronfile.agent_hub import AgentHub
@@ -120,10 +130,7 @@ async def start_hub(center: Center) -> Any:
     secrets = load_secrets(center.options.token_file) if center.options.token_file else Secrets()
 
     def write_agents() -> None:
-        path = center.state_dir / "agents.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(hub.snapshot(), indent=1))
-        os.replace(tmp, path)
+        write_agents_file(center)
 
     def on_connect(name: str, *_: Any) -> None:
         center._event("agent_connected", agent=name)
@@ -147,5 +154,39 @@ async def start_hub(center: Center) -> Any:
                    secrets=secrets, accept_undeclared=center.options.accept_undeclared,
                    on_connect=on_connect, on_disconnect=on_disconnect, on_outcome=on_outcome)
     await hub.start()
+    center.hub = hub
     write_agents()
     return hub
+
+
+def daemon_targets(center: Center, job: Job) -> list[str]:
+    """Where a daemon is kept alive: EVERY matching target (SPEC: "on each target")."""
+    if job.targets.is_local_only:
+        return [LOCAL_AGENT]
+    return _candidates(center, job)
+
+
+async def sync_agent_daemons(center: Center) -> None:
+    """Send each agent its complete desired daemon set (the hub re-sends it on reconnect;
+    the agent converges: start new, stop removed, restart changed)."""
+    from cronfile.model import JobKind
+    from cronfile.protocol import DaemonSpec, EnvVar
+
+    if center.hub is None or center.desired is None:
+        return
+    wanted: dict[str, list[DaemonSpec]] = {name: [] for name in center.desired.agents}
+    for job in center.desired.jobs.values():
+        if job.kind is not JobKind.DAEMON or job.suspend:
+            continue
+        for agent in daemon_targets(center, job):
+            if agent == LOCAL_AGENT:
+                continue
+            wanted.setdefault(agent, []).append(DaemonSpec(
+                name=job.name, command=job.command,
+                env=tuple(EnvVar.of(k, v) for k, v in job.env), workdir=job.workdir,
+                run_as=job.run_as, replicas=job.replicas,
+                restart_policy=job.restart.policy.value, backoff_s=job.restart.backoff_s,
+                max_backoff_s=job.restart.max_backoff_s, output_keep=job.output_keep))
+    revision = center.desired.revision.content_hash
+    for agent, specs in wanted.items():
+        await center.hub.set_daemons(agent, specs, revision)

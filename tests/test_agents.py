@@ -1,0 +1,607 @@
+"""Agents end to end: a real AgentHub in the test's event loop, real agent processes, real
+sockets on 127.0.0.1. Every wait is bounded; nothing is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cronfile.agent import AgentState
+from cronfile.agent_hub import AgentHub
+from cronfile.executor import RunRequest
+from cronfile.model import Agent, RunStatus
+from cronfile.protocol import (
+    Challenge,
+    DaemonSpec,
+    Finished,
+    Hello,
+    Message,
+    ProtocolError,
+    Refused,
+    Response,
+    Run,
+    Secrets,
+    Welcome,
+    agent_proof,
+    new_nonce,
+    read_frame,
+)
+
+SECRET = "fleet-secret-0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 14.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 6.0) -> None:
+    """Poll a condition (bounded): the state we wait on lives in another process."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Fleet:
+    """A hub in this event loop plus agent processes, torn down however the test ends."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        agents: tuple[str, ...] = ("a1",),
+        secrets: Secrets | None = None,
+        **hub_options: Any,
+    ) -> None:
+        self.tmp = tmp_path
+        self.connects: list[str] = []
+        self.disconnects: list[str] = []
+        self.outcomes: list[tuple[str, str, dict[str, Any]]] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.pgids: list[int] = []
+        inventory = {name: Agent(name, labels=(("team", "ops"),)) for name in agents}
+        options: dict[str, Any] = {"heartbeat_s": 1.0, "lease_s": 5.0,
+                                   "handshake_timeout_s": 2.0}
+        options.update(hub_options)
+        self.hub = AgentHub(
+            "127.0.0.1", 0,
+            inventory=inventory,
+            secrets=secrets if secrets is not None else Secrets(shared=SECRET.encode()),
+            on_connect=self.connects.append,
+            on_disconnect=self.disconnects.append,
+            on_outcome=lambda run_id, agent, outcome: self.outcomes.append(
+                (run_id, agent, outcome)),
+            **options,
+        )
+
+    async def __aenter__(self) -> Fleet:
+        await self.hub.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 5)
+        for pgid in self.pgids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        await self.hub.close()
+
+    @property
+    def port(self) -> int:
+        return self.hub.port
+
+    def agent(self, name: str, *extra: str, token: str | None = SECRET,
+              tls_ca: Path | None = None) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "cronfile.agent", "--center", f"127.0.0.1:{self.port}",
+                "--name", name, "--state", str(self.tmp / f"state-{name}"),
+                "--backoff-max", "0.3", *extra]
+        if token is not None:
+            token_file = self.tmp / f"token-{name}"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+            args += ["--token-file", str(token_file)]
+        if tls_ca is not None:
+            args += ["--tls-ca", str(tls_ca)]
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    async def connected(self, name: str, times: int = 1) -> None:
+        await until(lambda: self.connects.count(name) >= times and self.hub.is_connected(name),
+                    f"agent {name} to connect ({times}x); log:\n{self._safe_log(name)}")
+
+    def _safe_log(self, name: str) -> str:
+        with contextlib.suppress(OSError):
+            return self.log(name)
+        return ""
+
+    async def start(self, name: str, request: RunRequest) -> Any:
+        executor = self.hub.executor_for(name)
+        assert executor is not None, f"{name} is not connected"
+        assert executor.transport == "tcp"
+        handle = await executor.start(request)
+        if handle.pid:
+            self.pgids.append(handle.pid)
+        return handle
+
+
+def req(run_id: str, command: tuple[str, ...] | str, **kw: Any) -> RunRequest:
+    return RunRequest(run_id=run_id, job="job", command=command, **kw)
+
+
+async def open_raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def send(writer: asyncio.StreamWriter, msg: Message) -> None:
+    writer.write(msg.frame())
+    await writer.drain()
+
+
+async def read(reader: asyncio.StreamReader) -> Message:
+    return await asyncio.wait_for(read_frame(reader), 5)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """True when the other side closed the connection (EOF or reset) within the timeout."""
+    try:
+        data = await asyncio.wait_for(reader.read(1 << 16), timeout)
+        while data:
+            data = await asyncio.wait_for(reader.read(1 << 16), timeout)
+        return True
+    except (ConnectionError, OSError):
+        return True
+
+
+async def handshake(
+    port: int, name: str, secret: bytes | None, mac: str | None = None
+) -> tuple[Message, str | None, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Do the agent's half of the handshake by hand; return the center's verdict and the MAC
+    that was sent."""
+    reader, writer = await open_raw(port)
+    await send(writer, Hello(agent=name, version="test", nonce=new_nonce()))
+    msg = await read(reader)
+    if isinstance(msg, Challenge):
+        if mac is None:
+            assert secret is not None
+            mac = agent_proof(secret, msg.nonce, name)
+        await send(writer, Response(mac=mac))
+        msg = await read(reader)
+    return msg, mac, reader, writer
+
+
+# --- registration and authentication ---------------------------------------------------
+
+
+def test_good_agent_registers_with_inventory_labels(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            fleet.agent("a1", "--label", "team=spoofed", "--label", "os=linux")
+            await fleet.connected("a1")
+            [entry] = fleet.hub.snapshot()
+            assert entry["name"] == "a1" and entry["declared"]
+            assert entry["labels"] == {"team": "ops"}  # the inventory wins over the hello
+            assert entry["peer"].startswith("127.0.0.1:")
+            assert entry["tls"] is False and entry["running"] == []
+            assert fleet.hub.executor_for("nobody") is None
+
+    run(go())
+
+
+def test_wrong_secret_is_refused(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            fleet.agent("a1", token="not-the-secret")
+            await until(lambda: "authentication failed" in fleet.log("a1"),
+                        "the agent to log the refusal")
+            assert not fleet.hub.is_connected("a1") and fleet.connects == []
+            msg, *_ = await handshake(fleet.port, "a1", b"also-wrong")
+            assert isinstance(msg, Refused) and "authentication failed" in msg.reason
+
+    run(go())
+
+
+def test_recorded_handshake_cannot_be_replayed(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            msg, mac, _, writer = await handshake(fleet.port, "a1", SECRET.encode())
+            assert isinstance(msg, Welcome)
+            writer.close()
+            await until(lambda: fleet.disconnects == ["a1"], "the first session to end")
+            # The eavesdropper replays hello + the recorded response on a new connection:
+            # the center's nonce is new, so the old MAC no longer fits.
+            msg, _, reader, _ = await handshake(fleet.port, "a1", None, mac=mac)
+            assert isinstance(msg, Refused) and "authentication failed" in msg.reason
+            assert await closed_by_peer(reader)
+            assert fleet.connects == ["a1"]
+
+    run(go())
+
+
+def test_per_agent_secret_cannot_register_as_another_agent(tmp_path: Path) -> None:
+    async def go() -> None:
+        secrets = Secrets(per_agent={"a1": b"secret-of-a1", "b1": b"secret-of-b1"})
+        async with Fleet(tmp_path, agents=("a1", "b1"), secrets=secrets) as fleet:
+            msg, *_ = await handshake(fleet.port, "b1", b"secret-of-a1")
+            assert isinstance(msg, Refused) and "authentication failed" in msg.reason
+            # A's valid proof for its own name, presented under B's name, fails too.
+            reader, writer = await open_raw(fleet.port)
+            await send(writer, Hello(agent="b1", version="test", nonce=new_nonce()))
+            challenge = await read(reader)
+            assert isinstance(challenge, Challenge)
+            await send(writer, Response(mac=agent_proof(b"secret-of-a1", challenge.nonce, "a1")))
+            assert isinstance(await read(reader), Refused)
+            fleet.agent("b1", token="secret-of-a1")
+            await until(lambda: "authentication failed" in fleet.log("b1"), "b1's refusal")
+            msg, *_ = await handshake(fleet.port, "b1", b"secret-of-b1")
+            assert isinstance(msg, Welcome)
+            assert fleet.connects == ["b1"]
+
+    run(go())
+
+
+def test_undeclared_agent_is_refused_unless_accepted(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            fleet.agent("stranger")
+            await until(lambda: "not declared" in fleet.log("stranger"), "the refusal")
+            assert fleet.connects == []
+            msg, *_ = await handshake(fleet.port, "local", SECRET.encode())
+            assert isinstance(msg, Refused) and "reserved" in msg.reason
+        async with Fleet(tmp_path, accept_undeclared=True) as fleet:
+            fleet.agent("stranger", "--label", "dc=fra")
+            await fleet.connected("stranger")
+            assert fleet.hub.snapshot()[0]["labels"] == {"dc": "fra"}
+            assert fleet.hub.snapshot()[0]["declared"] is False
+
+    run(go())
+
+
+def test_bad_frames_close_only_that_connection(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path, agents=("a1", "a2"), handshake_timeout_s=0.5) as fleet:
+            fleet.agent("a1")
+            await fleet.connected("a1")
+
+            # Not our protocol at all ("GET " reads as a 1.2 GB length).
+            reader, writer = await open_raw(fleet.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await closed_by_peer(reader)
+            # An oversized length, body never sent, connection kept open by us.
+            reader, writer = await open_raw(fleet.port)
+            writer.write(struct.pack(">I", 0xFFFFFFFF))
+            assert await closed_by_peer(reader)
+            # A truncated frame, then EOF.
+            reader, writer = await open_raw(fleet.port)
+            writer.write(struct.pack(">I", 100) + b'{"type":')
+            writer.write_eof()
+            assert await closed_by_peer(reader)
+            # A truncated frame and silence: the handshake deadline closes it.
+            reader, writer = await open_raw(fleet.port)
+            writer.write(struct.pack(">I", 100) + b'{"type":')
+            assert await closed_by_peer(reader)
+            # Well framed, not JSON.
+            reader, writer = await open_raw(fleet.port)
+            writer.write(struct.pack(">I", 5) + b"hello")
+            assert await closed_by_peer(reader)
+            # Anything but a hello first.
+            reader, writer = await open_raw(fleet.port)
+            await send(writer, Response(mac="00"))
+            assert await closed_by_peer(reader)
+
+            # An authenticated agent that then sends garbage loses its own connection.
+            msg, _, reader, writer = await handshake(fleet.port, "a2", SECRET.encode())
+            assert isinstance(msg, Welcome)
+            await fleet.connected("a2")
+            writer.write(struct.pack(">I", 8) + b"\x80garbage")
+            assert await closed_by_peer(reader)
+            await until(lambda: "a2" in fleet.disconnects, "a2 to be dropped")
+            msg, _, reader, writer = await handshake(fleet.port, "a2", SECRET.encode())
+            assert isinstance(msg, Welcome)
+            writer.write(struct.pack(">I", 50 * 1024 * 1024))
+            assert await closed_by_peer(reader)
+
+            # The hub still serves the good agent.
+            assert fleet.hub.is_connected("a1") and "a1" not in fleet.disconnects
+            handle = await fleet.start("a1", req("after-garbage", ("echo", "still here")))
+            outcome = await asyncio.wait_for(handle.wait(), 5)
+            assert outcome.status is RunStatus.SUCCEEDED
+            assert outcome.output_tail == "still here\n"
+
+    run(go())
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+def test_remote_run_outcome_arrives_once_and_run_id_runs_once(tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            fleet.agent("a1")
+            await fleet.connected("a1")
+            request = req("r-once", f"echo ran >> {counter}; echo hello; exit 4",
+                          env=(("GREETING", "hi"),))
+            handle = await fleet.start("a1", request)
+            assert handle.pid is not None  # start() waited for the agent's "started"
+            outcome = await asyncio.wait_for(handle.wait(), 5)
+            assert outcome.status is RunStatus.FAILED and outcome.exit_code == 4
+            assert outcome.output_tail == "hello\n"
+            await until(lambda: fleet.outcomes, "on_outcome")
+            [(run_id, agent, record)] = fleet.outcomes
+            assert (run_id, agent) == ("r-once", "a1")
+            assert record["status"] == "failed" and record["exit_code"] == 4
+            assert record["started_at"] == outcome.started_at.isoformat()
+
+            # Dispatched again (a center retrying after a reconnect): the agent does not
+            # run it again, answers with the outcome it kept; on_outcome is not called twice.
+            again = await fleet.start("a1", request)
+            assert (await asyncio.wait_for(again.wait(), 5)).exit_code == 4
+            assert counter.read_text() == "ran\n"
+            assert len(fleet.outcomes) == 1
+
+    run(go())
+
+
+def test_agent_killed_mid_run_resolves_lost_after_the_lease(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path, lease_s=1.0) as fleet:
+            proc = fleet.agent("a1")
+            await fleet.connected("a1")
+            handle = await fleet.start("a1", req("r-lost", ("sleep", "30")))
+            assert handle.pid is not None
+            proc.kill()
+            killed_at = time.monotonic()
+            outcome = await asyncio.wait_for(handle.wait(), 6)
+            assert outcome.status is RunStatus.LOST
+            assert time.monotonic() - killed_at >= 0.9
+            assert "a1" in (outcome.reason or "")
+            assert fleet.outcomes == []  # "lost" is the center's verdict, not a delivery
+
+            # Restarted, the agent finds the run in its journal without an outcome and
+            # reports it itself (the center records it as superseding its own verdict).
+            fleet.agent("a1")
+            await until(lambda: fleet.outcomes, "the restarted agent's report")
+            [(run_id, _, record)] = fleet.outcomes
+            assert run_id == "r-lost" and record["status"] == "lost"
+            assert "agent stopped during the run" in record["reason"]
+
+    run(go())
+
+
+def test_connection_cut_mid_run_outcome_delivered_after_reconnect_once(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    script = f"while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+
+    async def go() -> None:
+        async with Fleet(tmp_path, lease_s=10.0) as fleet:
+            fleet.agent("a1")
+            await fleet.connected("a1")
+            handle = await fleet.start("a1", req("r-cut", script))
+            assert handle.pid is not None
+
+            # 1. Cut from the hub side while the run runs: the agent comes back listing it.
+            assert await fleet.hub.disconnect("a1")
+            await fleet.connected("a1", times=2)
+            assert fleet.hub.snapshot()[0]["running"] == ["r-cut"]
+            assert not handle.done
+
+            # 2. Cut again and keep the agent away while the run ends: the outcome waits
+            # in the agent's outbox.
+            inventory = dict(fleet.hub.inventory)
+            fleet.hub.update_inventory({})
+            await until(lambda: not fleet.hub.is_connected("a1"), "a1 to be dropped")
+            gate.touch()
+            outbox = tmp_path / "state-a1" / "outbox.jsonl"
+            await until(lambda: outbox.exists() and "r-cut" in outbox.read_text(),
+                        "the outcome to reach the outbox")
+            assert fleet.outcomes == [] and not handle.done
+
+            # 3. Let it back in: delivered once, handle resolved with the real outcome.
+            fleet.hub.update_inventory(inventory)
+            outcome = await asyncio.wait_for(handle.wait(), 6)
+            assert outcome.status is RunStatus.SUCCEEDED and outcome.output_tail == "done\n"
+            await until(lambda: fleet.outcomes, "on_outcome")
+
+            # 4. Once more around: an acked outcome is not delivered again.
+            connects = fleet.connects.count("a1")
+            await fleet.hub.disconnect("a1")
+            await fleet.connected("a1", times=connects + 1)
+            await asyncio.sleep(0.3)  # room for a (wrong) redelivery to show up
+            assert [o[0] for o in fleet.outcomes] == ["r-cut"]
+
+    run(go())
+
+
+def test_stop_reaches_the_agent(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            fleet.agent("a1")
+            await fleet.connected("a1")
+            handle = await fleet.start("a1", req("r-stop", ("sleep", "30"), kill_grace_s=1.0))
+            await asyncio.wait_for(handle.stop("replaced by a newer run", 1.0), 5)
+            outcome = await handle.wait()
+            assert outcome.status is RunStatus.KILLED
+            assert outcome.reason == "replaced by a newer run"
+
+    run(go())
+
+
+def test_allow_run_as_is_enforced_on_the_agent(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path, agents=("a1", "a2")) as fleet:
+            fleet.agent("a1")
+            fleet.agent("a2", "--allow-run-as", "nobody")
+            await fleet.connected("a1")
+            await fleet.connected("a2")
+            handle = await fleet.start("a1", req("ra-1", ("id", "-un"), run_as="nobody"))
+            outcome = await asyncio.wait_for(handle.wait(), 5)
+            assert outcome.status is RunStatus.FAILED
+            assert outcome.reason == "run_as nobody not allowed on this agent"
+
+            handle = await fleet.start("a2", req("ra-2", ("id", "-un"), run_as="nobody"))
+            outcome = await asyncio.wait_for(handle.wait(), 5)
+            if os.geteuid() == 0:
+                assert outcome.status is RunStatus.SUCCEEDED
+                assert outcome.output_tail == "nobody\n"
+            else:  # allowed by the policy, refused by the OS: a different reason
+                assert "not allowed on this agent" not in (outcome.reason or "")
+
+    run(go())
+
+
+def test_daemon_restarts_after_a_crash_and_stops_when_removed(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    statuses: list[Any] = []
+
+    async def go() -> None:
+        async with Fleet(tmp_path, on_daemon_status=lambda n, s: statuses.append(s)) as fleet:
+            fleet.agent("a1")
+            await fleet.connected("a1")
+            spec = DaemonSpec(name="worker", command=("sh", "-c", f"echo $$ >> {pids}; "
+                                                      "sleep 0.2; exit 1"),
+                              backoff_s=0.1, max_backoff_s=0.2)
+            await fleet.hub.set_daemons("a1", [spec])
+            await until(lambda: pids.exists() and len(pids.read_text().split()) >= 3,
+                        "the daemon to crash and be restarted twice", timeout=8)
+            assert len(set(pids.read_text().split())) >= 3  # new processes each time
+            await until(lambda: any(s and s[0].restarts >= 1 for s in statuses),
+                        "a daemon_status showing the restarts", timeout=4)
+            assert fleet.hub.snapshot()[0]["daemons"][0]["name"] == "worker"
+
+            await fleet.hub.set_daemons("a1", [])
+            await until(lambda: statuses and statuses[-1] == (), "the daemon to be removed")
+            count = len(pids.read_text().split())
+            await asyncio.sleep(0.5)
+            assert len(pids.read_text().split()) == count  # no restart after removal
+
+    run(go())
+
+
+def test_agent_state_survives_torn_lines_and_restarts(tmp_path: Path) -> None:
+    async def go() -> None:
+        state = AgentState(tmp_path)
+        for run_id in ("done-acked", "done-pending", "cut-short"):
+            await state.accept(Run(run_id=run_id, job="j", command=("true",)))
+        now = datetime.now(UTC)
+        for run_id in ("done-acked", "done-pending"):
+            await state.store(Finished(run_id=run_id, status="succeeded", started_at=now,
+                                       finished_at=now, exit_code=0))
+        state.ack("done-acked")
+        await state.outbox_log.append({"v": 1, "note": "flush"})
+        state.close()
+        with open(tmp_path / "journal.jsonl", "ab") as fh:
+            fh.write(b'{"v": 1, "run_id": "torn')  # power loss in the middle of a line
+        with open(tmp_path / "outbox.jsonl", "ab") as fh:
+            fh.write(b'{"v": 1, "finished": {"run_')
+
+        for _ in range(2):  # and once more: compaction must not resurrect anything
+            state = AgentState(tmp_path)
+            assert all(state.knows(r) for r in ("done-acked", "done-pending", "cut-short"))
+            assert set(state.outbox) == {"done-pending", "cut-short"}
+            assert state.outbox["cut-short"].status == "lost"
+            assert state.outbox["done-pending"].status == "succeeded"
+            state.close()
+
+    run(go())
+
+
+# --- heartbeats and TLS ----------------------------------------------------------------
+
+
+def test_silent_connection_is_closed_within_three_heartbeats(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path, heartbeat_s=0.3) as fleet:
+            # A peer that authenticates and then never answers a ping (half-open link).
+            msg, _, reader, _ = await handshake(fleet.port, "a1", SECRET.encode())
+            assert isinstance(msg, Welcome)
+            start = time.monotonic()
+            await until(lambda: fleet.disconnects == ["a1"], "the silent link to be closed",
+                        timeout=3)
+            assert time.monotonic() - start <= 3.0  # 3 heartbeats + one check interval, loaded
+
+    run(go())
+
+
+def test_without_a_secret_the_hub_listens_on_loopback_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        fleet = Fleet(tmp_path, agents=("a1", "a2"), secrets=Secrets())
+        fleet.hub.host = "0.0.0.0"
+        async with fleet:
+            assert fleet.hub.host == "127.0.0.1"
+            assert "listening on 127.0.0.1 only" in caplog.text
+            fleet.agent("a1", token=None)
+            await fleet.connected("a1")
+            # An agent that has a token insists on a center that proves it knows it.
+            fleet.agent("a2", token=SECRET)
+            await until(lambda: "did not authenticate" in fleet.log("a2"), "a2's refusal")
+            assert not fleet.hub.is_connected("a2")
+
+    with caplog.at_level("WARNING", logger="cronfile.agents"):
+        run(go())
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("openssl is not available to make a test certificate")
+    return cert, key
+
+
+def test_agent_over_tls_verifies_the_center(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+
+    async def go() -> None:
+        async with Fleet(tmp_path, ssl_context=context) as fleet:
+            fleet.agent("a1", tls_ca=cert)
+            await fleet.connected("a1")
+            assert fleet.hub.snapshot()[0]["tls"] is True
+            handle = await fleet.start("a1", req("tls-1", ("echo", "over tls")))
+            assert (await asyncio.wait_for(handle.wait(), 5)).output_tail == "over tls\n"
+
+    run(go())
+
+
+def test_garbage_from_the_center_side_is_a_protocol_error() -> None:
+    # The agent decodes with the same module: a center that sends junk is refused too.
+    with pytest.raises(ProtocolError):
+        Message.decode(b'{"type": "run", "v": 1, "run_id": "x", "job": "j", "command": 5}')

@@ -115,6 +115,7 @@ class Center:
         self.running: dict[str, _Running] = {}
         self.daemons: dict[str, DaemonSupervisor] = {}
         self.done_slots: set[tuple[str, float, str]] = set()
+        self.missed_until: dict[str, float] = {}  # per job: end of the last recorded missed range
         self.lost_bases: dict[str, dict[str, Any]] = {}  # run_id -> record base, for late outcomes
         self.notifier = Notifier(self.local, self._event)
         self.last_success: dict[str, float] = {}
@@ -517,7 +518,9 @@ class Center:
             dispatched.append({**base, "record": "dispatched"})
         self._flush()
         self.ledger.runs.append(dispatched)  # durable BEFORE anything starts
-        for action, target, request, base in prepared:
+        for count, (action, target, request, base) in enumerate(prepared, 1):
+            if count % 64 == 0:
+                await asyncio.sleep(0)  # a burst of spawns must not starve agent heartbeats
             assert target.executor is not None
             try:
                 handle = await target.executor.start(request)
@@ -600,6 +603,9 @@ class Center:
             slot = _parse_iso(view.get("scheduled_at"))
             if slot is not None and isinstance(view.get("job"), str):
                 self.done_slots.add((view["job"], round(slot, 3), str(view.get("agent"))))
+                if view.get("status") == "missed":  # a range: its slots are all handled
+                    end = _parse_iso(view.get("last_scheduled_at")) or slot
+                    self.missed_until[view["job"]] = max(self.missed_until.get(view["job"], end), end)
             if view.get("status") == "succeeded" and isinstance(view.get("job"), str):
                 ended = _parse_iso(view.get("finished_at")) or 0.0
                 self.last_success[view["job"]] = max(self.last_success.get(view["job"], 0.0), ended)
@@ -621,7 +627,9 @@ class Center:
         actions: list[Action] = []
         for name in self.scheduler.jobs:
             done = {slot for (j, slot, _a) in self.done_slots if j == name}
-            actions.extend(self.scheduler.catch_up(name, since, now, done))
+            # a center killed before its first watermark already recorded part of the outage
+            job_since = max(since, self.missed_until.get(name, since))
+            actions.extend(self.scheduler.catch_up(name, job_since, now, done))
         if actions:
             self._spawn(self.perform(actions))
 
@@ -636,6 +644,7 @@ class Center:
         if not force and now - self._last_watermark < 1.0:
             return
         self._last_watermark = now
+        self._flush()  # queued skipped/missed records must be durable before the mark passes them
         floor = self.scheduler.pending_start_floor()
         mark = now if floor is None else min(now, floor - 0.001)
         path = self.state_dir / WATERMARK_FILE
@@ -658,8 +667,21 @@ def _parse_iso(text: Any) -> float | None:
         return None
 
 
+def _raise_fd_limit() -> None:
+    """Each run in flight holds a pipe and a pidfd: 10,000 runs due at once need more than
+    the usual soft limit of 1,024 descriptors, so take what the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else 1 << 20, hard))
+
+
 def run_center(options: CenterOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _raise_fd_limit()
     center = Center(options)
     try:
         return asyncio.run(center.run_until_stopped())

@@ -66,6 +66,7 @@ class _JobState:
     timer: JobTimer | None
     generation: int
     last_slot: float | None = None
+    armed_at: float | None = None  # slots after this belong to the fire path, not catch-up
     running: set[str] = field(default_factory=set)
     deps_done: set[str] = field(default_factory=set)
 
@@ -127,7 +128,8 @@ class Scheduler:
             state.running = old.running
             state.last_slot = old.last_slot if old.job.schedules == job.schedules else None
         self._jobs[job.name] = state
-        self._schedule_next(state, max(now, state.last_slot or now))
+        state.armed_at = max(now, state.last_slot or now)
+        self._schedule_next(state, state.armed_at)
 
     def remove_job(self, name: str) -> None:
         self._jobs.pop(name, None)  # its heap entries are stale from now on
@@ -263,20 +265,23 @@ class Scheduler:
         state = self._jobs.get(name)
         if state is None or state.timer is None or state.job.suspend:
             return []
+        # Slots after the job was armed are already pending in the heap: covering them
+        # here too would give one slot two outcomes (missed AND run).
+        until = now if state.armed_at is None else min(now, state.armed_at)
         count = 0
         first = last = before_last = None
         t = state.timer.next_after(since)
-        while t is not None and t <= now and count < MAX_ENUMERATED_SLOTS:
+        while t is not None and t <= until and count < MAX_ENUMERATED_SLOTS:
             if t not in done:
                 count += 1
                 first = t if first is None else first
                 before_last, last = last, t
             t = state.timer.next_after(t)
         bounded = False
-        if t is not None and t <= now and last is not None:
+        if t is not None and t <= until and last is not None:
             # Too many to enumerate: the range ends at the real latest slot, the count is
             # a lower bound.
-            before, latest = latest_two(state.timer, last, now)
+            before, latest = latest_two(state.timer, last, until)
             if latest is not None and latest > last:
                 count += 1
                 before_last = before if before is not None and before > last else last

@@ -1,0 +1,212 @@
+"""Helpers for black-box center tests: a real ``cronfile center`` subprocess on a temp
+schedules dir and state dir, and bounded polling of its JSONL ledger (never blind sleeps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+POLL_S = 0.05
+
+
+def cronfile_command() -> list[str]:
+    """The installed console script next to this interpreter (as a user would run it)."""
+    exe = shutil.which("cronfile", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "cronfile"]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every JSON-object line of ``path`` (garbage and torn lines skipped)."""
+    out: list[dict[str, Any]] = []
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return out
+    for line in data.split(b"\n"):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+def parse_ts(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` every 50 ms until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def write_schedule(schedules: Path, name: str, text: str) -> Path:
+    """Write a schedule file atomically (the watcher never sees half a file)."""
+    path = schedules / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(textwrap.dedent(text))
+    os.replace(tmp, path)
+    return path
+
+
+def cli(*args: str, state: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    argv = [*cronfile_command(), *args]
+    if state is not None:
+        argv += ["--state", str(state)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+class CenterProc:
+    """One ``cronfile center`` subprocess; restartable on the same state dir."""
+
+    def __init__(self, root: Path, *, grace: float = 1.0, watch: bool = True,
+                 env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.schedules = root / "schedules"
+        self.state = root / "state"
+        self.schedules.mkdir(parents=True, exist_ok=True)
+        self.grace = grace
+        self.watch = watch
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "center.log"
+
+    # ---------------------------------------------------------------- files
+    @property
+    def runs_path(self) -> Path:
+        return self.state / "runs.jsonl"
+
+    @property
+    def events_path(self) -> Path:
+        return self.state / "events.jsonl"
+
+    def runs(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.runs_path)
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.events_path)
+
+    def write(self, name: str, text: str) -> Path:
+        return write_schedule(self.schedules, name, text)
+
+    # ---------------------------------------------------------------- life cycle
+    def start(self, wait: bool = True) -> CenterProc:
+        argv = [*cronfile_command(), "center", "--schedules", str(self.schedules),
+                "--state", str(self.state), "--grace", str(self.grace)]
+        if not self.watch:
+            argv.append("--no-watch")
+        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        logf.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        pid = self.pid
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"center exited {self.proc.returncode}:\n{self.log_text()}")
+            started = any(e.get("event") == "center_started" and e.get("pid") == pid
+                          for e in self.events())
+            return started and (self.state / "control.sock").exists()
+
+        wait_for(ready, timeout, "the center to start")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def sigkill(self) -> None:
+        """Kill the center abruptly (like power loss for the center; its children may survive
+        in their own process groups, as after a real crash)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def wait_runs(self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float = 10.0,
+                  what: str = "run records") -> Any:
+        def check() -> Any:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"center exited {self.proc.returncode}:\n{self.log_text()}")
+            return predicate(self.runs())
+
+        try:
+            return wait_for(check, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- center log ---\n{self.log_text()}") from None
+
+    def wait_events(self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float = 10.0,
+                    what: str = "events") -> Any:
+        try:
+            return wait_for(lambda: predicate(self.events()), timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- center log ---\n{self.log_text()}") from None
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return cli(*args, state=self.state, timeout=timeout)
+
+
+def finished(records: list[dict[str, Any]], job: str | None = None,
+             status: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("record") == "finished"
+            and (job is None or r.get("job") == job)
+            and (status is None or r.get("status") == status)]
+
+
+def dispatched(records: list[dict[str, Any]], job: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("record") == "dispatched"
+            and (job is None or r.get("job") == job)]
+
+
+def pgrep(marker: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
+

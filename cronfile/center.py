@@ -313,6 +313,9 @@ class Center:
         if self.hub is not None:
             with contextlib.suppress(Exception):
                 await self.hub.close()
+        for _config, ssh in self.__dict__.get("_ssh_executors", {}).values():
+            with contextlib.suppress(Exception):
+                await ssh.close()
         with contextlib.suppress(Exception):
             await self.control.close()
         self._flush()

@@ -161,15 +161,24 @@ STATE = click.option(
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="Seconds running jobs get at shutdown before they are killed.")
 @click.option("--no-watch", is_flag=True, help="Reload only on SIGHUP or `cronfile apply`.")
+@click.option("--heartbeat", type=float, default=10.0, show_default=True,
+              help="Seconds between pings to each agent (silent for 3x: disconnected).")
+@click.option("--lease", type=float, default=60.0, show_default=True,
+              help="Seconds a disconnected agent's runs wait for it before they are recorded lost.")
+@click.option("--known-hosts", type=click.Path(path_type=Path),
+              help="known_hosts for SSH targets that do not name their own.")
 def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
-           accept_undeclared: bool, grace: float, no_watch: bool) -> None:
+           accept_undeclared: bool, grace: float, no_watch: bool, heartbeat: float, lease: float,
+           known_hosts: Path | None) -> None:
     """Run the center: schedule, dispatch and record; hot-reload the schedules."""
     from cronfile.center import CenterOptions, run_center
 
     if not schedules.is_dir():
         raise click.UsageError(f"--schedules {schedules}: not a directory")
+    extra = {"heartbeat_s": heartbeat, "lease_s": lease,
+             "known_hosts": str(known_hosts) if known_hosts else None}
     sys.exit(run_center(CenterOptions(schedules, state_dir, listen, token_file, grace,
-                                      not no_watch, accept_undeclared)))
+                                      not no_watch, accept_undeclared, extra)))
 
 
 @cli.command()

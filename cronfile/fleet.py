@@ -78,7 +78,8 @@ def ssh_executor(center: Center, agent: Agent) -> Any:
     cached = cache.get(agent.name)
     if cached is None or cached[0] != agent.ssh:
         assert agent.ssh is not None
-        cache[agent.name] = (agent.ssh, SshExecutor(agent.name, agent.ssh))
+        cache[agent.name] = (agent.ssh, SshExecutor(agent.name, agent.ssh,
+                                                     known_hosts=center.options.extra.get("known_hosts")))
     return cache[agent.name][1]
 
 
@@ -152,7 +153,9 @@ async def start_hub(center: Center) -> Any:
     hub = AgentHub(host or "127.0.0.1", int(port or 0),
                    inventory=center.desired.agents if center.desired else {},
                    secrets=secrets, accept_undeclared=center.options.accept_undeclared,
-                   on_connect=on_connect, on_disconnect=on_disconnect, on_outcome=on_outcome)
+                   on_connect=on_connect, on_disconnect=on_disconnect, on_outcome=on_outcome,
+                   heartbeat_s=float(center.options.extra.get("heartbeat_s", 10.0)),
+                   lease_s=float(center.options.extra.get("lease_s", 60.0)))
     await hub.start()
     center.hub = hub
     write_agents()

@@ -35,7 +35,7 @@ from typing import Any
 
 from cronfile.clock import Clock, SystemClock
 from cronfile.daemons import DaemonSupervisor
-from cronfile.diff import diff_states
+from cronfile.diff import StateDiff, diff_states
 from cronfile.engine import Action, RecordSlot, Scheduler, StartRun, StopRuns
 from cronfile.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.ledger import Ledger, fold_runs, utc_ts
@@ -43,13 +43,14 @@ from cronfile.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.local_exec import LocalExecutor
 from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, Revision, RunStatus
 from cronfile.notify import Notifier, runtime_alerts
-from cronfile.statefile import read_applied, write_applied
+from cronfile.statefile import encode_job, read_applied, write_applied_text
 
 log = logging.getLogger("cronfile.center")
 
 WATERMARK_FILE = "watermark"
 CENTER_FILE = "center.json"
 RELOAD_DEBOUNCE_S = 0.2
+DISPATCH_CHUNK = 128
 
 
 def iso(ts: float | None) -> str | None:
@@ -121,6 +122,10 @@ class Center:
         self.last_success: dict[str, float] = {}
         self._success_alerted: set[str] = set()
         self._started_at = self.clock.time()
+        self._success_watch: set[str] = set()
+        self._applied_wanted: DesiredState | None = None
+        self._applied_writer: asyncio.Task[Any] | None = None
+        self._encoded_jobs: dict[str, tuple[Job, str]] = {}
         self.last_rejection: dict[str, Any] | None = None
         self.hub: Any = None  # the agent hub, when agents are enabled
         self._wake = asyncio.Event()
@@ -181,7 +186,10 @@ class Center:
     def _check_success_within(self) -> None:
         """``expect.success_within``: alert once when a job has not succeeded for too long."""
         now = self.clock.time()
-        for name, job in self.scheduler.jobs.items():
+        for name in self._success_watch:
+            job = self.scheduler.job(name)
+            if job is None:
+                continue
             limit = job.expect.success_within_s
             if limit is None or name in self._success_alerted or job.suspend:
                 continue
@@ -233,7 +241,8 @@ class Center:
         if self.options.watch:
             self._spawn(self._watch_files())
         self._spawn(self._reload_loop())
-        log.info("center running: %d jobs; state in %s", len(self.scheduler.jobs), self.state_dir)
+        log.info("center running: %d jobs; state in %s", len(self.scheduler.job_names()),
+                 self.state_dir)
         await self._stopping.wait()
         await self._shutdown()
         return 0
@@ -335,13 +344,14 @@ class Center:
         log.error("schedules rejected (%d errors); keeping the last good revision:\n  %s",
                   len(errors), "\n  ".join(errors[:20]))
 
-    def _apply(self, state: DesiredState, initial: bool = False) -> None:
+    def _apply(self, state: DesiredState, initial: bool = False, diff: StateDiff | None = None) -> None:
         """Apply ONLY the difference: unchanged jobs keep their timing and processes."""
         now = self.clock.time()
-        diff = diff_states(self.desired, state)
+        diff = diff or diff_states(self.desired, state)
         old = self.desired
         self.desired = state
         for name in diff.jobs.removed:
+            self._success_watch.discard(name)
             self.scheduler.remove_job(name)
             self._stop_daemon(name)
             if old is not None and old.jobs[name].on_change.value == "restart":
@@ -349,6 +359,10 @@ class Center:
         for name in (*diff.jobs.added, *diff.jobs.changed_names):
             job = state.jobs[name]
             self.scheduler.set_job(job, now)
+            if job.expect.success_within_s is not None:
+                self._success_watch.add(name)
+            else:
+                self._success_watch.discard(name)
             if job.kind is JobKind.DAEMON and job.targets.is_local_only and not job.suspend:
                 self._restart_daemon(job)
             else:
@@ -367,11 +381,33 @@ class Center:
         self._wake.set()
 
     def _spawn_write_applied(self, state: DesiredState) -> None:
-        def write() -> None:
-            write_applied(self.state_dir, state)
+        """Write applied.json in the background; bursts of revisions coalesce (the latest
+        wins) so a writer never queues behind another."""
+        self._applied_wanted = state
+        if self._applied_writer is None or self._applied_writer.done():
+            with contextlib.suppress(RuntimeError):
+                self._applied_writer = self._spawn(self._write_applied_loop())
 
-        with contextlib.suppress(RuntimeError):
-            self._spawn(asyncio.to_thread(write))
+    async def _write_applied_loop(self) -> None:
+        while self._applied_wanted is not None:
+            state, self._applied_wanted = self._applied_wanted, None
+            await asyncio.to_thread(self._write_applied, state)
+
+    def _write_applied(self, state: DesiredState) -> None:
+        """Runs in a thread. Jobs are encoded once and reused while unchanged (the loader
+        hands back the same Job objects for unchanged files), in small pieces so the
+        event loop gets the GIL back between them."""
+        pieces = []
+        cache = self._encoded_jobs
+        for name, job in state.jobs.items():
+            cached = cache.get(name)
+            if cached is None or cached[0] is not job:
+                cached = (job, encode_job(job))
+                cache[name] = cached
+            pieces.append(cached[1])
+        for gone in set(cache) - set(state.jobs):
+            cache.pop(gone, None)
+        write_applied_text(self.state_dir, state, pieces)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the schedules: apply the difference, or keep the last good revision."""
@@ -383,7 +419,7 @@ class Center:
             return {"applied": False, "unchanged": True, "revision": result.state.revision.to_dict()}
         self.last_rejection = None
         diff = diff_states(self.desired, result.state)
-        self._apply(result.state)
+        self._apply(result.state, diff=diff)
         return {"applied": True, "revision": result.state.revision.to_dict(), "diff": diff.summary()}
 
     async def _reload_loop(self) -> None:
@@ -503,6 +539,15 @@ class Center:
         )
 
     async def _dispatch(self, starts: list[tuple[StartRun, Target]]) -> None:
+        """Dispatch in chunks: each chunk's ``dispatched`` records are written and fsynced
+        together before any of its runs starts, then the loop breathes so finished children
+        are reaped (their descriptors closed) before the next chunk forks: forking with
+        thousands of descriptors open gets several times slower."""
+        for i in range(0, len(starts), DISPATCH_CHUNK):
+            await self._dispatch_chunk(starts[i:i + DISPATCH_CHUNK])
+            await asyncio.sleep(0)
+
+    async def _dispatch_chunk(self, starts: list[tuple[StartRun, Target]]) -> None:
         prepared = []
         dispatched = []
         for action, target in starts:
@@ -521,9 +566,7 @@ class Center:
             dispatched.append({**base, "record": "dispatched"})
         self._flush()
         self.ledger.runs.append(dispatched)  # durable BEFORE anything starts
-        for count, (action, target, request, base) in enumerate(prepared, 1):
-            if count % 64 == 0:
-                await asyncio.sleep(0)  # a burst of spawns must not starve agent heartbeats
+        for action, target, request, base in prepared:
             assert target.executor is not None
             try:
                 handle = await target.executor.start(request)
@@ -628,8 +671,11 @@ class Center:
     def _catch_up(self, since: float) -> None:
         now = self.clock.time()
         actions: list[Action] = []
-        for name in self.scheduler.jobs:
-            done = {slot for (j, slot, _a) in self.done_slots if j == name}
+        done_by_job: dict[str, set[float]] = {}
+        for job_name, slot, _agent in self.done_slots:
+            done_by_job.setdefault(job_name, set()).add(slot)
+        for name in self.scheduler.job_names():
+            done = done_by_job.get(name, set())
             # a center killed before its first watermark already recorded part of the outage
             job_since = max(since, self.missed_until.get(name, since))
             actions.extend(self.scheduler.catch_up(name, job_since, now, done))

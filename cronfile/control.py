@@ -74,7 +74,7 @@ class ControlServer:
         now = center.clock.time()
         if op == "run":
             name = request.get("job")
-            if name not in center.scheduler.jobs:
+            if not isinstance(name, str) or not center.scheduler.has_job(name):
                 return {"ok": False, "error": f"no job named {name!r}"}
             await center.perform(center.scheduler.run_now(str(name), now))
             return {"ok": True, "job": name}

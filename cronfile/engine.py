@@ -109,12 +109,26 @@ class Scheduler:
         self._heap: list[tuple[float, int, str, str, int, float, int, str | None]] = []
         self._seq = itertools.count()
         self._generations = itertools.count(1)
+        self._dependents: dict[str, set[str]] = {}  # job -> jobs that run `after` it
+        self._delayed: list[tuple[float, int]] = []  # (slot, seq) of delayed starts
+        self._delayed_live: set[int] = set()  # seqs of delayed starts still in the heap
 
     # ------------------------------------------------------------------ desired state
 
     @property
     def jobs(self) -> dict[str, Job]:
+        """A copy, name -> job (O(jobs): for status and tests, not for hot paths)."""
         return {name: s.job for name, s in self._jobs.items()}
+
+    def has_job(self, name: str) -> bool:
+        return name in self._jobs
+
+    def job_names(self) -> list[str]:
+        return list(self._jobs)
+
+    def job(self, name: str) -> Job | None:
+        state = self._jobs.get(name)
+        return state.job if state else None
 
     def set_job(self, job: Job, now: float) -> None:
         """Add or replace a job; its next slot is computed from now (a changed job's
@@ -127,12 +141,22 @@ class Scheduler:
         if old is not None:
             state.running = old.running
             state.last_slot = old.last_slot if old.job.schedules == job.schedules else None
+        if old is not None:
+            self._unindex(old.job)
         self._jobs[job.name] = state
+        for dep in job.after:
+            self._dependents.setdefault(dep, set()).add(job.name)
         state.armed_at = max(now, state.last_slot or now)
         self._schedule_next(state, state.armed_at)
 
     def remove_job(self, name: str) -> None:
-        self._jobs.pop(name, None)  # its heap entries are stale from now on
+        state = self._jobs.pop(name, None)  # its heap entries are stale from now on
+        if state is not None:
+            self._unindex(state.job)
+
+    def _unindex(self, job: Job) -> None:
+        for dep in job.after:
+            self._dependents.get(dep, set()).discard(job.name)
 
     def _schedule_next(self, state: _JobState, after: float) -> None:
         if state.timer is None:
@@ -143,8 +167,12 @@ class Scheduler:
 
     def _push(self, due: float, kind: str, state: _JobState, slot: float, attempt: int = 1,
               target: str | None = None) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), kind, state.job.name, state.generation,
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (due, seq, kind, state.job.name, state.generation,
                                     slot, attempt, target))
+        if kind != "fire":
+            heapq.heappush(self._delayed, (slot, seq))
+            self._delayed_live.add(seq)
 
     def next_due(self) -> float | None:
         while self._heap:
@@ -152,14 +180,17 @@ class Scheduler:
             state = self._jobs.get(name)
             if state is not None and state.generation == generation:
                 return due
-            heapq.heappop(self._heap)
+            self._delayed_live.discard(heapq.heappop(self._heap)[1])
         return None
 
     def pending_start_floor(self) -> float | None:
         """The earliest slot whose run is delayed (jitter, retry, trigger delay): the
         center's watermark must not pass it, or a crash would lose that slot silently."""
-        slots = [e[5] for e in self._heap if e[2] != "fire"]
-        return min(slots) if slots else None
+        # A second heap holds only delayed starts; the ones already taken off the main heap
+        # are dropped lazily here, so this is O(1) amortised rather than a scan of all jobs.
+        while self._delayed and self._delayed[0][1] not in self._delayed_live:
+            heapq.heappop(self._delayed)
+        return self._delayed[0][0] if self._delayed else None
 
     # ------------------------------------------------------------------ time passes
 
@@ -167,7 +198,8 @@ class Scheduler:
         """Everything due at ``now``, in due order."""
         actions: list[Action] = []
         while self._heap and self._heap[0][0] <= now:
-            _, _, kind, name, generation, slot, attempt, target = heapq.heappop(self._heap)
+            _, seq, kind, name, generation, slot, attempt, target = heapq.heappop(self._heap)
+            self._delayed_live.discard(seq)
             state = self._jobs.get(name)
             if state is None or state.generation != generation:
                 continue
@@ -330,8 +362,9 @@ class Scheduler:
 
     def _after(self, done: str, now: float) -> list[Action]:
         actions: list[Action] = []
-        for state in self._jobs.values():
-            if done in state.job.after and not state.job.suspend:
+        for name in sorted(self._dependents.get(done, ())):
+            state = self._jobs.get(name)
+            if state is not None and not state.job.suspend:
                 state.deps_done.add(done)
                 if state.deps_done >= set(state.job.after):
                     state.deps_done.clear()

@@ -84,6 +84,22 @@ def state_from_json(data: Any) -> DesiredState:
     return DesiredState(jobs=jobs, agents=agents, revision=revision)
 
 
+def encode_job(job: Job) -> str:
+    """One job as compact JSON text (the center caches it per unchanged job)."""
+    return json.dumps(_encode(job, Job, f"jobs.{job.name}"), ensure_ascii=True,
+                      allow_nan=False, separators=(",", ":"))
+
+
+def write_applied_text(state_dir: Path, state: DesiredState, job_texts: list[str]) -> Path:
+    """Like :func:`write_applied`, with each job already encoded by :func:`encode_job`."""
+    head = json.dumps({"v": FORMAT_VERSION, "revision": _encode(state.revision, Revision, "revision")},
+                      separators=(",", ":"))
+    agents = json.dumps([_encode(a, Agent, f"agents.{n}") for n, a in state.agents.items()],
+                        ensure_ascii=True, separators=(",", ":"))
+    text = head[:-1] + ',"jobs":[' + ",".join(job_texts) + '],"agents":' + agents + "}"
+    return _write_atomically(state_dir, text)
+
+
 def write_applied(state_dir: Path, state: DesiredState) -> Path:
     """Write ``<state_dir>/applied.json`` atomically and durably; returns its path.
 
@@ -92,10 +108,16 @@ def write_applied(state_dir: Path, state: DesiredState) -> Path:
     atomic only within one file system), is fsynced, then renamed over the old file, and the
     directory is fsynced so the rename itself survives a power cut.
     """
+    # ASCII-escaped: a YAML "\ud800" escape yields a lone surrogate, which UTF-8 cannot encode.
+    # Compact: indenting forces json's pure-Python encoder (4x slower on 100,000 jobs).
+    text = json.dumps(state_to_json(state), ensure_ascii=True, allow_nan=False,
+                      separators=(",", ":"))
+    return _write_atomically(state_dir, text)
+
+
+def _write_atomically(state_dir: Path, text: str) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
     target = state_dir / APPLIED_FILE
-    # ASCII-escaped: a YAML "\ud800" escape yields a lone surrogate, which UTF-8 cannot encode
-    text = json.dumps(state_to_json(state), indent=1, ensure_ascii=True, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=".applied.", suffix=".tmp", dir=state_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

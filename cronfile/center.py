@@ -143,7 +143,7 @@ class Center:
     def _revision(self) -> dict[str, Any]:
         return self.desired.revision.to_dict() if self.desired else {}
 
-    def _base(self, job: Job, slot: float, agent: str, transport: str, attempt: int,
+    def _base(self, job: Job, slot: float, agent: str, transport: str | None, attempt: int,
               run_id: str) -> dict[str, Any]:
         return {"run_id": run_id, "job": job.name, "agent": agent, "transport": transport,
                 "scheduled_at": iso(slot), "attempt": attempt, "revision": self._revision()}
@@ -438,6 +438,9 @@ class Center:
         def relevant(change: Any, path: str) -> bool:
             return path.endswith((".yaml", ".yml")) or os.path.isdir(path)
 
+        # awatch has no "ready" signal: a file written between the first load and the
+        # watcher's start would wait for the next change, so look once more shortly after.
+        asyncio.get_running_loop().call_later(1.0, self._reload_requested.set)
         async for _ in watchfiles.awatch(self.options.schedules, watch_filter=relevant,
                                           debounce=int(RELOAD_DEBOUNCE_S * 1000), step=50,
                                           stop_event=self._stopping, recursive=True):
@@ -628,9 +631,13 @@ class Center:
 
     def _record_slot(self, action: RecordSlot) -> None:
         job = action.job
-        agent = LOCAL_AGENT if job.targets.is_local_only else ",".join(job.targets.agents) or "*"
+        if job.targets.is_local_only:
+            agent, transport = LOCAL_AGENT, "local"
+        else:  # no single target: name what the job asked for; no transport was used
+            wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
+            agent, transport = ",".join(wanted), None
         run_id = run_id_for(job.name, action.scheduled_at, agent, 0) + "-" + action.status.value
-        record = {**self._base(job, action.scheduled_at, agent, "local", 1, run_id),
+        record = {**self._base(job, action.scheduled_at, agent, transport, 1, run_id),
                   "record": "finished", "status": action.status.value, "exit_code": None,
                   "signal": None, "started_at": None, "finished_at": None, "duration_s": 0.0,
                   "output_tail": "", "reason": action.reason}

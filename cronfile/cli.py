@@ -167,16 +167,24 @@ STATE = click.option(
               help="Seconds a disconnected agent's runs wait for it before they are recorded lost.")
 @click.option("--known-hosts", type=click.Path(path_type=Path),
               help="known_hosts for SSH targets that do not name their own.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve agents over TLS with this cert.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="The key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(path_type=Path),
+              help="Require agent certificates signed by this CA (mutual TLS).")
 def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
            accept_undeclared: bool, grace: float, no_watch: bool, heartbeat: float, lease: float,
-           known_hosts: Path | None) -> None:
+           known_hosts: Path | None, tls_cert: Path | None, tls_key: Path | None,
+           tls_client_ca: Path | None) -> None:
     """Run the center: schedule, dispatch and record; hot-reload the schedules."""
     from cronfile.center import CenterOptions, run_center
 
     if not schedules.is_dir():
         raise click.UsageError(f"--schedules {schedules}: not a directory")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     extra = {"heartbeat_s": heartbeat, "lease_s": lease,
-             "known_hosts": str(known_hosts) if known_hosts else None}
+             "known_hosts": str(known_hosts) if known_hosts else None,
+             "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca}
     sys.exit(run_center(CenterOptions(schedules, state_dir, listen, token_file, grace,
                                       not no_watch, accept_undeclared, extra)))
 
@@ -187,9 +195,14 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
 @click.option("--token-file", type=click.Path(path_type=Path), required=True)
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--tls-ca", type=click.Path(path_type=Path), help="CA to verify the center with.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Client certificate (mutual TLS).")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="Client key (mutual TLS).")
 @click.option("--allow-run-as", default="", help="Users jobs may run as (comma-separated).")
+@click.option("--label", "labels", multiple=True, help="K=V label (for --accept-undeclared centers).")
+@click.option("--backoff-max", type=float, help="Longest wait between reconnects, seconds.")
 def agent(center_addr: str, name: str, token_file: Path, state_dir: Path, tls_ca: Path | None,
-          allow_run_as: str) -> None:
+          tls_cert: Path | None, tls_key: Path | None, allow_run_as: str,
+          labels: tuple[str, ...], backoff_max: float | None) -> None:
     """Run an agent: one persistent, authenticated connection to the center."""
     from cronfile.agent import main as agent_main
 
@@ -197,8 +210,16 @@ def agent(center_addr: str, name: str, token_file: Path, state_dir: Path, tls_ca
             "--state", str(state_dir)]
     if tls_ca:
         args += ["--tls-ca", str(tls_ca)]
+    if tls_cert:
+        args += ["--tls-cert", str(tls_cert)]
+    if tls_key:
+        args += ["--tls-key", str(tls_key)]
     if allow_run_as:
         args += ["--allow-run-as", allow_run_as]
+    for label in labels:
+        args += ["--label", label]
+    if backoff_max is not None:
+        args += ["--backoff-max", str(backoff_max)]
     sys.exit(agent_main(args))
 
 

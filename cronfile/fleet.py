@@ -121,6 +121,22 @@ def write_agents_file(center: Center) -> None:
     os.replace(tmp, path)
 
 
+def _server_tls(extra: dict[str, Any]) -> Any:
+    """TLS for the agent listener when --tls-cert/--tls-key are given; with --tls-client-ca
+    agents must present a certificate signed by it (mutual TLS)."""
+    import ssl
+
+    if not extra.get("tls_cert"):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(extra["tls_cert"]), str(extra["tls_key"]))
+    if extra.get("tls_client_ca"):
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(extra["tls_client_ca"]))
+    return context
+
+
 async def start_hub(center: Center) -> Any:
     """Listen for agents on ``--listen`` with the secrets of ``--token-file``."""
     from cronfile.agent_hub import AgentHub
@@ -145,7 +161,15 @@ async def start_hub(center: Center) -> Any:
     def on_outcome(run_id: str, agent: str, outcome: dict[str, Any]) -> None:
         if run_id in center.running:
             return  # the run's handle resolves and the center records it there
-        base = center.lost_bases.get(run_id, {"run_id": run_id, "agent": agent, "transport": "tcp"})
+        # Only a run the center recorded ``lost`` may get a second, superseding record, and
+        # only once. Any other run_id was already recorded (a re-delivery whose ack was lost,
+        # e.g. across a center restart, when the hub's dedupe window is empty): ignore it.
+        base = center.lost_bases.pop(run_id, None)
+        if base is None:
+            log.info("outcome of run %s from %s was already recorded: ignored", run_id, agent)
+            return
+        if outcome.get("status") == "lost":
+            return  # the agent lost it too (it restarted): nothing new to record
         center._record({**base, "record": "finished", **outcome, "supersedes": "lost",
                         "reason": "outcome delivered after the run was recorded lost"})
         center._flush()
@@ -155,6 +179,7 @@ async def start_hub(center: Center) -> Any:
                    secrets=secrets, accept_undeclared=center.options.accept_undeclared,
                    on_connect=on_connect, on_disconnect=on_disconnect, on_outcome=on_outcome,
                    heartbeat_s=float(center.options.extra.get("heartbeat_s", 10.0)),
+                   ssl_context=_server_tls(center.options.extra),
                    lease_s=float(center.options.extra.get("lease_s", 60.0)))
     await hub.start()
     center.hub = hub

@@ -93,10 +93,13 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
     views, skipped = load_runs(state_dir)
     last: dict[str, dict[str, Any]] = {}
     running: dict[str, list[str]] = {}
+    by_host: dict[str, dict[str, Any]] = {}
     for v in views:
         name = v.get("job")
         if not isinstance(name, str):
             continue
+        if v.get("transport") in ("local", "tcp", "ssh"):
+            by_host[str(v.get("agent"))] = v
         if not v.get("status"):
             running.setdefault(name, []).append(str(v.get("run_id")))
         elif v.get("status"):
@@ -124,10 +127,13 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
                 "running": running.get(name, []),
                 "description": job.description, "owner": job.owner,
             })
-    agents = []
+    connected: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, ValueError):
-        agents = json.loads((state_dir / "agents.json").read_text())
+        connected = json.loads((state_dir / "agents.json").read_text())
     center = _center_alive(state_dir)
+    if center is None:
+        connected = []  # a stopped center has no connections, whatever the file says
+    agents = _hosts(applied, connected, by_host)
     return {
         "center": {"running": center is not None, **(center or {})},
         "revision": applied.revision.to_dict() if applied else None,
@@ -136,6 +142,31 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
         "agents": agents,
         "unreadable_ledger_lines": skipped,
     }
+
+
+def _hosts(applied: Any, connected: list[dict[str, Any]],
+           by_host: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every declared or connected host: connection, and which transport served its last
+    run and why (SSH fallback says so in ``route``)."""
+    live = {a.get("name"): a for a in connected}
+    names = list(applied.agents) if applied is not None else []
+    names += [n for n in live if n not in names]
+    out = []
+    for name in names:
+        declared = applied.agents.get(name) if applied is not None else None
+        conn = live.get(name, {})
+        last = by_host.get(name, {})
+        labels = conn.get("labels") or (dict(declared.labels) if declared else {})
+        out.append({
+            "name": name, "connected": name in live, "labels": labels,
+            "ssh": bool(declared and declared.ssh),
+            "connected_since": conn.get("connected_since"), "last_heartbeat": conn.get("last_heartbeat"),
+            "running": conn.get("running", []), "daemons": conn.get("daemons", []),
+            "last_run_at": last.get("scheduled_at"), "last_transport": last.get("transport"),
+            "last_route": last.get("route") or (f"agent {name} connected" if last.get("transport") == "tcp"
+                                                else None),
+        })
+    return out
 
 
 def render_status(status: dict[str, Any], fmt: str) -> str:
@@ -162,11 +193,15 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
                      f"{len(j['running']) or ''}")
     if status["agents"]:
         lines.append("")
-        lines.append(f"{'AGENT':<20} {'CONNECTED SINCE':<26} {'LAST HEARTBEAT':<26} LABELS")
+        lines.append(f"{'AGENT':<20} {'CONNECTED SINCE':<27} {'LAST HEARTBEAT':<27} {'LAST VIA':<9} "
+                     "LABELS / WHY")
         for a in status["agents"]:
             labels = ",".join(f"{k}={v}" for k, v in (a.get("labels") or {}).items())
-            lines.append(f"{a.get('name', ''):<20} {str(a.get('connected_since') or '-'):<26} "
-                         f"{str(a.get('last_heartbeat') or '-'):<26} {labels}")
+            since = str(a.get("connected_since") or ("-" if a.get("connected") else "not connected"))[:26]
+            beat = str(a.get("last_heartbeat") or "-")[:26]
+            why = f"  ({a['last_route']})" if a.get("last_route") else ""
+            lines.append(f"{a.get('name', ''):<20} {since:<27} {beat:<27} "
+                         f"{str(a.get('last_transport') or '-'):<9} {labels}{why}")
     return "\n".join(lines) + "\n"
 
 

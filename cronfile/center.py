@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -41,15 +40,18 @@ from cronfile.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRe
 from cronfile.ledger import Ledger, fold_runs, utc_ts
 from cronfile.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.local_exec import LocalExecutor
-from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, Revision, RunStatus
+from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, OnChange, RunStatus
 from cronfile.notify import Notifier, runtime_alerts
-from cronfile.statefile import encode_job, read_applied, write_applied_text
+from cronfile.statefile import StateFileError, encode_job, read_applied, write_applied_text
 
 log = logging.getLogger("cronfile.center")
 
 WATERMARK_FILE = "watermark"
 CENTER_FILE = "center.json"
 RELOAD_DEBOUNCE_S = 0.2
+SLOT_MEMORY_S = 6 * 3600.0
+"""Handled slots are remembered this long for once-per-slot checks in memory (jitter and
+deadlines are far shorter); the ledger keeps them for good."""
 DISPATCH_CHUNK = 128
 
 
@@ -87,6 +89,7 @@ class _Running:
     handle: RunHandle
     base: dict[str, Any]
     stop_reason: str | None = None
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -135,6 +138,10 @@ class Center:
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
+        self._crashed = False
+        self._lock: int | None = None
+        self._reload_lock = asyncio.Lock()
+        self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
         self._last_watermark = 0.0
         self._last_expect_check = 0.0
 
@@ -160,7 +167,11 @@ class Center:
         self._flush_scheduled = False
         if self._pending:
             batch, self._pending = self._pending, []
-            self.ledger.runs.append(batch)
+            try:
+                self.ledger.runs.append(batch)
+            except Exception:
+                self._pending[:0] = batch  # keep them for the next flush (disk full, ...)
+                raise
 
     def _event(self, name: str, **fields: Any) -> None:
         self.ledger.event(name, **fields)
@@ -200,22 +211,25 @@ class Center:
                                     f"no success for {now - since:.0f}s (expected within {limit:g}s)",
                                     {"job": name})
 
-    def _watch_max_runtime(self, run: _Running, job: Job) -> None:
+    def _watch_max_runtime(self, run: _Running, job: Job) -> asyncio.TimerHandle | None:
         limit = job.expect.max_runtime_s
         if limit is None:
-            return
+            return None
 
         def check() -> None:
             if run.run_id in self.running:
                 self.notifier.alert(job, "max_runtime", f"still running after {limit:g}s",
                                     run.base)
 
-        asyncio.get_running_loop().call_later(limit, check)
+        return asyncio.get_running_loop().call_later(limit, check)
 
     # ------------------------------------------------------------------ life cycle
 
     async def run_until_stopped(self) -> int:
+        """Start, run until a signal (or a crash of a core task), shut down; 0 = stopped,
+        1 = crashed."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_state_dir(self.state_dir)
         dropped = self.ledger.open()
         if any(dropped.values()):
             self._event("ledger_repaired", dropped_bytes=dropped)
@@ -227,36 +241,52 @@ class Center:
         first = await asyncio.to_thread(self.loader.load, with_git=True)
         if first.state is None:
             self._reject(first.problems)
-            previous = read_applied(self.state_dir)
+            try:
+                previous = read_applied(self.state_dir)
+            except StateFileError as exc:
+                log.error("cannot use the last applied revision: %s", exc)
+                previous = None
             if previous is not None:
                 log.warning("schedules are invalid; keeping the last applied revision")
                 self._apply(previous, initial=True)
         else:
             self._apply(first.state, initial=True)
-        if since is not None:
-            self._catch_up(since)
         self._install_signals()
         await self._start_services()
-        self._spawn(self._scheduler_loop())
+        if since is not None:
+            # Agents reconnect after a restart: give them one heartbeat before catch-up
+            # decides that a slot has no agent.
+            delay = float(self.options.extra.get("heartbeat_s", 10.0)) if self.hub else 0.0
+            self._spawn(self._catch_up_after(since, delay), critical=True)
+        self._spawn(self._scheduler_loop(), critical=True)
         if self.options.watch:
-            self._spawn(self._watch_files())
-        self._spawn(self._reload_loop())
+            self._spawn(self._watch_files(), critical=True)
+        self._spawn(self._reload_loop(), critical=True)
+        self._spawn(self._housekeeping(), critical=True)
         log.info("center running: %d jobs; state in %s", len(self.scheduler.job_names()),
                  self.state_dir)
         await self._stopping.wait()
         await self._shutdown()
-        return 0
+        return 1 if self._crashed else 0
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Any, critical: bool = False, name: str | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as a child task. A *critical* task (the scheduler loop, reloads, the
+        watcher) that dies takes the center down with exit 1: a center that looks alive
+        but schedules nothing would be the worst failure of all."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._task_done(t, critical))
         return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Task[Any], critical: bool = False) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("center task failed: %r", task.exception(), exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("center task failed: %r", task.exception(), exc_info=task.exception())
+        if critical and not self._stopping.is_set():
+            log.critical("a core task of the center crashed: stopping")
+            self._crashed = True
+            self.request_stop()
 
     async def _start_services(self) -> None:
         from cronfile.control import ControlServer
@@ -282,9 +312,12 @@ class Center:
             self._signals += 1
             if self._signals > 1:  # a second signal: exit at once, children get SIGKILL
                 log.warning("second signal: exiting now")
-                for run in self.running.values():
-                    with contextlib.suppress(Exception):
-                        os.killpg(getattr(run.handle, "pgid", -1), signal.SIGKILL)
+                groups = [getattr(r.handle, "pgid", None) for r in self.running.values()]
+                groups += [replica.pid for d in self.daemons.values() for replica in d.status()]
+                for pgid in groups:
+                    if isinstance(pgid, int) and pgid > 1:
+                        with contextlib.suppress(Exception):
+                            os.killpg(pgid, signal.SIGKILL)
                 self._flush()
                 os._exit(1)
             log.info("stopping: no new runs; waiting up to %gs for running ones",
@@ -299,26 +332,38 @@ class Center:
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
-            if task.get_name() != "run":
+            if task.get_name() not in ("run", "daemon"):
                 task.cancel()
         grace = self.options.shutdown_grace_s
-        waiting = [asyncio.ensure_future(r.handle.wait()) for r in self.running.values()]
-        if waiting:
-            _, pending = await asyncio.wait(waiting, timeout=grace)
-            for run in list(self.running.values()):
+        # Runs on agents keep going: the agent stores their outcomes and the next center
+        # records them. Runs of this process (local, and SSH sessions it holds) get the
+        # grace period, then are stopped, all at once.
+        ours = [r for r in self.running.values() if r.base.get("transport") != "tcp"]
+        if ours:
+            _, pending = await asyncio.wait([asyncio.ensure_future(r.handle.wait()) for r in ours],
+                                            timeout=grace)
+            left = [r for r in ours if r.run_id in self.running]
+            for run in left:
                 run.stop_reason = "center shutting down"
-                with contextlib.suppress(Exception):
-                    await run.handle.stop("center shutting down", grace_s=min(grace, 5.0))
-            if pending:
-                await asyncio.wait(pending, timeout=grace + 5)
-        for supervisor in self.daemons.values():
-            with contextlib.suppress(Exception):
-                await supervisor.stop(min(grace, 5.0))
+            if left:
+                stops = [r.handle.stop("center shutting down", grace_s=min(grace, 5.0)) for r in left]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True),
+                                           timeout=min(grace, 5.0) + 5)
+        supervisors = list(self.daemons.values())
+        if supervisors:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(d.stop(min(grace, 5.0)) for d in supervisors),
+                                                      return_exceptions=True), timeout=grace + 5)
+        daemon_tasks = [t for t in self._tasks if t.get_name() == "daemon"]
+        if daemon_tasks:
+            await asyncio.wait(daemon_tasks, timeout=grace + 5)
         await asyncio.sleep(0)  # let run watchers record their outcomes
         for _ in range(50):
-            if not self.running:
+            if not any(r.base.get("transport") != "tcp" for r in self.running.values()):
                 break
             await asyncio.sleep(0.02)
+        await self.notifier.drain(5.0)
         if self.hub is not None:
             with contextlib.suppress(Exception):
                 await self.hub.close()
@@ -329,7 +374,9 @@ class Center:
             await self.control.close()
         self._flush()
         self._write_watermark(force=True)
-        self._event("center_stopped", reason="signal", pid=os.getpid())
+        self._event("center_stopped", reason="crashed" if self._crashed else "signal",
+                    pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
+                                                         if r.base.get("transport") == "tcp"))
         self.ledger.close()
         with contextlib.suppress(OSError):
             (self.state_dir / CENTER_FILE).unlink()
@@ -354,7 +401,7 @@ class Center:
             self._success_watch.discard(name)
             self.scheduler.remove_job(name)
             self._stop_daemon(name)
-            if old is not None and old.jobs[name].on_change.value == "restart":
+            if old is not None and old.jobs[name].on_change is OnChange.RESTART:
                 self._stop_runs(name, "job removed (on_change: restart)")
         for name in (*diff.jobs.added, *diff.jobs.changed_names):
             job = state.jobs[name]
@@ -367,8 +414,10 @@ class Center:
                 self._restart_daemon(job)
             else:
                 self._stop_daemon(name)
-            if name in diff.jobs.changed_names and job.on_change.value == "restart":
-                self._stop_runs(name, "job changed (on_change: restart)")
+            restart = name in diff.jobs.changed_names and job.on_change is OnChange.RESTART
+            if restart and job.kind is JobKind.CRON \
+                    and self._stop_runs(name, "job changed (on_change: restart)"):
+                self._spawn(self.perform(self.scheduler.run_now(name, now, "on_change")))
         if self.hub is not None:
             from cronfile.fleet import sync_agent_daemons
 
@@ -410,12 +459,20 @@ class Center:
         write_applied_text(self.state_dir, state, pieces)
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the schedules: apply the difference, or keep the last good revision."""
+        """Re-read the schedules: apply the difference, or keep the last good revision.
+        Reloads are serialised: a slow load of older content never lands after a newer one."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         result = await asyncio.to_thread(self.loader.load, with_git=True)
         if result.state is None:
             self._reject(result.problems)
             return {"applied": False, "errors": self.last_rejection["errors"] if self.last_rejection else []}
         if self.desired is not None and result.state.revision == self.desired.revision:
+            if self.last_rejection is not None:  # the bad change was reverted
+                self.last_rejection = None
+                self._event("revision_restored", revision=result.state.revision.to_dict())
             return {"applied": False, "unchanged": True, "revision": result.state.revision.to_dict()}
         self.last_rejection = None
         diff = diff_states(self.desired, result.state)
@@ -449,23 +506,40 @@ class Center:
     # ------------------------------------------------------------------ daemons
 
     def _restart_daemon(self, job: Job) -> None:
-        self._stop_daemon(job.name)
-        request = self._request(job, run_id_for(job.name, 0, LOCAL_AGENT, 0), None, 1, ())
+        """(Re)start a local daemon; the old replicas are stopped BEFORE the new ones start
+        (two generations at once would fight over ports and files)."""
+        old = self.daemons.pop(job.name, None)
+        request = self._request(job, run_id_for(job.name, self.clock.time(), LOCAL_AGENT, 0),
+                                None, 1, ())
         base = self._base(job, 0, LOCAL_AGENT, "local", 1, request.run_id)
         base["scheduled_at"] = None
+        supervisor: DaemonSupervisor
 
         async def on_exit(replica: int, outcome: RunOutcome) -> None:
-            self._record({**base, "record": "finished", "replica": replica,
-                          **self._outcome_fields(outcome)})
+            # each incarnation has its own run_id (<id>.<replica>.<n>): one record per exit
+            status = supervisor.status()
+            run_id = status[replica].run_id if replica < len(status) else None
+            restarts = status[replica].restarts if replica < len(status) else 0
+            record = {**base, "run_id": run_id or f"{base['run_id']}.{replica}",
+                      "attempt": restarts + 1, "record": "finished", "replica": replica,
+                      **self._outcome_fields(outcome)}
+            self._record(record)
+            self._outcome(job.name, record)
 
         supervisor = DaemonSupervisor(self.local, request, job.replicas, job.restart, on_exit)
         self.daemons[job.name] = supervisor
-        self._spawn(supervisor.start())
+
+        async def swap() -> None:
+            if old is not None:
+                await old.stop()
+            await supervisor.start()
+
+        self._spawn(swap(), name="daemon")
 
     def _stop_daemon(self, name: str) -> None:
         supervisor = self.daemons.pop(name, None)
         if supervisor is not None:
-            self._spawn(supervisor.stop())
+            self._spawn(supervisor.stop(), name="daemon")
 
     # ------------------------------------------------------------------ the loop
 
@@ -494,41 +568,46 @@ class Center:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
-    async def perform(self, actions: list[Action]) -> None:
-        """Carry out the scheduler's actions; starts are batched (one fsync)."""
+    async def perform(self, actions: list[Action]) -> list[dict[str, Any]]:
+        """Carry out the scheduler's actions; starts are batched (one fsync per chunk).
+        Returns what became of each start: ``{"run_id", "agent", "status"}`` with status
+        ``started``, or the record of a slot that did not run (for ``cronfile run``)."""
+        results: list[dict[str, Any]] = []
         starts: list[tuple[StartRun, Target]] = []
         for action in actions:
             if isinstance(action, RecordSlot):
-                self._record_slot(action)
+                results.append(self._record_slot(action))
             elif isinstance(action, StopRuns):
                 self._stop_runs(action.job, action.reason)
             elif isinstance(action, StartRun):
                 targets = self.targets_for(action.job, action.target)
                 if not targets:
-                    self._record_slot(RecordSlot(action.job, action.scheduled_at, RunStatus.NO_AGENT,
-                                                 self._no_agent_reason(action.job)))
+                    results.append(self._record_slot(RecordSlot(
+                        action.job, action.scheduled_at, RunStatus.NO_AGENT,
+                        self._no_agent_reason(action.job, action.target), attempt=action.attempt)))
                     continue
                 for target in targets:
                     key = (action.job.name, round(action.scheduled_at, 3), target.agent)
-                    if action.attempt == 1 and action.reason != "manual" and key in self.done_slots:
+                    if action.attempt == 1 and action.reason == "schedule" and key in self.done_slots:
                         continue  # already in the ledger: once per slot
                     self.done_slots.add(key)
                     starts.append((action, target))
         if starts:
-            await self._dispatch(starts)
+            results.extend(await self._dispatch(starts))
+        return results
 
     def targets_for(self, job: Job, only: str | None = None) -> list[Target]:
-        if self.hub is not None:
-            from cronfile.fleet import resolve_targets
+        """Where a start goes; a retry (``only``) goes back to the target that failed and
+        nowhere else: re-running another shard or another agent would be wrong."""
+        from cronfile.fleet import resolve_retry_target, resolve_targets
 
-            targets = resolve_targets(self, job)
-        else:
-            targets = [Target(LOCAL_AGENT, self.local, "local")] if job.targets.is_local_only else []
         if only is not None:
-            targets = [t for t in targets if t.agent == only] or targets[:1]
-        return targets
+            return resolve_retry_target(self, job, only)
+        return resolve_targets(self, job)
 
-    def _no_agent_reason(self, job: Job) -> str:
+    def _no_agent_reason(self, job: Job, only: str | None = None) -> str:
+        if only is not None:
+            return f"retry: agent {only} is not reachable"
         wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
         return f"no connected agent matches targets ({', '.join(wanted) or 'local'})"
 
@@ -541,59 +620,72 @@ class Center:
             timeout_s=job.timeout_s, output_keep=job.output_keep,
         )
 
-    async def _dispatch(self, starts: list[tuple[StartRun, Target]]) -> None:
+    async def _dispatch(self, starts: list[tuple[StartRun, Target]]) -> list[dict[str, Any]]:
         """Dispatch in chunks: each chunk's ``dispatched`` records are written and fsynced
         together before any of its runs starts, then the loop breathes so finished children
         are reaped (their descriptors closed) before the next chunk forks: forking with
         thousands of descriptors open gets several times slower."""
+        results: list[dict[str, Any]] = []
         for i in range(0, len(starts), DISPATCH_CHUNK):
-            await self._dispatch_chunk(starts[i:i + DISPATCH_CHUNK])
+            results.extend(await self._dispatch_chunk(starts[i:i + DISPATCH_CHUNK]))
             await asyncio.sleep(0)
+        return results
 
-    async def _dispatch_chunk(self, starts: list[tuple[StartRun, Target]]) -> None:
+    async def _dispatch_chunk(self, starts: list[tuple[StartRun, Target]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
         prepared = []
         dispatched = []
         for action, target in starts:
             job = action.job
             run_id = run_id_for(job.name, action.scheduled_at, target.agent, action.attempt)
-            if action.reason in ("manual", "trigger", "after"):
+            if action.reason in ("manual", "trigger", "after", "on_change"):
                 run_id = run_id_for(job.name, self.clock.time(), target.agent, action.attempt)
             base = self._base(job, action.scheduled_at, target.agent, target.transport,
                               action.attempt, run_id)
             if action.reason != "schedule":
-                base["trigger"] = action.reason
+                base["trigger"] = action.reason  # what caused this run besides the schedule
             if target.why:
                 base["route"] = target.why
             request = self._request(job, run_id, action.scheduled_at, action.attempt, target.env)
             prepared.append((action, target, request, base))
             dispatched.append({**base, "record": "dispatched"})
+            # counted as running from now on: a tick while a remote start is in flight
+            # must see it (concurrency: forbid)
+            self.scheduler.started(job.name, run_id)
         self._flush()
         self.ledger.runs.append(dispatched)  # durable BEFORE anything starts
         for action, target, request, base in prepared:
             assert target.executor is not None
             try:
                 handle = await target.executor.start(request)
-            except RunRefused as exc:
+            except Exception as exc:  # RunRefused, or anything else: recorded, never fatal
+                if not isinstance(exc, RunRefused):
+                    log.exception("starting run %s of %s failed", request.run_id, request.job)
+                reason = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
                 now = datetime.now(UTC)
                 refused = {**base, "record": "finished", "status": "failed", "exit_code": None,
                            "signal": None, "started_at": None, "finished_at": iso(now.timestamp()),
-                           "duration_s": 0.0, "output_tail": "", "reason": str(exc)}
+                           "duration_s": 0.0, "output_tail": "", "reason": reason}
                 self._record(refused)
                 self._outcome(action.job.name, refused)
-                self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED, None,
-                                        action.scheduled_at, action.attempt, target.agent,
-                                        self.clock.time())
+                results.append(refused)
+                follow = self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED,
+                                                 None, action.scheduled_at, action.attempt,
+                                                 target.agent, self.clock.time())
+                if follow:
+                    self._spawn(self.perform(follow))
                 continue
             run = _Running(request.run_id, action.job.name, target.agent, action.scheduled_at,
                            action.attempt, handle, base)
             self.running[run.run_id] = run
-            self._watch_max_runtime(run, action.job)
-            self.scheduler.started(action.job.name, run.run_id)
+            run.timer = self._watch_max_runtime(run, action.job)
             self._record({**base, "record": "started",
                           "started_at": iso(handle.started_at.timestamp())})
+            results.append({"run_id": run.run_id, "agent": run.agent, "status": "started"})
             task = asyncio.get_running_loop().create_task(self._watch_run(run, action), name="run")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return results
 
     @staticmethod
     def _outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
@@ -610,6 +702,8 @@ class Center:
     async def _watch_run(self, run: _Running, action: StartRun) -> None:
         outcome = await run.handle.wait()
         self.running.pop(run.run_id, None)
+        if run.timer is not None:
+            run.timer.cancel()
         if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
             outcome = replace(outcome, reason=run.stop_reason)
         final = {**run.base, "record": "finished", **self._outcome_fields(outcome)}
@@ -623,13 +717,15 @@ class Center:
             await self.perform(follow)
         self._wake.set()
 
-    def _stop_runs(self, job: str, reason: str) -> None:
-        for run in list(self.running.values()):
-            if run.job == job:
-                run.stop_reason = reason
-                self._spawn(run.handle.stop(reason))
+    def _stop_runs(self, job: str, reason: str) -> int:
+        """Stop every run of ``job`` (recorded ``killed`` with ``reason``); how many."""
+        runs = [r for r in self.running.values() if r.job == job]
+        for run in runs:
+            run.stop_reason = reason
+            self._spawn(run.handle.stop(reason))
+        return len(runs)
 
-    def _record_slot(self, action: RecordSlot) -> None:
+    def _record_slot(self, action: RecordSlot) -> dict[str, Any]:
         job = action.job
         if job.targets.is_local_only:
             agent, transport = LOCAL_AGENT, "local"
@@ -637,7 +733,7 @@ class Center:
             wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
             agent, transport = ",".join(wanted), None
         run_id = run_id_for(job.name, action.scheduled_at, agent, 0) + "-" + action.status.value
-        record = {**self._base(job, action.scheduled_at, agent, transport, 1, run_id),
+        record = {**self._base(job, action.scheduled_at, agent, transport, action.attempt, run_id),
                   "record": "finished", "status": action.status.value, "exit_code": None,
                   "signal": None, "started_at": None, "finished_at": None, "duration_s": 0.0,
                   "output_tail": "", "reason": action.reason}
@@ -646,6 +742,7 @@ class Center:
                           last_scheduled_at=iso(action.last_scheduled_at))
         self._record(record)
         self._outcome(job.name, record)
+        return record
 
     # ------------------------------------------------------------------ restarts
 
@@ -662,10 +759,13 @@ class Center:
             if view.get("status") == "succeeded" and isinstance(view.get("job"), str):
                 ended = _parse_iso(view.get("finished_at")) or 0.0
                 self.last_success[view["job"]] = max(self.last_success.get(view["job"], 0.0), ended)
-            if view.get("record") in ("dispatched", "started"):
-                self.lost_bases[str(view.get("run_id"))] = {
+            if view.get("record") in ("dispatched", "started") and view.get("transport") == "tcp":
+                # Its agent kept running it and will deliver the outcome when it reconnects;
+                # it is recorded lost only if the agent stays away past the lease.
+                self._awaiting_agents[str(view.get("run_id"))] = {
                     k: view.get(k) for k in ("run_id", "job", "agent", "transport", "scheduled_at",
                                              "attempt", "revision")}
+            elif view.get("record") in ("dispatched", "started"):
                 lost.append({k: view.get(k) for k in ("run_id", "job", "agent", "transport",
                                                       "scheduled_at", "attempt", "revision")}
                             | {"record": "finished", "status": "lost", "exit_code": None,
@@ -674,6 +774,33 @@ class Center:
                                "reason": "the center stopped while the run was in flight"})
         if lost:
             self.ledger.runs.append(lost)
+
+    async def _catch_up_after(self, since: float, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._catch_up(since)
+
+    async def _housekeeping(self) -> None:
+        """Once a minute: forget handled slots older than any start can be (the ledger
+        keeps them; memory need not), and give up on agents that never came back."""
+        lease = float(self.options.extra.get("lease_s", 60.0))
+        began = self.clock.time()
+        while True:
+            await asyncio.sleep(min(60.0, lease))
+            now = self.clock.time()
+            horizon = now - SLOT_MEMORY_S
+            self.done_slots = {k for k in self.done_slots if k[1] >= horizon}
+            if self._awaiting_agents and now - began >= lease:
+                expired, self._awaiting_agents = self._awaiting_agents, {}
+                for base in expired.values():
+                    self.lost_bases[str(base["run_id"])] = base
+                    record = {**base, "record": "finished", "status": "lost", "exit_code": None,
+                              "signal": None, "started_at": None, "finished_at": None,
+                              "duration_s": None, "output_tail": "",
+                              "reason": f"agent {base.get('agent')} did not report this run within "
+                                        f"{lease:g}s of the center's restart"}
+                    self._record(record)
+                    self._outcome(str(base.get("job")), record)
 
     def _catch_up(self, since: float) -> None:
         now = self.clock.time()
@@ -690,10 +817,20 @@ class Center:
             self._spawn(self.perform(actions))
 
     def _read_watermark(self) -> float | None:
+        """How far the previous center got. Without a usable watermark file (first start,
+        or lost in a crash) the last timestamp in the logs is the best lower bound."""
         try:
             return float((self.state_dir / WATERMARK_FILE).read_text().strip())
         except (OSError, ValueError):
-            return None
+            pass
+        last = None
+        for record in self.ledger.read_events():
+            last = record.get("ts", last)
+        for record in self.ledger.read_runs():
+            ts = record.get("ts")
+            if isinstance(ts, str) and (last is None or ts > last):
+                last = ts
+        return _parse_iso(last)
 
     def _write_watermark(self, force: bool = False) -> None:
         now = self.clock.time()
@@ -705,13 +842,40 @@ class Center:
         mark = now if floor is None else min(now, floor - 0.001)
         path = self.state_dir / WATERMARK_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{mark:.3f}\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, f"{mark:.3f}\n".encode())
+            os.fsync(fd)  # an empty watermark after a power cut would hide the outage
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
 
     def _write_center_file(self) -> None:
         info = {"pid": os.getpid(), "started_at": utc_ts(), "listen": self.options.listen,
                 "schedules": str(self.options.schedules)}
         (self.state_dir / CENTER_FILE).write_text(json.dumps(info) + "\n")
+
+
+class CenterError(Exception):
+    """The center cannot start (the message says why)."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state>/center.lock`` for the life of the process: two centers on one state
+    directory would each dispatch every slot."""
+    import fcntl
+
+    fd = os.open(state_dir / "center.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CenterError(f"another center (pid {other}) is using the state directory "
+                          f"{state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _parse_iso(text: Any) -> float | None:
@@ -741,8 +905,11 @@ def run_center(options: CenterOptions) -> int:
     center = Center(options)
     try:
         return asyncio.run(center.run_until_stopped())
+    except CenterError as exc:
+        log.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
-__all__ = ["Center", "CenterOptions", "Revision", "Target", "run_center", "time"]
+__all__ = ["Center", "CenterError", "CenterOptions", "Target", "run_center"]

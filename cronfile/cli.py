@@ -130,6 +130,8 @@ def apply(schedules: Path, against: str | None, state_dir: Path | None, center: 
     if dry_run:
         _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode)
         return
+    if against or detailed_exitcode:
+        raise click.UsageError("--against and --detailed-exitcode go with --dry-run (or use plan)")
     from cronfile.control import apply_to_center
 
     out, code = apply_to_center(schedules, state_dir=state_dir, center=center)
@@ -180,6 +182,8 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
 
     if not schedules.is_dir():
         raise click.UsageError(f"--schedules {schedules}: not a directory")
+    if listen is not None:
+        _check_listen(listen)
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     extra = {"heartbeat_s": heartbeat, "lease_s": lease,
@@ -223,22 +227,42 @@ def agent(center_addr: str, name: str, token_file: Path, state_dir: Path, tls_ca
     sys.exit(agent_main(args))
 
 
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.UsageError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:7070")
+
+
+def _state_dir_must_exist(state_dir: Path) -> None:
+    if not state_dir.is_dir():
+        raise click.ClickException(f"no state directory at {state_dir} (use --state DIR, the "
+                                   "center's --state)")
+
+
 @cli.command()
 @STATE
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def status(state_dir: Path, fmt: str) -> None:
     """The applied revision, last rejection, each job's next and last run, agents."""
     from cronfile.reports import build_status, render_status
+    from cronfile.statefile import StateFileError
 
-    _echo(render_status(build_status(state_dir), fmt))
+    _state_dir_must_exist(state_dir)
+    try:
+        _echo(render_status(build_status(state_dir), fmt))
+    except StateFileError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
 @STATE
 @click.option("--job", help="Only this job.")
-@click.option("--status", "status_", help="Only runs with this status (or 'running').")
+@click.option("--status", "status_", help="Only runs with this status.",
+              type=click.Choice(["succeeded", "failed", "timeout", "killed", "lost", "skipped",
+                                 "missed", "no_agent", "running", "dispatched"]))
 @click.option("--since", help="Only runs scheduled at or after this ISO-8601 time.")
-@click.option("--limit", type=int, default=50, show_default=True, help="The latest N runs (0: all).")
+@click.option("--limit", type=click.IntRange(0), default=50, show_default=True,
+              help="The latest N runs (0: all).")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def runs(state_dir: Path, job: str | None, status_: str | None, since: str | None, limit: int,
          fmt: str) -> None:
@@ -246,6 +270,7 @@ def runs(state_dir: Path, job: str | None, status_: str | None, since: str | Non
     from cronfile.nexttimes import UsageError
     from cronfile.reports import query_runs, render_runs
 
+    _state_dir_must_exist(state_dir)
     try:
         views = query_runs(state_dir, job, status_, since, limit or None)
     except UsageError as exc:

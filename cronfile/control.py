@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cronfile.center import Center
 
+log = logging.getLogger("cronfile.control")
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 
@@ -63,10 +65,15 @@ class ControlServer:
             answer = await self.handle(request if isinstance(request, dict) else {})
         except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
             answer = {"ok": False, "error": f"bad request: {exc}"}
-        writer.write(json.dumps(answer).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+        except Exception as exc:  # the client gets an answer whatever happens
+            log.exception("control request failed")
+            answer = {"ok": False, "error": f"center error: {type(exc).__name__}: {exc}"}
+        try:
+            writer.write(json.dumps(answer).encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         center = self.center
@@ -76,8 +83,13 @@ class ControlServer:
             name = request.get("job")
             if not isinstance(name, str) or not center.scheduler.has_job(name):
                 return {"ok": False, "error": f"no job named {name!r}"}
-            await center.perform(center.scheduler.run_now(str(name), now))
-            return {"ok": True, "job": name}
+            results = await center.perform(center.scheduler.run_now(name, now))
+            started = [r for r in results if r.get("status") == "started"]
+            if not started:
+                reasons = "; ".join(str(r.get("reason") or r.get("status")) for r in results)
+                return {"ok": False, "job": name, "results": results,
+                        "error": f"{name} did not start: {reasons or 'nothing to run'}"}
+            return {"ok": True, "job": name, "results": results}
         if op == "trigger":
             event = str(request.get("event"))
             names = center.scheduler.trigger(event, now)
@@ -105,15 +117,20 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = 60.0) -> 
             sock.connect(str(path))
         except OSError as exc:
             raise CenterUnavailable(f"no center is running on {state_dir} ({exc.strerror})") from None
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    answer = json.loads(data or b"{}")
-    return answer if isinstance(answer, dict) else {}
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            answer = json.loads(data or b"{}")
+        except (OSError, ValueError) as exc:
+            raise CenterUnavailable(f"the center on {state_dir} did not answer ({exc})") from None
+    if not isinstance(answer, dict) or not answer:
+        raise CenterUnavailable(f"the center on {state_dir} gave no answer")
+    return answer
 
 
 def apply_to_center(schedules: Path, state_dir: Path | None, center: str | None) -> tuple[str, int]:
@@ -131,6 +148,11 @@ def apply_to_center(schedules: Path, state_dir: Path | None, center: str | None)
         answer = request(state_dir or Path(".state"), {"op": "reload"})
     except CenterUnavailable as exc:
         return f"{exc}\n", 1
+    mine = result.state.revision.content_hash
+    theirs = (answer.get("revision") or {}).get("content_hash")
+    if theirs and theirs != mine:
+        return (f"the center reads other files than {schedules}: it runs {theirs}, these are "
+                f"{mine}. Point --schedules at the center's directory (or update it).\n", 1)
     if answer.get("unchanged"):
         return f"No changes: the center already runs revision {answer['revision']['content_hash']}.\n", 0
     if answer.get("applied"):

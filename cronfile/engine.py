@@ -49,6 +49,7 @@ class RecordSlot:
     reason: str
     count: int = 1
     last_scheduled_at: float | None = None
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class _JobState:
     armed_at: float | None = None  # slots after this belong to the fire path, not catch-up
     running: set[str] = field(default_factory=set)
     deps_done: set[str] = field(default_factory=set)
+    after_seen: dict[tuple[str, float], None] = field(default_factory=dict)  # bounded, in order
 
 
 def jitter_for(job: Job, slot: float) -> float:
@@ -138,16 +140,30 @@ class Scheduler:
         if job.schedules and job.kind is JobKind.CRON:
             timer = JobTimer.for_job(job.schedules, job.timezone, job.name)
         state = _JobState(job, timer, next(self._generations))
+        same_timing = old is not None and old.job.schedules == job.schedules \
+            and old.job.timezone == job.timezone
         if old is not None:
             state.running = old.running
-            state.last_slot = old.last_slot if old.job.schedules == job.schedules else None
-        if old is not None:
+            state.deps_done = old.deps_done
+            state.after_seen = old.after_seen
+            state.last_slot = old.last_slot if same_timing else None
             self._unindex(old.job)
         self._jobs[job.name] = state
         for dep in job.after:
             self._dependents.setdefault(dep, set()).add(job.name)
+        if old is not None:
+            self._carry_delayed(old, state)
+        # Unchanged timing continues from the last handled slot, so a slot that was due but
+        # not yet ticked when the reload came is not skipped; new timing starts from now.
         state.armed_at = max(now, state.last_slot or now)
-        self._schedule_next(state, state.armed_at)
+        self._schedule_next(state, state.last_slot if same_timing and state.last_slot else now)
+
+    def _carry_delayed(self, old: _JobState, new: _JobState) -> None:
+        """A reload must not drop a slot that already fired but waits to start (jitter,
+        retry backoff, trigger delay): move those entries to the new generation."""
+        for due, _seq, kind, name, generation, slot, attempt, target in list(self._heap):
+            if name == old.job.name and generation == old.generation and kind != "fire":
+                self._push(due, kind, new, slot, attempt, target)
 
     def remove_job(self, name: str) -> None:
         state = self._jobs.pop(name, None)  # its heap entries are stale from now on
@@ -265,7 +281,7 @@ class Scheduler:
             return [RecordSlot(job, slot, RunStatus.MISSED,
                                f"could not start within starting_deadline ({deadline:g}s); "
                                f"{now - intended:.1f}s late")]
-        if state.running and attempt == 1 and reason not in ("manual",):
+        if state.running and reason not in ("manual", "on_change"):
             if job.concurrency is Concurrency.FORBID:
                 return [RecordSlot(job, slot, RunStatus.SKIPPED,
                                    "previous run still running (concurrency: forbid)")]
@@ -276,9 +292,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ other ways to run
 
-    def run_now(self, name: str, now: float) -> list[Action]:
+    def run_now(self, name: str, now: float, reason: str = "manual") -> list[Action]:
+        """Start the job now whatever its concurrency policy (an operator asked, or
+        ``on_change: restart`` replaces the run it just stopped)."""
         state = self._jobs[name]
-        return [StartRun(state.job, now, 1, "manual")]
+        return [StartRun(state.job, now, 1, reason)]
 
     def trigger(self, event: str, now: float) -> list[str]:
         """Queue every job triggered by ``event``; returns their names."""
@@ -357,16 +375,25 @@ class Scheduler:
                 self._push(now + job.retries.delay_before(attempt + 1), "retry", state, slot,
                            attempt + 1, target)
         if status is RunStatus.SUCCEEDED:
-            actions.extend(self._after(name, now))
+            actions.extend(self._after(name, slot, now))
         return actions
 
-    def _after(self, done: str, now: float) -> list[Action]:
+    def _after(self, done: str, slot: float, now: float) -> list[Action]:
+        """Dependents of ``done`` whose every ``after`` job has now succeeded. One upstream
+        slot counts once, however many of its targets succeed (``strategy: all``)."""
         actions: list[Action] = []
         for name in sorted(self._dependents.get(done, ())):
             state = self._jobs.get(name)
-            if state is not None and not state.job.suspend:
-                state.deps_done.add(done)
-                if state.deps_done >= set(state.job.after):
-                    state.deps_done.clear()
-                    actions.extend(self._start(state, now, now, 1, "after", None))
+            if state is None or state.job.suspend:
+                continue
+            key = (done, slot)
+            if key in state.after_seen:
+                continue
+            state.after_seen[key] = None
+            while len(state.after_seen) > 1024:
+                del state.after_seen[next(iter(state.after_seen))]
+            state.deps_done.add(done)
+            if state.deps_done >= set(state.job.after):
+                state.deps_done.clear()
+                actions.extend(self._start(state, now, now, 1, "after", None))
         return actions

@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cronfile.fleet")
 
-_round_robin: dict[str, itertools.count[int]] = {}
-
-
 def _candidates(center: Center, job: Job) -> list[str]:
     """The agents a job targets: the ones it names, in its order, then (union) every agent
     carrying all its labels, in declared order, connected undeclared agents last. The
@@ -78,6 +75,8 @@ def ssh_executor(center: Center, agent: Agent) -> Any:
     cached = cache.get(agent.name)
     if cached is None or cached[0] != agent.ssh:
         assert agent.ssh is not None
+        if cached is not None:  # the config changed: close the old connection
+            center._spawn(cached[1].close())
         cache[agent.name] = (agent.ssh, SshExecutor(agent.name, agent.ssh,
                                                      known_hosts=center.options.extra.get("known_hosts")))
     return cache[agent.name][1]
@@ -107,8 +106,17 @@ def resolve_targets(center: Center, job: Job) -> list[Target]:
         for index, target in enumerate(ordered):
             target.env = (("CRONFILE_SHARD_INDEX", str(index)), ("CRONFILE_SHARD_TOTAL", total))
         return ordered
-    counter = _round_robin.setdefault(job.name, itertools.count())
+    counter = center.__dict__.setdefault("_round_robin", {}).setdefault(job.name, itertools.count())
     return [available[next(counter) % len(available)]]
+
+
+def resolve_retry_target(center: Center, job: Job, agent: str) -> list[Target]:
+    """A retry goes to the agent whose run failed, with the same shard index; if that
+    agent cannot be reached the retry is ``no_agent``, never another agent's."""
+    if job.targets.strategy is Strategy.SHARD:
+        return [t for t in resolve_targets(center, job) if t.agent == agent]
+    target = _reach(center, job, agent)
+    return [target] if target is not None else []
 
 
 def write_agents_file(center: Center) -> None:
@@ -161,6 +169,13 @@ async def start_hub(center: Center) -> Any:
     def on_outcome(run_id: str, agent: str, outcome: dict[str, Any]) -> None:
         if run_id in center.running:
             return  # the run's handle resolves and the center records it there
+        waiting = center._awaiting_agents.pop(run_id, None)
+        if waiting is not None:  # in flight when the center restarted: its one outcome
+            record = {**waiting, "record": "finished", **outcome}
+            center._record(record)
+            center._outcome(str(waiting.get("job")), record)
+            center._flush()
+            return
         # Only a run the center recorded ``lost`` may get a second, superseding record, and
         # only once. Any other run_id was already recorded (a re-delivery whose ack was lost,
         # e.g. across a center restart, when the hub's dedupe window is empty): ignore it.

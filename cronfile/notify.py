@@ -47,7 +47,9 @@ class Notifier:
 
     def outcome(self, job: Job, status: RunStatus, record: dict[str, Any]) -> None:
         previous = self.last_status.get(job.name)
-        if status not in (RunStatus.SKIPPED,):
+        # only real results move "previous": a missed or skipped slot between a failure and
+        # a success must not hide the recovery
+        if status is RunStatus.SUCCEEDED or status in FAILURE_STATUSES:
             self.last_status[job.name] = status
         kind = kind_of(status, previous)
         if kind is not None:
@@ -89,9 +91,15 @@ class Notifier:
                 outcome = await handle.wait()
                 self.record_event("notified", job=job.name, kind=kind, via="command",
                                   status=outcome.status.value, exit_code=outcome.exit_code)
-            except RunRefused as exc:
+            except Exception as exc:  # best effort, but never silent
+                error = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
                 self.record_event("notify_failed", job=job.name, kind=kind, via="command",
-                                  error=str(exc))
+                                  error=error)
+
+    async def drain(self, timeout: float) -> None:
+        """Let notifications in flight finish (bounded) before the center closes its logs."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
 
 def _post(url: str, payload: dict[str, Any]) -> None:

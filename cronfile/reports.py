@@ -83,6 +83,8 @@ def _center_alive(state_dir: Path) -> dict[str, Any] | None:
         info = json.loads((state_dir / "center.json").read_text())
         os.kill(int(info["pid"]), 0)
         return dict(info)
+    except PermissionError:  # alive, but another user's (a root center, an operator's query)
+        return dict(info)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -195,6 +195,10 @@ def _check_env_name(name: str) -> None:
         raise RunRefused(f"invalid environment variable name {name!r}")
 
 
+def _encode_env(env: Mapping[str, str]) -> dict[bytes, bytes]:
+    return {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+
+
 def _resolve_env(
     pairs: Iterable[tuple[str, EnvValue]], source_env: Mapping[str, str]
 ) -> tuple[dict[str, str], list[bytes]]:
@@ -224,7 +228,7 @@ class _Prepared:
     """Everything resolved before spawning, so a refusal happens before any fork."""
 
     argv: list[str]
-    env: dict[str, str]
+    env: dict[bytes, bytes]
     cwd: str | None
     user: pwd.struct_passwd | None
     switch_user: bool
@@ -677,6 +681,17 @@ class LocalExecutor(Executor):
         self.state_dir = state_dir
         self._base_env = base_env
         self._running: dict[str, LocalRunHandle] = {}
+        self._encoded: dict[bytes, bytes] = {}
+        self._encoded_for: Mapping[str, str] | None = None
+
+    def _encoded_base_env(self) -> dict[bytes, bytes]:
+        """The base environment as bytes, encoded once: Popen would otherwise encode every
+        variable again for every run (a third of the spawn overhead in a burst)."""
+        source = self.base_env
+        if self._encoded_for is not source or len(self._encoded) != len(source):
+            self._encoded = _encode_env(source)
+            self._encoded_for = source
+        return self._encoded
 
     @property
     def base_env(self) -> Mapping[str, str]:
@@ -700,9 +715,9 @@ class LocalExecutor(Executor):
         argv = _argv(request.command)
         user = _lookup_user(request.run_as) if request.run_as else None
         job_env, secrets = _resolve_env(request.env, self.base_env)
-        env = _user_env(user) if user is not None else dict(self.base_env)
-        env.update(job_env)
-        env.update(_cronfile_vars(request, self.state_dir))
+        env = _encode_env(_user_env(user)) if user is not None else dict(self._encoded_base_env())
+        env.update(_encode_env(job_env))
+        env.update(_encode_env(_cronfile_vars(request, self.state_dir)))
         cwd = _workdir(request.workdir, user)
         return _Prepared(
             argv=argv,

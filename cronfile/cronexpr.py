@@ -12,6 +12,7 @@ times, daylight saving included, lives in :mod:`cronfile.firetimes`.
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ _MONTHS = {n.lower(): i for i, n in enumerate(calendar.month_abbr) if n}
 _DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (it holds a dict)
 class _Field:
     name: str
     low: int
@@ -73,6 +74,11 @@ class CronSpec:
     dow_restricted: bool
     fixed_time: bool
     has_seconds: bool
+
+    def __hash__(self) -> int:
+        # Fire times are memoised per (spec, zone, instant): hashing six tuples on every
+        # lookup cost more than the lookup saved. Equal specs have equal texts.
+        return hash(self.text)
 
 
 @dataclass(frozen=True)
@@ -156,11 +162,18 @@ def _parse_fields(text: str, parts: list[str], seed: str) -> CronSpec:
     return spec
 
 
-_RANGE = re.compile(r"^(\w+)(?:-(\w+))?$")
+_RANGE = re.compile(r"^([0-9]+|[A-Za-z]{3})(?:-([0-9]+|[A-Za-z]{3}))?$")
+_QUARTZ = re.compile(r"^(?:L|LW|L-[0-9]+|[0-9]+[LW]|[0-9]+#[0-9]+)$")  # Quartz-only syntax
 _HASH = re.compile(r"^H(?:\((\w+)-(\w+)\))?$")
 
 
 def _parse_field(part: str, spec: _Field, seed: str) -> tuple[int, ...]:
+    # Fields repeat across thousands of jobs ("*", "0", "1-5"); only H depends on the job.
+    return _parse_field_cached(part, spec, seed if "H" in part else "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_field_cached(part: str, spec: _Field, seed: str) -> tuple[int, ...]:
     allowed: set[int] = set()
     for item in part.split(","):
         if not item:
@@ -196,10 +209,10 @@ def _parse_item(item: str, spec: _Field, seed: str) -> range | list[int]:
             start = low + h % min(step, high - low + 1)
             return range(start, high + 1, step)
         return [low + h % (high - low + 1)]
-    if any(c in base for c in "LW#"):
-        raise ScheduleError(f"{item!r}: L, W and # are not supported in the {spec.name} field")
     match = _RANGE.match(base)
     if not match:
+        if _QUARTZ.match(base):
+            raise ScheduleError(f"{item!r}: L, W and # are not supported in the {spec.name} field")
         raise ScheduleError(f"cannot read {item!r} in the {spec.name} field")
     low = _value(match.group(1), spec)
     if match.group(2) is None:
@@ -214,7 +227,7 @@ def _parse_item(item: str, spec: _Field, seed: str) -> range | list[int]:
 
 
 def _value(token: str, spec: _Field) -> int:
-    if token.isdigit():
+    if token.isascii() and token.isdigit():
         number = int(token)
     elif spec.names and token.lower() in spec.names:
         number = spec.names[token.lower()]
@@ -232,5 +245,7 @@ def never_fires(spec: CronSpec) -> bool:
         return False
     if spec.dom_restricted and spec.dow_restricted:
         return False  # cron ORs the two fields: any allowed weekday fires
-    longest = {m: calendar.monthrange(2024, m)[1] for m in spec.months}  # 2024: leap year
-    return not any(d <= longest[m] for m in spec.months for d in spec.days)
+    return spec.days[0] > max(_LONGEST[m] for m in spec.months)
+
+
+_LONGEST = {m: calendar.monthrange(2024, m)[1] for m in range(1, 13)}  # 2024: a leap year

@@ -35,7 +35,11 @@ from zoneinfo import ZoneInfo
 from cronfile.cronexpr import CronSpec, EverySpec, Spec, parse_schedule
 
 _EPOCH = datetime(1970, 1, 1)
-_SEARCH_YEARS = 9  # 29 February can be 8 years away (2096 -> 2104)
+# How far a search looks ahead. 29 February can be 8 years away (2096 -> 2104) and a date
+# on a given weekday 11 (1 February is a Monday in 2027, then in 2038): 28 covers both.
+_SEARCH_YEARS = 28
+_MIN_YEAR, _MAX_YEAR = 2, 9990  # datetime's range, minus room for the arithmetic
+_LAST_INSTANT = datetime(_MAX_YEAR, 1, 1, tzinfo=UTC).timestamp()
 
 
 # --------------------------------------------------------------------------- zones
@@ -56,24 +60,25 @@ class ZoneTimeline:
 
     zoneinfo has no public list of transitions; probing once a day and bisecting to the
     second finds every transition that is more than a day away from the next, which all
-    real zones satisfy.
+    real zones satisfy. The scanned years always form one contiguous range, so "no
+    transition between here and the next one found" is never an artefact of a year that
+    was skipped.
     """
 
     _PROBE_S = 86400
+    _LOOKAHEAD_YEARS = 30  # past the last transition the offset is fixed (tzdata's rule)
 
     def __init__(self, name: str) -> None:
         self.zone = ZoneInfo(name)
         self._transitions: list[int] = []  # epoch seconds where a new offset begins
-        self._years: set[int] = set()
+        self._first_year = 0  # scanned: [_first_year, _last_year]; none when first > last
+        self._last_year = -1
 
     def offset_at(self, ts: float) -> int:
         off = datetime.fromtimestamp(ts, self.zone).utcoffset()
         return int(off.total_seconds()) if off is not None else 0
 
-    def _scan_year(self, year: int) -> None:
-        if year in self._years:
-            return
-        self._years.add(year)
+    def _scan_year(self, year: int) -> list[int]:
         start = int(datetime(year, 1, 1, tzinfo=UTC).timestamp())
         end = int(datetime(year + 1, 1, 1, tzinfo=UTC).timestamp())
         found = []
@@ -93,21 +98,36 @@ class ZoneTimeline:
                 found.append(hi)
                 previous = current
             t = nxt
-        for ts in found:
-            i = bisect.bisect_left(self._transitions, ts)
-            if i == len(self._transitions) or self._transitions[i] != ts:
-                self._transitions.insert(i, ts)
+        return found
+
+    def _cover(self, first: int, last: int) -> None:
+        """Make sure every transition in the years [first, last] is known."""
+        first, last = max(first, _MIN_YEAR), min(last, _MAX_YEAR)
+        if self._first_year > self._last_year:  # nothing scanned yet
+            self._first_year, self._last_year = first, first - 1
+        added = False
+        while first < self._first_year:
+            self._first_year -= 1
+            self._transitions.extend(self._scan_year(self._first_year))
+            added = True
+        while last > self._last_year:
+            self._last_year += 1
+            self._transitions.extend(self._scan_year(self._last_year))
+            added = True
+        if added:
+            self._transitions = sorted(set(self._transitions))
 
     def segment(self, ts: float) -> Segment:
         year = datetime.fromtimestamp(ts, UTC).year
-        for y in (year - 1, year, year + 1):
-            self._scan_year(y)
+        self._cover(year - 1, year + 1)
         i = bisect.bisect_right(self._transitions, ts)
         start = self._transitions[i - 1] if i > 0 else None
+        end: float | None = None
         if i < len(self._transitions):
-            end: float | None = self._transitions[i]
-        else:
-            self._scan_year(year + 2)  # the next transition may be further than a year out
+            end = self._transitions[i]
+        elif self._last_year < year + self._LOOKAHEAD_YEARS:
+            # The next transition may be years out (a zone that paused DST): look further.
+            self._cover(year - 1, year + self._LOOKAHEAD_YEARS)
             i2 = bisect.bisect_right(self._transitions, ts)
             end = self._transitions[i2] if i2 < len(self._transitions) else None
         previous = self.offset_at(start - 1) if start is not None else None
@@ -115,9 +135,8 @@ class ZoneTimeline:
 
     def transitions_between(self, start: float, end: float) -> list[tuple[int, int, int]]:
         """(instant, offset before, offset after) for each transition in [start, end)."""
-        for y in range(datetime.fromtimestamp(start, UTC).year - 1,
-                       datetime.fromtimestamp(end, UTC).year + 1):
-            self._scan_year(y)
+        self._cover(datetime.fromtimestamp(start, UTC).year - 1,
+                    datetime.fromtimestamp(end, UTC).year + 1)
         lo = bisect.bisect_left(self._transitions, start)
         hi = bisect.bisect_left(self._transitions, end)
         return [(t, self.offset_at(t - 1), self.offset_at(t)) for t in self._transitions[lo:hi]]
@@ -161,7 +180,7 @@ def next_local(spec: CronSpec, start: datetime, inclusive: bool) -> datetime | N
         t = t.replace(second=0)
     if t < start or (not inclusive and t == start):
         t += step
-    limit_year = start.year + _SEARCH_YEARS
+    limit_year = min(start.year + _SEARCH_YEARS, _MAX_YEAR)
     while t.year <= limit_year:
         if t.month not in spec.months:
             month = _first_at_least(spec.months, t.month + 1)
@@ -226,9 +245,11 @@ def _next_every(spec: EverySpec, after: float) -> float:
 
 @functools.lru_cache(maxsize=65536)
 def _next_cached(spec: Spec, zone: str, after: float) -> float | None:
-    if isinstance(spec, EverySpec):
-        return _next_every(spec, after)
-    return _next_cron(spec, zone, after)
+    try:
+        found = _next_every(spec, after) if isinstance(spec, EverySpec) else _next_cron(spec, zone, after)
+    except (OverflowError, ValueError, OSError):  # beyond the years datetime can represent
+        return None
+    return found if found is not None and found < _LAST_INSTANT else None
 
 
 # --------------------------------------------------------------------------- public API

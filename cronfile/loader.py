@@ -14,10 +14,12 @@ the cheap cross-file checks).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
+import stat
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from cronfile.cronexpr import ScheduleError
 from cronfile.durations import parse_duration, parse_size
 from cronfile.firetimes import spec_for
 from cronfile.model import (
+    DEFAULT_OUTPUT_KEEP,
     Agent,
     CatchUp,
     Concurrency,
@@ -48,9 +51,9 @@ from cronfile.model import (
     Transport,
     Trigger,
 )
-from cronfile.problems import Problem, Severity, dotted, has_errors
+from cronfile.problems import Problem, Severity, did_you_mean, dotted, has_errors
 from cronfile.schema import check_document
-from cronfile.yamlsafe import Mark, YamlDoc, load_yaml
+from cronfile.yamlsafe import MAX_FILE_BYTES, Mark, YamlDoc, load_yaml
 
 LOCAL_AGENT = "local"
 _ZONE_CACHE: dict[str, bool] = {}
@@ -70,11 +73,13 @@ class FileResult:
 
 @dataclass
 class LoadResult:
-    """A desired state (None when any error was found) and every problem, sorted."""
+    """A desired state (None when any error was found) and every problem, sorted; ``counts``
+    has the jobs and agents of each file that were built without an error."""
 
     state: DesiredState | None
     problems: list[Problem]
     files: list[str]
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # file -> jobs, agents
 
     @property
     def ok(self) -> bool:
@@ -102,10 +107,23 @@ class ScheduleLoader:
         self._cache: dict[str, FileResult] = {}
 
     def load(self, *, with_git: bool = False) -> LoadResult:
+        # The loader allocates many small objects and frees almost none of them until it
+        # returns: the cyclic GC would rescan the growing heap again and again (a third of
+        # the time for 10,000 jobs) to find nothing. Reference counting still frees garbage.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._load(with_git)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _load(self, with_git: bool) -> LoadResult:
         problems: list[Problem] = []
         if not self.root.is_dir():
+            what = "is not a directory" if self.root.exists() else "does not exist"
             problems.append(Problem(str(self.root), 1, 1,
-                                    "schedules directory does not exist (use --schedules DIR)"))
+                                    f"schedules directory {what} (use --schedules DIR)"))
             return LoadResult(None, problems, [])
         paths, walk_problems = find_schedule_files(self.root)
         problems.extend(walk_problems)
@@ -114,11 +132,11 @@ class ScheduleLoader:
         for rel, path in paths:
             rel = os.path.normpath(os.path.join(str(self.root), rel))  # as the user wrote it
             seen.add(rel)
-            try:
-                raw = path.read_bytes()
-            except OSError as exc:
-                problems.append(Problem(rel, 1, 1, f"cannot read: {exc.strerror}"))
+            raw, problem = _read(rel, path)
+            if problem is not None:
+                problems.append(problem)
                 continue
+            assert raw is not None
             digest = hashlib.sha256(raw).hexdigest()
             cached = self._cache.get(rel)
             if cached is None or cached.digest != digest:
@@ -130,17 +148,41 @@ class ScheduleLoader:
         for result in results:
             problems.extend(result.problems)
         problems.extend(check_across_files(results))
+        if not paths and not walk_problems:
+            problems.append(Problem(str(self.root), 1, 1, "no schedule files (*.yaml, *.yml) "
+                                    "in this directory", severity=Severity.WARNING))
         problems.sort(key=lambda p: (p.file, p.line, p.column, p.message))
         files = [r.file for r in results]
-        if has_errors(problems) or not results and walk_problems:
-            return LoadResult(None, problems, files)
+        counts = {r.file: (len(r.jobs), len(r.agents)) for r in results}
+        if has_errors(problems):
+            return LoadResult(None, problems, files, counts)
         state = DesiredState(
             jobs={j.name: j for r in results for j in r.jobs},
             agents={a.name: a for r in results for a in r.agents},
             revision=Revision(_content_hash(results, self.root),
                               git_commit(self.root) if with_git else None),
         )
-        return LoadResult(state, problems, files)
+        return LoadResult(state, problems, files, counts)
+
+
+def _read(shown: str, path: Path) -> tuple[bytes | None, Problem | None]:
+    """The bytes of a schedule file, or why not: a FIFO named x.yaml would block a plain
+    read forever, and a huge file is refused before it is read into memory."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return None, Problem(shown, 1, 1, "not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            return None, Problem(shown, 1, 1, f"file is {info.st_size} bytes; the limit is "
+                                 f"{MAX_FILE_BYTES} (1 MiB): split it into several files")
+        with path.open("rb") as f:
+            # Sized to the file: read(1 MiB) would allocate 1 MiB per file (0.2 s for 1,000).
+            data = f.read(info.st_size + 1)
+            if len(data) > info.st_size:  # it grew meanwhile; load_yaml reports it if too big
+                data += f.read(MAX_FILE_BYTES + 1 - len(data))
+            return data, None
+    except OSError as exc:
+        return None, Problem(shown, 1, 1, f"cannot read: {exc.strerror or exc}")
 
 
 def load_schedules(root: Path | str, *, with_git: bool = False) -> LoadResult:
@@ -176,34 +218,48 @@ def git_commit(root: Path) -> str | None:
 
 
 def find_schedule_files(root: Path) -> tuple[list[tuple[str, Path]], list[Problem]]:
-    """Every ``*.yaml``/``*.yml`` below ``root`` (sorted), refusing links that leave it."""
+    """Every ``*.yaml``/``*.yml`` below ``root`` (sorted), refusing links that leave it.
+
+    Hidden files and directories are skipped; directories are not followed through
+    symlinks (their files are reached where they really are, or refused when outside).
+    """
     found: list[tuple[str, Path]] = []
     problems: list[Problem] = []
     real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for d in list(dirnames):
+        for d in dirnames:
             full = Path(dirpath, d)
-            if full.is_symlink() and not _inside(full.resolve(), real_root):
-                rel = full.as_posix()
-                problems.append(Problem(rel, 1, 1, "symlink points outside the schedules "
-                                        f"directory (to {full.resolve()}): refused"))
+            if full.is_symlink():
+                problem = _outside(full, real_root)
+                if problem is not None:
+                    problems.append(problem)
         for name in sorted(filenames):
             if not name.endswith((".yaml", ".yml")) or name.startswith("."):
                 continue
             full = Path(dirpath, name)
-            rel = full.relative_to(root).as_posix()
-            shown = full.as_posix()
-            if full.is_symlink() and not _inside(full.resolve(), real_root):
-                problems.append(Problem(shown, 1, 1, "symlink points outside the schedules "
-                                        f"directory (to {full.resolve()}): refused"))
-                continue
-            found.append((rel, full))
+            if full.is_symlink():
+                problem = _outside(full, real_root)
+                if problem is not None:
+                    problems.append(problem)
+                    continue
+            found.append((full.relative_to(root).as_posix(), full))
     return found, problems
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _outside(link: Path, real_root: Path) -> Problem | None:
+    """A problem when the symlink ``link`` leads out of the schedules directory (or nowhere)."""
+    shown = os.path.normpath(link)
+    try:
+        target = link.resolve(strict=True)
+    except FileNotFoundError:
+        return Problem(shown, 1, 1, f"broken symlink (to {os.readlink(link)})")
+    except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13
+        return Problem(shown, 1, 1, "symlink loop")
+    if target == real_root or real_root in target.parents:
+        return None
+    return Problem(shown, 1, 1, f"symlink points outside the schedules directory (to {target}): "
+                   "refused")
 
 
 # --------------------------------------------------------------------------- one file
@@ -216,179 +272,187 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     if isinstance(doc.data, dict):
         failed = check_document(doc)
         if () not in failed:
-            _build(doc, result, failed)
+            _FileBuilder(doc, result, failed).build()
     result.problems = doc.problems
     return result
 
 
-def _failed_under(failed: set[tuple[str | int, ...]], prefix: tuple[str | int, ...]) -> bool:
-    n = len(prefix)
-    return any(p[:n] == prefix for p in failed)
-
-
-def _build(doc: YamlDoc, result: FileResult, failed: set[tuple[str | int, ...]]) -> None:
-    data = doc.data
-    defaults = data.get("defaults") or {}
-    if _failed_under(failed, ("defaults",)):
-        defaults = None
-    for name, raw in (data.get("agents") or {}).items():
-        if not _failed_under(failed, ("agents", name)):
-            result.agents.append(_build_agent(doc, name, raw))
-    for name, raw in (data.get("jobs") or {}).items():
-        if defaults is None or _failed_under(failed, ("jobs", name)):
-            _check_schedule_only(doc, name, raw, failed)
-            continue
-        job = _JobBuilder(doc, name, raw, defaults).build()
-        if job is not None:
-            result.jobs.append(job)
-
-
-def _check_schedule_only(doc: YamlDoc, name: str, raw: Any,
-                         failed: set[tuple[str | int, ...]]) -> None:
-    """A job with other errors still gets its schedule checked: report all at once."""
-    if not isinstance(raw, dict) or _failed_under(failed, ("jobs", name, "schedule")):
-        return
-    builder = _JobBuilder(doc, name, raw, {})
-    builder._schedules()
+Failed = set[tuple[str | int, ...]]
+_BAD = object()  # a value that was wrong (and reported): the job is not built
 
 
 def _source(doc: YamlDoc, path: tuple[str | int, ...]) -> Source:
     m = doc.mark(path)
-    return Source(doc.file, m.line, m.column)
+    return Source(doc.file, m[0], m[1])
 
 
-def _build_agent(doc: YamlDoc, name: str, raw: dict[str, Any]) -> Agent:
-    path = ("agents", name)
-    if name == LOCAL_AGENT:
-        doc.error(path, "'local' is the center's own host and cannot be declared")
-    ssh = None
-    if raw.get("ssh"):
-        s = raw["ssh"]
-        ssh = SshConfig(host=s["host"], port=s.get("port", 22), user=s.get("user"),
-                        key=s.get("key"), known_hosts=s.get("known_hosts"),
-                        passphrase_file=s.get("passphrase_file"),
-                        passphrase_env=s.get("passphrase_env"), sudo=s.get("sudo", True))
-    labels = tuple(sorted((str(k), str(v)) for k, v in (raw.get("labels") or {}).items()))
-    return Agent(name, labels, ssh, _source(doc, path))
+class _FileBuilder:
+    """Builds one file's agents and jobs, applying the file's ``defaults``, and checks what
+    the schema cannot (zones, schedules, one of schedule/trigger/after, ...).
 
+    A value taken from ``defaults`` is converted once per file, not once per job: a wrong
+    default is reported once, at its line in ``defaults``, and 10,000 jobs sharing a
+    ``retries`` block share one :class:`Retries`.
+    """
 
-class _JobBuilder:
-    """Applies a file's defaults to one job and checks what the schema cannot."""
+    def __init__(self, doc: YamlDoc, result: FileResult, failed: Failed) -> None:
+        self.doc, self.result = doc, result
+        data = doc.data
+        defaults = data.get("defaults")
+        self.defaults: dict[str, Any] = defaults if isinstance(defaults, dict) else {}
+        self.defaults_ok = not any(p[:1] == ("defaults",) for p in failed)
+        if not self.defaults_ok:  # check the jobs with the defaults that are right
+            wrong = {p[1] for p in failed if len(p) > 1 and p[0] == "defaults"}
+            self.defaults = {k: v for k, v in self.defaults.items() if k not in wrong}
+        self.failed_jobs: dict[str, set[str | int]] = {}
+        for p in failed:
+            if len(p) > 1 and p[0] == "jobs":
+                self.failed_jobs.setdefault(str(p[1]), set()).update(p[2:3])
+        self.failed_agents = {p[1] for p in failed if len(p) > 1 and p[0] == "agents"}
+        self._base: dict[str, Any] | None = None
 
-    def __init__(self, doc: YamlDoc, name: str, raw: dict[str, Any], defaults: dict[str, Any]):
-        self.doc, self.name, self.raw, self.defaults = doc, name, raw, defaults
-        self.ok = True
+    def build(self) -> None:
+        data = self.doc.data
+        for name, raw in (data.get("agents") or {}).items():
+            if name not in self.failed_agents:
+                agent = self.agent(name, raw)
+                if agent is not None:
+                    self.result.agents.append(agent)
+        for name, raw in (data.get("jobs") or {}).items():
+            if not isinstance(raw, dict):
+                continue  # reported by the schema
+            wrong = self.failed_jobs.get(name)
+            if wrong is None and self.defaults_ok:
+                job = self.job(name, raw)
+                if job is not None:
+                    self.result.jobs.append(job)
+            else:
+                # A job with schema errors still gets every other check, with the keys that
+                # are right: all of a job's problems are reported in one run.
+                self.job(name, raw, wrong or set(), check_only=True)
 
-    def path(self, key: str) -> tuple[str | int, ...]:
-        if key in self.raw or key not in self.defaults:
-            return ("jobs", self.name, key)
-        return ("defaults", key)
+    # ----------------------------------------------------------------- agents
 
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self.raw:
-            return self.raw[key]
-        return self.defaults.get(key, default)
-
-    def error(self, key: str, message: str, sub: tuple[str | int, ...] = ()) -> None:
-        self.doc.error((*self.path(key), *sub), message)
-        self.ok = False
-
-    def warn(self, key: str, message: str) -> None:
-        m: Mark = self.doc.mark(self.path(key))
-        self.doc.problems.append(Problem(self.doc.file, m.line, m.column, message,
-                                         dotted(self.path(key)), Severity.WARNING))
-
-    def duration(self, key: str, value: Any = None) -> float | None:
-        value = self.get(key) if value is None else value
-        if value is None:
+    def agent(self, name: str, raw: dict[str, Any]) -> Agent | None:
+        path = ("agents", name)
+        if name == LOCAL_AGENT:
+            self.doc.error(path, "'local' is the center's own host and cannot be declared")
             return None
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.error(key, str(exc))
-            return None
+        ssh = None
+        if raw.get("ssh"):
+            s = raw["ssh"]
+            ssh = SshConfig(host=s["host"], port=int(s.get("port", 22)), user=s.get("user"),
+                            key=s.get("key"), known_hosts=s.get("known_hosts"),
+                            passphrase_file=s.get("passphrase_file"),
+                            passphrase_env=s.get("passphrase_env"), sudo=s.get("sudo", True))
+        return Agent(name, _labels(raw.get("labels")), ssh, _source(self.doc, path))
 
-    def build(self) -> Job | None:
-        kind = JobKind(self.get("kind", "cron"))
-        schedules = self._schedules()
-        trigger = self._trigger()
-        after = self.get("after") or ()
-        after = (after,) if isinstance(after, str) else tuple(after)
-        given = [k for k, v in (("schedule", schedules), ("trigger", trigger), ("after", after)) if v]
+    # ----------------------------------------------------------------- jobs
+
+    def _inherited(self) -> dict[str, Any]:
+        """The Job fields every job of this file starts from: the file's defaults
+        converted once (a wrong one reported once, at its line), else the built-in ones."""
+        if self._base is None:
+            self._base = {}
+            for key, (attr, convert, fallback) in _CONVERTERS.items():
+                if key in self.defaults:
+                    self._base[attr] = convert(self, self.defaults[key], ("defaults", key))
+                else:
+                    self._base[attr] = fallback
+        return self._base
+
+    def job(self, name: str, raw: dict[str, Any], wrong: set[str | int] | None = None,
+            check_only: bool = False) -> Job | None:
+        """The job ``name``, or None when it is wrong (and reported). With ``check_only``
+        (the schema found errors), the keys in ``wrong`` are skipped and no job is built."""
+        doc = self.doc
+        given = [k for k in ("schedule", "trigger", "after") if k in raw]
+        if wrong:
+            raw = {k: v for k, v in raw.items() if k not in wrong}
+        kind = JobKind.DAEMON if raw.get("kind") == "daemon" else JobKind.CRON
+        path = ("jobs", name)
+        ok = True
+        schedules: tuple[str, ...] = ()
+        if "schedule" in raw:
+            checked = self.schedules(name, raw["schedule"], (*path, "schedule"))
+            ok = checked is not _BAD
+            schedules = tuple(checked) if checked is not _BAD else ()
+        trigger = None
+        if "trigger" in raw:
+            delay = self.duration(raw["trigger"].get("delay", 0), (*path, "trigger", "delay"))
+            ok = ok and delay is not _BAD
+            trigger = Trigger(raw["trigger"]["event"], 0.0 if delay is _BAD else delay)
+        after_raw = raw.get("after", ())
+        after = (after_raw,) if isinstance(after_raw, str) else tuple(after_raw)
+        if "kind" in (wrong or ()):
+            return None  # daemon or not decides every check below
         if kind is JobKind.DAEMON and given:
-            self.error(given[0], f"a daemon runs all the time: remove {given[0]!r}")
+            doc.error((*path, given[0]), f"a daemon runs all the time: remove {given[0]!r}")
+            ok = False
         elif kind is JobKind.CRON and len(given) != 1:
             if given:
-                self.error(given[1], f"a job has exactly one of schedule, trigger, after "
-                           f"(this one has {' and '.join(given)})")
+                doc.error((*path, given[1]), "a job has exactly one of schedule, trigger, after "
+                          f"(this one has {' and '.join(given)})")
             else:
-                self.doc.error(("jobs", self.name), f"job {self.name!r} needs one of schedule, "
-                               "trigger or after (or kind: daemon)")
-                self.ok = False
-        zone = self.get("timezone", "UTC")
-        if not _zone_exists(zone):
-            self.error("timezone", f"unknown time zone {zone!r} (use an IANA name such as "
-                       "Europe/Berlin or UTC)")
+                doc.error(path, f"job {name!r} needs one of schedule, trigger or after "
+                          "(or kind: daemon)")
+            ok = False
         if kind is JobKind.CRON:
             for key in ("replicas", "restart"):
-                if key in self.raw:
-                    self.warn(key, f"{key!r} only applies to kind: daemon; ignored")
-        command = self.get("command")
-        if isinstance(command, str) and not command.strip():
-            self.error("command", "command is empty")
-        job = Job(
-            name=self.name,
+                if key in raw:
+                    doc.warn((*path, key), f"{key!r} only applies to kind: daemon; ignored")
+        fields = dict(self._inherited())
+        for key, value in raw.items():
+            spec = _CONVERTERS.get(key)
+            if spec is not None:
+                fields[spec[0]] = spec[1](self, value, (*path, key))
+        if "env" in raw or "env" in self.defaults:
+            fields["env"] = self.env(raw)
+        command = raw.get("command")
+        if check_only or command is None or not ok or any(v is _BAD for v in fields.values()):
+            return None
+        return Job(
+            name=name,
             command=tuple(command) if isinstance(command, list) else command,
             schedules=schedules,
             trigger=trigger,
             after=after,
             kind=kind,
-            replicas=self.get("replicas", 1),
-            restart=self._restart(),
-            timezone=zone,
-            env=self._env(),
-            workdir=self.get("workdir"),
-            run_as=self.get("run_as"),
-            timeout_s=self.duration("timeout"),
-            concurrency=Concurrency(self.get("concurrency", "forbid")),
-            starting_deadline_s=self.duration("starting_deadline"),
-            catch_up=CatchUp(self.get("catch_up", "none")),
-            jitter_s=self.duration("jitter") or 0.0,
-            retries=self._retries(),
-            targets=self._targets(),
-            suspend=bool(self.get("suspend", False)),
-            notify=self._notify(),
-            output_keep=parse_size(self.get("output", {}).get("keep", 64 * 1024)),
-            expect=self._expect(),
-            on_change=OnChange(self.get("on_change", "let_finish")),
-            description=self.get("description", "") or "",
-            owner=self.get("owner", "") or "",
-            source=_source(self.doc, ("jobs", self.name)),
+            replicas=int(raw.get("replicas", 1)),
+            description=raw.get("description", "") or "",
+            source=_source(doc, path),
+            **fields,
         )
-        return job if self.ok else None
 
-    def _schedules(self) -> tuple[str, ...]:
-        value = self.get("schedule")
-        if value is None:
-            return ()
-        items = [value] if isinstance(value, str) else list(value)
+    def schedules(self, name: str, value: str | list[str], path: tuple[str | int, ...]) -> Any:
+        items = [value] if isinstance(value, str) else value
+        ok = True
         for i, text in enumerate(items):
             try:
-                spec_for(text, self.name)
+                spec_for(text, name)
             except ScheduleError as exc:
-                self.error("schedule", str(exc),
-                           () if isinstance(value, str) else (i,))
-        return tuple(items)
+                self.doc.error(path if isinstance(value, str) else (*path, i), str(exc))
+                ok = False
+        return items if ok else _BAD
 
-    def _trigger(self) -> Trigger | None:
-        raw = self.get("trigger")
-        if not raw:
-            return None
-        delay = self.duration("trigger", raw.get("delay", 0)) or 0.0
-        return Trigger(raw["event"], delay)
+    def zone(self, name: str, path: tuple[str | int, ...]) -> Any:
+        if _zone_exists(name):
+            return name
+        self.doc.error(path, f"unknown time zone {name!r} (use an IANA name such as "
+                       "Europe/Berlin or UTC)")
+        return _BAD
 
-    def _env(self) -> tuple[tuple[str, str | SecretRef], ...]:
-        merged = {**(self.defaults.get("env") or {}), **(self.raw.get("env") or {})}
+    def duration(self, value: Any, path: tuple[str | int, ...]) -> Any:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.doc.error(path, str(exc))
+            return _BAD
+
+    def env(self, raw: dict[str, Any]) -> tuple[tuple[str, str | SecretRef], ...]:
+        own = raw.get("env") or {}
+        inherited = self.defaults.get("env") or {}
+        merged = {**inherited, **own} if inherited else own
         out: list[tuple[str, str | SecretRef]] = []
         for key, value in sorted(merged.items()):
             if isinstance(value, dict):
@@ -397,139 +461,200 @@ class _JobBuilder:
                 out.append((key, "" if value is None else str(value)))
         return tuple(out)
 
-    def _restart(self) -> RestartPolicy:
-        raw = self.get("restart") or {}
-        return RestartPolicy(
-            RestartPolicyKind(raw.get("policy", "always")),
-            self.duration("restart", raw.get("backoff", "5s")) or 5.0,
-            self.duration("restart", raw.get("max_backoff", "5m")) or 300.0,
-        )
-
-    def _retries(self) -> Retries:
-        raw = self.get("retries") or {}
+    def retries(self, raw: dict[str, Any], path: tuple[str | int, ...]) -> Any:
+        backoff = self.duration(raw.get("backoff", "30s"), (*path, "backoff"))
+        factor = float(raw.get("factor", 2))
+        if not 1 <= factor <= 1000:  # also refuses .nan and .inf, which the schema lets by
+            self.doc.error((*path, "factor"), f"must be a number from 1 to 1000, not {factor!r}")
+            return _BAD
+        if backoff is _BAD:
+            return _BAD
         codes = raw.get("retry_on_exit_codes")
-        return Retries(
-            max=raw.get("max", 0),
-            backoff_s=self.duration("retries", raw.get("backoff", "30s")) or 0.0,
-            factor=float(raw.get("factor", 2)),
-            retry_on_exit_codes=tuple(codes) if codes is not None else None,
-        )
+        return Retries(max=int(raw.get("max", 0)), backoff_s=backoff, factor=factor,
+                       retry_on_exit_codes=tuple(codes) if codes is not None else None)
 
-    def _targets(self) -> Targets:
-        raw = self.get("targets") or {}
-        agents = raw.get("agents") or ()
-        return Targets(
-            agents=tuple(agents),
-            labels=tuple(sorted((str(k), str(v)) for k, v in (raw.get("labels") or {}).items())),
-            strategy=Strategy(raw.get("strategy", "one")),
-            transport=Transport(raw.get("transport", "auto")),
-        )
+    def expect(self, raw: dict[str, Any], path: tuple[str | int, ...]) -> Any:
+        values = [self.duration(raw[k], (*path, k)) if k in raw else None
+                  for k in ("max_runtime", "min_runtime", "success_within")]
+        return _BAD if _BAD in values else Expect(*values)
 
-    def _notify(self) -> Notify | None:
-        raw = self.get("notify")
-        if not raw:
-            return None
-        command = raw.get("command")
-        return Notify(
-            webhook=raw.get("webhook"),
-            command=tuple(command) if isinstance(command, list) else command,
-            when=tuple(raw.get("when", ["failure"])),
-        )
+    def restart(self, raw: dict[str, Any], path: tuple[str | int, ...]) -> Any:
+        backoff = self.duration(raw.get("backoff", "5s"), (*path, "backoff"))
+        most = self.duration(raw.get("max_backoff", "5m"), (*path, "max_backoff"))
+        if backoff is _BAD or most is _BAD:
+            return _BAD
+        return RestartPolicy(RestartPolicyKind(raw.get("policy", "always")), backoff, most)
 
-    def _expect(self) -> Expect:
-        raw = self.get("expect") or {}
-        return Expect(*(self.duration("expect", raw.get(k)) if k in raw else None
-                        for k in ("max_runtime", "min_runtime", "success_within")))
+
+_NO_RETRIES = Retries()
+_NO_EXPECT = Expect()
+_RESTART = RestartPolicy()
+_LOCAL = Targets()
+
+
+def _same(builder: _FileBuilder, value: Any, path: tuple[str | int, ...]) -> Any:
+    return value
+
+
+def _text(builder: _FileBuilder, value: Any, path: tuple[str | int, ...]) -> str:
+    return value or ""
+
+
+def _enum(kind: Any) -> Any:
+    members = {member.value: member for member in kind}  # the schema has checked the value
+    return lambda builder, value, path: members[value]
+
+
+def _labels(raw: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((str(k), str(v)) for k, v in (raw or {}).items()))
+
+
+def _targets(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, ...]) -> Targets:
+    return Targets(agents=tuple(raw.get("agents") or ()), labels=_labels(raw.get("labels")),
+                   strategy=Strategy(raw.get("strategy", "one")),
+                   transport=Transport(raw.get("transport", "auto")))
+
+
+def _notify(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, ...]) -> Notify:
+    command = raw.get("command")
+    return Notify(webhook=raw.get("webhook"),
+                  command=tuple(command) if isinstance(command, list) else command,
+                  when=tuple(raw.get("when", ["failure"])))
+
+
+def _output_keep(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, ...]) -> int:
+    return parse_size(raw.get("keep", DEFAULT_OUTPUT_KEEP))
+
+
+# File key -> (Job field, converter(builder, value, path), value when given nowhere). Plain
+# functions, not bound methods: a builder holding its own bound methods is a reference
+# cycle, garbage the loader (which runs with the cyclic GC off) would leave behind.
+_CONVERTERS: dict[str, tuple[str, Any, Any]] = {
+    "timezone": ("timezone", _FileBuilder.zone, "UTC"),
+    "workdir": ("workdir", _same, None),
+    "run_as": ("run_as", _same, None),
+    "timeout": ("timeout_s", _FileBuilder.duration, None),
+    "concurrency": ("concurrency", _enum(Concurrency), Concurrency.FORBID),
+    "starting_deadline": ("starting_deadline_s", _FileBuilder.duration, None),
+    "catch_up": ("catch_up", _enum(CatchUp), CatchUp.NONE),
+    "jitter": ("jitter_s", _FileBuilder.duration, 0.0),
+    "retries": ("retries", _FileBuilder.retries, _NO_RETRIES),
+    "targets": ("targets", _targets, _LOCAL),
+    "suspend": ("suspend", _same, False),
+    "notify": ("notify", _notify, None),
+    "output": ("output_keep", _output_keep, DEFAULT_OUTPUT_KEEP),
+    "expect": ("expect", _FileBuilder.expect, _NO_EXPECT),
+    "on_change": ("on_change", _enum(OnChange), OnChange.LET_FINISH),
+    "restart": ("restart", _FileBuilder.restart, _RESTART),
+    "owner": ("owner", _text, ""),
+}
 
 
 # --------------------------------------------------------------------------- across files
 
 
 def check_across_files(results: list[FileResult]) -> list[Problem]:
-    """Names unique across files, ``after`` references and cycles, declared targets."""
+    """Names unique across files, ``after`` references and cycles, declared targets.
+
+    Names come from every file's data, built or not: a job whose own fields are wrong still
+    exists for ``after`` and for uniqueness, so one mistake is not reported three times.
+    """
     problems: list[Problem] = []
-    jobs = {j.name: j for r in results for j in r.jobs}
-    agents = {a.name: a for r in results for a in r.agents}
-    for section in ("jobs", "agents"):
-        first: dict[str, tuple[str, Mark]] = {}
-        for r in results:
-            names = r.doc.data.get(section) if r.doc and isinstance(r.doc.data, dict) else None
-            if not isinstance(names, dict):
+    declared: dict[str, dict[str, list[tuple[str, Mark]]]] = {"jobs": {}, "agents": {}}
+    for r in results:
+        data = r.doc.data if r.doc is not None else None
+        if not isinstance(data, dict):
+            continue
+        for section, seen in declared.items():
+            names = data.get(section)
+            if isinstance(names, dict):
+                for name in names:
+                    assert r.doc is not None
+                    seen.setdefault(name, []).append((r.file, r.doc.mark((section, name))))
+    for section, seen in declared.items():
+        kind = "job" if section == "jobs" else "agent"
+        for name, places in seen.items():
+            if len(places) < 2:
                 continue
-            for name in names:
-                where = r.doc.mark((section, name)) if r.doc else Mark(1, 1)
-                if name in first:
-                    other_file, other = first[name]
-                    kind = "job" if section == "jobs" else "agent"
-                    problems.append(Problem(r.file, where.line, where.column,
-                                            f"{kind} {name!r} is also defined at "
-                                            f"{other_file}:{other.line}", f"{section}.{name}"))
-                else:
-                    first[name] = (r.file, where)
+            for i, (file, where) in enumerate(places):
+                other_file, other = places[1] if i == 0 else places[0]
+                problems.append(Problem(file, where.line, where.column,
+                                        f"{kind} {name!r} is also defined at "
+                                        f"{other_file}:{other.line}", f"{section}.{name}"))
+    jobs = {j.name: j for r in results for j in r.jobs}
+    agents = [a for r in results for a in r.agents]
     docs = {r.file: r.doc for r in results}
-    names_in_files = {name for r in results if r.doc and isinstance(r.doc.data, dict)
-                      for name in (r.doc.data.get("jobs") or {})}
+    matched: dict[tuple[tuple[str, str], ...], bool] = {}  # labels -> some agent has them
     for job in jobs.values():
         doc = docs.get(job.source.file)
         for i, target in enumerate(job.after):
-            if target not in names_in_files:
-                problems.append(_located(doc, job, ("after", i), f"no job named "
-                                         f"{target!r}", job.source))
+            if target not in declared["jobs"]:
+                hint = did_you_mean(target, declared["jobs"])
+                problems.append(_located(doc, job, ("after", i), f"no job named {target!r}{hint}"))
         for i, agent_name in enumerate(job.targets.agents):
-            if agent_name != LOCAL_AGENT and agent_name not in agents:
+            if agent_name != LOCAL_AGENT and agent_name not in declared["agents"]:
+                hint = did_you_mean(agent_name, declared["agents"])
                 problems.append(_located(doc, job, ("targets", "agents", i),
-                                         f"agent {agent_name!r} is not declared in any "
-                                         "file's agents:", job.source))
-        if job.targets.labels and not any(
-            set(job.targets.labels) <= set(a.labels) for a in agents.values()
-        ):
-            wanted = ", ".join(f"{k}={v}" for k, v in job.targets.labels)
-            problem = _located(doc, job, ("targets", "labels"),
-                               f"no declared agent has labels {wanted}", job.source)
-            problems.append(Problem(problem.file, problem.line, problem.column, problem.message,
-                                    problem.path, Severity.WARNING))
+                                         f"agent {agent_name!r} is not declared in the agents: "
+                                         f"of any file{hint}"))
+        labels = job.targets.labels
+        if labels and labels not in matched:
+            matched[labels] = any(set(labels) <= set(a.labels) for a in agents)
+        if labels and not matched[labels]:
+            wanted = ", ".join(f"{k}={v}" for k, v in labels)
+            problems.append(_located(doc, job, ("targets", "labels"),
+                                     f"no declared agent has the labels {wanted}",
+                                     Severity.WARNING))
     problems.extend(_cycles(jobs, docs))
     return problems
 
 
 def _located(doc: YamlDoc | None, job: Job, sub: tuple[str | int, ...], message: str,
-             fallback: Source) -> Problem:
-    path = ("jobs", job.name, *sub)
-    if doc is not None and path[:3] in doc.marks:
-        m = doc.mark(path)
-        return Problem(doc.file, m.line, m.column, message, dotted(path))
-    if doc is not None and ("defaults", *sub[:1]) in doc.marks:
-        m = doc.mark(("defaults", *sub))
-        return Problem(doc.file, m.line, m.column, message, dotted(("defaults", *sub)))
-    return Problem(fallback.file, fallback.line, fallback.column, message)
+             severity: Severity = Severity.ERROR) -> Problem:
+    """A problem at ``jobs.<job>.<sub>``, or at ``defaults.<sub>`` when the job inherited
+    the value from its file's defaults."""
+    path: tuple[str | int, ...] = ("jobs", job.name, *sub)
+    if doc is not None and path[:3] not in doc.marks and ("defaults", sub[0]) in doc.marks:
+        path = ("defaults", *sub)
+    if doc is not None and isinstance(path[-1], int) and path not in doc.marks:
+        path = path[:-1]  # `after: name`, the one-name form of a list
+    if doc is None:
+        return Problem(job.source.file, job.source.line, job.source.column, message,
+                       dotted(path), severity)
+    m = doc.mark(path)
+    return Problem(doc.file, m.line, m.column, message, dotted(path), severity)
 
 
 def _cycles(jobs: dict[str, Job], docs: dict[str, YamlDoc | None]) -> list[Problem]:
-    """Report each ``after`` cycle once, at the job where the walk found it."""
+    """Report each ``after`` cycle once, at the job where the walk closes it.
+
+    An explicit stack rather than recursion: a chain of 5,000 jobs is legal and would
+    exceed Python's recursion limit.
+    """
     problems: list[Problem] = []
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    reported: set[frozenset[str]] = set()
-
-    def visit(name: str, stack: list[str]) -> None:
-        state[name] = 1
-        stack.append(name)
-        for dep in jobs[name].after:
-            if dep not in jobs:
+    for root in sorted(jobs):
+        if root in state:
+            continue
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(jobs[root].after))]
+        on_stack = [root]
+        state[root] = 1
+        while stack:
+            name, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                on_stack.pop()
+                state[name] = 2
+            elif dep not in jobs:
                 continue
-            if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
-                key = frozenset(cycle)
-                if key not in reported:
-                    reported.add(key)
-                    job = jobs[name]
-                    problems.append(_located(docs.get(job.source.file), job, ("after",),
-                                             "cycle: " + " -> ".join(cycle), job.source))
+            elif state.get(dep) == 1:
+                cycle = on_stack[on_stack.index(dep):] + [dep]
+                job = jobs[name]
+                problems.append(_located(docs.get(job.source.file), job, ("after",),
+                                         "cycle: " + " -> ".join(cycle)))
             elif dep not in state:
-                visit(dep, stack)
-        stack.pop()
-        state[name] = 2
-
-    for name in sorted(jobs):
-        if name not in state:
-            visit(name, [])
+                state[dep] = 1
+                stack.append((dep, iter(jobs[dep].after)))
+                on_stack.append(dep)
     return problems

@@ -17,13 +17,15 @@ class UsageError(ValueError):
 def parse_time(text: str) -> float:
     """ISO-8601 to epoch seconds; a time without an offset is UTC (never the host's zone)."""
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--after {text!r} is not an ISO-8601 time "
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if not 1900 <= value.astimezone(UTC).year <= 9000:
+            raise ValueError("out of range")
+        return value.timestamp()
+    except (ValueError, OverflowError):
+        raise UsageError(f"--after {text!r} is not an ISO-8601 time between the years 1900 and 9000 "
                          "(e.g. 2026-10-25T00:00:00Z)") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()
 
 
 @dataclass
@@ -43,12 +45,12 @@ def next_fires(state: DesiredState, job: str | None, count: int, after: float) -
         j = state.jobs[name]
         if j.kind is JobKind.DAEMON:
             out.append(JobFires(j, [], "daemon: runs all the time"))
+        elif j.suspend:
+            out.append(JobFires(j, [], "suspended: never fires"))
         elif j.trigger is not None:
             out.append(JobFires(j, [], f"runs on `cronfile trigger {j.trigger.event}`"))
         elif j.after:
             out.append(JobFires(j, [], f"runs after {', '.join(j.after)} succeed"))
-        elif j.suspend:
-            out.append(JobFires(j, [], "suspended: never fires"))
         else:
             timer = JobTimer.for_job(j.schedules, j.timezone, j.name)
             out.append(JobFires(j, timer.times(after, count)))

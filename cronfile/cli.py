@@ -77,10 +77,11 @@ def next_(job: str | None, count: int, after: str | None, schedules: Path, fmt: 
         start = parse_time(after) if after else time.time()
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
+    if not schedules.is_dir():
+        raise click.UsageError(f"--schedules {schedules}: no such directory")
     result = load_schedules(schedules)
     if result.state is None:
         _print_problems_and_exit(result)
-        return
     try:
         fires = next_fires(result.state, job, count, start)
     except UsageError as exc:

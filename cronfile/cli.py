@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -31,7 +31,7 @@ def _echo(out: str, err: str = "") -> None:
         click.echo(err, nl=False, err=True)
 
 
-def _print_problems_and_exit(result: object) -> None:
+def _print_problems_and_exit(result: object) -> NoReturn:
     from cronfile.validate import ValidateReport, render
 
     problems = getattr(result, "problems", [])

@@ -77,8 +77,15 @@ class CronSpec:
 
     def __hash__(self) -> int:
         # Fire times are memoised per (spec, zone, instant): hashing six tuples on every
-        # lookup cost more than the lookup saved. Equal specs have equal texts.
-        return hash(self.text)
+        # lookup cost more than the lookup saved, so the hash is computed once. Not the
+        # text's hash alone: "H H * * *" is a different spec for each job (its seed), and
+        # 20,000 equal hashes made every lookup compare against all of them.
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.text, self.seconds, self.minutes, self.hours, self.days,
+                      self.months, self.weekdays))
+            object.__setattr__(self, "_hash", h)
+        return h
 
 
 @dataclass(frozen=True)

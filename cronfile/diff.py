@@ -99,7 +99,8 @@ def _diff_section(old: Mapping[str, _Definable], new: Mapping[str, _Definable]) 
         before = old.get(name)
         if before is None:
             added.append(name)
-        elif before == item:  # the fast path: frozen dataclass equality, source excluded
+        elif before is item or before == item:  # fast: the same object (an unchanged file),
+            # or frozen dataclass equality, source excluded
             unchanged.append(name)
         else:
             changes = tuple(field_changes(before.definition(), item.definition()))

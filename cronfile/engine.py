@@ -18,6 +18,7 @@ a clock that steps FORWARD makes several slots due at once: the latest runs (sub
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -61,7 +62,7 @@ class StopRuns:
 Action = StartRun | RecordSlot | StopRuns
 
 
-@dataclass
+@dataclass(slots=True)  # one per job: no __dict__ (25 MB less for 100,000 jobs)
 class _JobState:
     job: Job
     timer: JobTimer | None
@@ -79,6 +80,19 @@ def jitter_for(job: Job, slot: float) -> float:
         return 0.0
     digest = hashlib.sha256(f"{job.name}\0{slot}".encode()).digest()
     return (int.from_bytes(digest[:8], "big") / 2**64) * job.jitter_s
+
+
+def _timer_for(schedules: tuple[str, ...], zone: str, job: str) -> JobTimer:
+    """A job's timer; jobs with the same schedules and zone share one (a timer is immutable)
+    unless H is used, which seeds the schedule with the job's name."""
+    if any("H" in text for text in schedules):
+        return JobTimer.for_job(schedules, zone, job)
+    return _shared_timer(schedules, zone)
+
+
+@functools.lru_cache(maxsize=65536)
+def _shared_timer(schedules: tuple[str, ...], zone: str) -> JobTimer:
+    return JobTimer.for_job(schedules, zone, "")
 
 
 def latest_two(timer: JobTimer, floor: float, now: float) -> tuple[float | None, float | None]:
@@ -138,7 +152,7 @@ class Scheduler:
         old = self._jobs.get(job.name)
         timer = None
         if job.schedules and job.kind is JobKind.CRON:
-            timer = JobTimer.for_job(job.schedules, job.timezone, job.name)
+            timer = _timer_for(job.schedules, job.timezone, job.name)
         state = _JobState(job, timer, next(self._generations))
         same_timing = old is not None and old.job.schedules == job.schedules \
             and old.job.timezone == job.timezone
@@ -161,6 +175,8 @@ class Scheduler:
     def _carry_delayed(self, old: _JobState, new: _JobState) -> None:
         """A reload must not drop a slot that already fired but waits to start (jitter,
         retry backoff, trigger delay): move those entries to the new generation."""
+        if not self._delayed_live:
+            return  # none waits: no scan of a heap of 100,000 entries per changed job
         for due, _seq, kind, name, generation, slot, attempt, target in list(self._heap):
             if name == old.job.name and generation == old.generation and kind != "fire":
                 self._push(due, kind, new, slot, attempt, target)

@@ -19,6 +19,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,14 @@ class FileResult:
     jobs: list[Job] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # What the checks across files need, not the whole parsed file (its data and every
+    # key's mark would cost memory per job): the declared names with their marks, and the
+    # marks of ``after``/``targets``/``defaults`` keys (see :func:`load_file`).
     doc: YamlDoc | None = None
+    names: dict[str, dict[str, Mark]] = field(default_factory=dict)
+    # (mtime_ns, ctime_ns, size, inode) when read, None when too recent to trust.
+    signature: tuple[int, int, int, int] | None = None
+    hash_line: bytes = b""  # this file's part of the revision's content hash
 
 
 @dataclass
@@ -129,19 +137,39 @@ class ScheduleLoader:
         problems.extend(walk_problems)
         results: list[FileResult] = []
         seen: set[str] = set()
-        for rel, path in paths:
-            rel = os.path.normpath(os.path.join(str(self.root), rel))  # as the user wrote it
+        root = str(self.root)
+        # A file changed less than this before we look at it is read again next time
+        # whatever its stat says: timestamps are coarse (a jiffy, or 2 s on FAT), and two
+        # writes of the same size within one tick would look unchanged ("racy git").
+        trusted_before = time.time_ns() - _RACY_NS
+        for relative, path in paths:
+            rel = os.path.normpath(os.path.join(root, relative))  # as the user wrote it
             seen.add(rel)
+            cached = self._cache.get(rel)
+            try:
+                info = os.stat(path)
+                signature: tuple[int, int, int, int] | None = (
+                    info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino)
+                if max(info.st_mtime_ns, info.st_ctime_ns) >= trusted_before:
+                    signature = None
+            except OSError:
+                signature = None
+            if signature is not None and cached is not None and cached.signature == signature:
+                results.append(cached)  # unchanged: not read, not hashed
+                continue
             raw, problem = _read(rel, path)
             if problem is not None:
                 problems.append(problem)
+                if cached is not None:
+                    cached.signature = None  # read it again next time
                 continue
             assert raw is not None
             digest = hashlib.sha256(raw).hexdigest()
-            cached = self._cache.get(rel)
             if cached is None or cached.digest != digest:
                 cached = load_file(rel, raw, digest)
                 self._cache[rel] = cached
+            cached.signature = signature
+            cached.hash_line = f"{os.path.normpath(relative)}\0{digest}\n".encode()
             results.append(cached)
         for gone in set(self._cache) - seen:
             del self._cache[gone]
@@ -165,17 +193,20 @@ class ScheduleLoader:
         return LoadResult(state, problems, files, counts)
 
 
-def _read(shown: str, path: Path) -> tuple[bytes | None, Problem | None]:
+_RACY_NS = 2_000_000_000
+
+
+def _read(shown: str, path: str) -> tuple[bytes | None, Problem | None]:
     """The bytes of a schedule file, or why not: a FIFO named x.yaml would block a plain
     read forever, and a huge file is refused before it is read into memory."""
     try:
-        info = path.stat()
+        info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
             return None, Problem(shown, 1, 1, "not a regular file")
         if info.st_size > MAX_FILE_BYTES:
             return None, Problem(shown, 1, 1, f"file is {info.st_size} bytes; the limit is "
                                  f"{MAX_FILE_BYTES} (1 MiB): split it into several files")
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             # Sized to the file: read(1 MiB) would allocate 1 MiB per file (0.2 s for 1,000).
             data = f.read(info.st_size + 1)
             if len(data) > info.st_size:  # it grew meanwhile; load_yaml reports it if too big
@@ -192,13 +223,12 @@ def load_schedules(root: Path | str, *, with_git: bool = False) -> LoadResult:
 
 def _content_hash(results: Iterable[FileResult], root: Path) -> str:
     """Hash of (path relative to the root, bytes) of every file: the same directory gives
-    the same hash however its path is spelled, here or in a temporary git checkout."""
-    h = hashlib.sha256()
+    the same hash however its path is spelled, here or in a temporary git checkout. Each
+    file's line (``rel\\0digest\\n``) is made once, when the file is read."""
     base = os.path.normpath(str(root))
-    relative = sorted((os.path.relpath(r.file, base), r.digest) for r in results)
-    for rel, digest in relative:
-        h.update(f"{rel}\0{digest}\n".encode())
-    return "sha256:" + h.hexdigest()[:16]
+    lines = sorted(r.hash_line or f"{os.path.relpath(r.file, base)}\0{r.digest}\n".encode()
+                   for r in results)
+    return "sha256:" + hashlib.sha256(b"".join(lines)).hexdigest()[:16]
 
 
 def git_commit(root: Path) -> str | None:
@@ -217,34 +247,60 @@ def git_commit(root: Path) -> str | None:
     return head.stdout.strip() or None
 
 
-def find_schedule_files(root: Path) -> tuple[list[tuple[str, Path]], list[Problem]]:
-    """Every ``*.yaml``/``*.yml`` below ``root`` (sorted), refusing links that leave it.
+def find_schedule_files(root: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
+    """Every ``*.yaml``/``*.yml`` below ``root`` (sorted): (path relative to ``root``, path
+    to open), refusing links that leave it. The same walk as ``os.walk`` (a directory's
+    files, then its subdirectories), with ``os.scandir`` entries and plain strings: a
+    pathlib object per file cost seconds for 10,000 files.
 
     Hidden files and directories are skipped; directories are not followed through
     symlinks (their files are reached where they really are, or refused when outside).
     """
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, str]] = []
     problems: list[Problem] = []
     real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for d in dirnames:
-            full = Path(dirpath, d)
-            if full.is_symlink():
-                problem = _outside(full, real_root)
+
+    def walk(top: str, prefix: str) -> None:
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:
+            return  # as os.walk: an unreadable directory is skipped
+        dirs: list[os.DirEntry[str]] = []
+        files: list[os.DirEntry[str]] = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry)
+        subdirs = []
+        for entry in sorted((d for d in dirs if not d.name.startswith(".")), key=_by_name):
+            if entry.is_symlink():
+                problem = _outside(Path(entry.path), real_root)
                 if problem is not None:
                     problems.append(problem)
-        for name in sorted(filenames):
+            else:
+                subdirs.append(entry)
+        for entry in sorted(files, key=_by_name):
+            name = entry.name
             if not name.endswith((".yaml", ".yml")) or name.startswith("."):
                 continue
-            full = Path(dirpath, name)
-            if full.is_symlink():
-                problem = _outside(full, real_root)
+            if entry.is_symlink():
+                problem = _outside(Path(entry.path), real_root)
                 if problem is not None:
                     problems.append(problem)
                     continue
-            found.append((full.relative_to(root).as_posix(), full))
+            found.append((prefix + name, entry.path))
+        for entry in subdirs:
+            walk(entry.path, prefix + entry.name + "/")
+
+    walk(os.fspath(root), "")
     return found, problems
+
+
+def _by_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
 
 
 def _outside(link: Path, real_root: Path) -> Problem | None:
@@ -274,7 +330,21 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
         if () not in failed:
             _FileBuilder(doc, result, failed).build()
     result.problems = doc.problems
+    data = doc.data
+    if isinstance(data, dict):
+        for section in ("jobs", "agents"):
+            names = data.get(section)
+            if isinstance(names, dict):
+                result.names[section] = {name: doc.mark((section, name)) for name in names}
+    # Keep only the marks the checks across files may name (after, targets, defaults, and
+    # the jobs themselves), not the data: 10,000 files' trees would stay in memory.
+    result.doc = YamlDoc(doc.file, marks={
+        p: m for p, m in doc.marks.items()
+        if len(p) <= 2 or p[0] == "defaults" or (p[0] == "jobs" and p[2] in _KEPT_MARKS)})
     return result
+
+
+_KEPT_MARKS = frozenset(("after", "targets"))
 
 
 Failed = set[tuple[str | int, ...]]
@@ -310,6 +380,7 @@ class _FileBuilder:
                 self.failed_jobs.setdefault(str(p[1]), set()).update(p[2:3])
         self.failed_agents = {p[1] for p in failed if len(p) > 1 and p[0] == "agents"}
         self._base: dict[str, Any] | None = None
+        self._base_bad = False
 
     def build(self) -> None:
         data = self.doc.data
@@ -359,6 +430,7 @@ class _FileBuilder:
                     self._base[attr] = convert(self, self.defaults[key], ("defaults", key))
                 else:
                     self._base[attr] = fallback
+            self._base_bad = any(v is _BAD for v in self._base.values())
         return self._base
 
     def job(self, name: str, raw: dict[str, Any], wrong: set[str | int] | None = None,
@@ -402,14 +474,17 @@ class _FileBuilder:
                 if key in raw:
                     doc.warn((*path, key), f"{key!r} only applies to kind: daemon; ignored")
         fields = dict(self._inherited())
+        bad = self._base_bad
         for key, value in raw.items():
             spec = _CONVERTERS.get(key)
             if spec is not None:
-                fields[spec[0]] = spec[1](self, value, (*path, key))
+                converted = fields[spec[0]] = spec[1](self, value, (*path, key))
+                if converted is _BAD:
+                    bad = True
         if "env" in raw or "env" in self.defaults:
             fields["env"] = self.env(raw)
         command = raw.get("command")
-        if check_only or command is None or not ok or any(v is _BAD for v in fields.values()):
+        if check_only or command is None or not ok or bad:
             return None
         return Job(
             name=name,
@@ -560,20 +635,25 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
     exists for ``after`` and for uniqueness, so one mistake is not reported three times.
     """
     problems: list[Problem] = []
-    declared: dict[str, dict[str, list[tuple[str, Mark]]]] = {"jobs": {}, "agents": {}}
-    for r in results:
-        data = r.doc.data if r.doc is not None else None
-        if not isinstance(data, dict):
+    declared: dict[str, dict[str, Any]] = {}  # section -> every name declared there
+    for section in ("jobs", "agents"):
+        # Merged with dict operations; the names defined twice (rare) are then looked for.
+        seen: dict[str, Any] = {}
+        total = 0
+        for r in results:
+            names = r.names.get(section)
+            if names:
+                total += len(names)
+                seen.update(dict.fromkeys(names, r.file))
+        declared[section] = seen
+        if len(seen) == total:
             continue
-        for section, seen in declared.items():
-            names = data.get(section)
-            if isinstance(names, dict):
-                for name in names:
-                    assert r.doc is not None
-                    seen.setdefault(name, []).append((r.file, r.doc.mark((section, name))))
-    for section, seen in declared.items():
+        everywhere: dict[str, list[tuple[str, Mark]]] = {}
+        for r in results:
+            for name, mark in r.names.get(section, {}).items():
+                everywhere.setdefault(name, []).append((r.file, mark))
         kind = "job" if section == "jobs" else "agent"
-        for name, places in seen.items():
+        for name, places in everywhere.items():
             if len(places) < 2:
                 continue
             for i, (file, where) in enumerate(places):
@@ -586,6 +666,8 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
     docs = {r.file: r.doc for r in results}
     matched: dict[tuple[tuple[str, str], ...], bool] = {}  # labels -> some agent has them
     for job in jobs.values():
+        if not job.after and not job.targets.agents and not job.targets.labels:
+            continue
         doc = docs.get(job.source.file)
         for i, target in enumerate(job.after):
             if target not in declared["jobs"]:
@@ -633,7 +715,7 @@ def _cycles(jobs: dict[str, Job], docs: dict[str, YamlDoc | None]) -> list[Probl
     """
     problems: list[Problem] = []
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    for root in sorted(jobs):
+    for root in sorted(name for name, job in jobs.items() if job.after):
         if root in state:
             continue
         stack: list[tuple[str, Iterator[str]]] = [(root, iter(jobs[root].after))]

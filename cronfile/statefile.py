@@ -29,6 +29,7 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import MISSING, fields, is_dataclass
 from functools import cache
 from pathlib import Path
@@ -96,8 +97,18 @@ def write_applied_text(state_dir: Path, state: DesiredState, job_texts: list[str
                       separators=(",", ":"))
     agents = json.dumps([_encode(a, Agent, f"agents.{n}") for n, a in state.agents.items()],
                         ensure_ascii=True, separators=(",", ":"))
-    text = head[:-1] + ',"jobs":[' + ",".join(job_texts) + '],"agents":' + agents + "}"
-    return _write_atomically(state_dir, text)
+    # Written in pieces of a few hundred KB, never joined into one string: 100,000 jobs
+    # make 85 MB, and one join (then its UTF-8 copy) held the GIL for a long stall of the
+    # center's event loop and doubled the memory for a moment.
+    def chunks() -> Iterator[str]:
+        yield head[:-1] + ',"jobs":['
+        for i in range(0, len(job_texts), _JOBS_PER_CHUNK):
+            yield ("," if i else "") + ",".join(job_texts[i:i + _JOBS_PER_CHUNK])
+        yield '],"agents":' + agents + "}\n"
+    return _write_atomically(state_dir, chunks())
+
+
+_JOBS_PER_CHUNK = 500
 
 
 def write_applied(state_dir: Path, state: DesiredState) -> Path:
@@ -112,16 +123,17 @@ def write_applied(state_dir: Path, state: DesiredState) -> Path:
     # Compact: indenting forces json's pure-Python encoder (4x slower on 100,000 jobs).
     text = json.dumps(state_to_json(state), ensure_ascii=True, allow_nan=False,
                       separators=(",", ":"))
-    return _write_atomically(state_dir, text)
+    return _write_atomically(state_dir, (text, "\n"))
 
 
-def _write_atomically(state_dir: Path, text: str) -> Path:
+def _write_atomically(state_dir: Path, chunks: Iterable[str]) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
     target = state_dir / APPLIED_FILE
     fd, tmp = tempfile.mkstemp(prefix=".applied.", suffix=".tmp", dir=state_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -210,38 +222,115 @@ def _is_instance(value: Any, tp: Any) -> bool:
 
 
 def _encode(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as JSON data, checked against ``tp``; a misfit is a TypeError naming where
+    (``jobs.x.retries.max``). The encoders are made once per type and the place is only
+    spelled out on error: an f-string per field cost most of the encoding."""
+    try:
+        return _encoder(tp)(value)
+    except _Misfit as exc:
+        raise TypeError(f"{where}{''.join(reversed(exc.path))}: {exc.message}") from None
+
+
+class _Misfit(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []  # innermost first
+
+
+_ENCODERS: dict[Any, Any] = {}
+
+
+def _encoder(tp: Any) -> Any:
+    enc = _ENCODERS.get(tp)
+    if enc is None:
+        enc = _ENCODERS[tp] = _make_encoder(tp)
+    return enc
+
+
+def _make_encoder(tp: Any) -> Any:  # noqa: C901 - one small closure per kind of type
     if _is_union(tp):
-        for arm in typing.get_args(tp):
-            if _is_instance(value, arm):
-                return _encode(value, arm, where)
-        raise TypeError(f"{where}: {value!r} does not fit {tp}")
+        arms = typing.get_args(tp)
+
+        def union(value: Any) -> Any:
+            for arm in arms:
+                if _is_instance(value, arm):
+                    return _encoder(arm)(value)
+            raise _Misfit(f"{value!r} does not fit {tp}")
+        return union
     if tp is type(None):
-        return None
+        return lambda value: None
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return value.value
+        return lambda value: value.value
     if isinstance(tp, type) and is_dataclass(tp):
         hints = _hints(tp)
-        return {f.name: _encode(getattr(value, f.name), hints[f.name], f"{where}.{f.name}")
-                for f in fields(tp)}
+        parts = [(f.name, _encoder(hints[f.name])) for f in fields(tp)]
+
+        def dataclass(value: Any) -> Any:
+            out = {}
+            for name, enc in parts:
+                try:
+                    out[name] = enc(getattr(value, name))
+                except _Misfit as exc:
+                    exc.path.append(f".{name}")
+                    raise
+            return out
+        return dataclass
     if typing.get_origin(tp) is tuple:
         pair_type = _pair_value_type(tp)
         if pair_type is not None:
-            out: dict[str, Any] = {}
-            for key, item in value:
-                if key in out:
-                    raise TypeError(f"{where}: key {key!r} appears twice")
-                out[key] = _encode(item, pair_type, f"{where}.{key}")
-            return out
+            pair_enc = _encoder(pair_type)
+
+            def pairs(value: Any) -> Any:
+                out: dict[str, Any] = {}
+                for key, item in value:
+                    if key in out:
+                        raise _Misfit(f"key {key!r} appears twice")
+                    try:
+                        out[key] = pair_enc(item)
+                    except _Misfit as exc:
+                        exc.path.append(f".{key}")
+                        raise
+                return out
+            return pairs
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return [_encode(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-        return [_encode(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args,
-                                                                              strict=True))]
+            item_enc = _encoder(args[0])
+
+            def items(value: Any) -> Any:
+                out = []
+                for i, v in enumerate(value):
+                    try:
+                        out.append(item_enc(v))
+                    except _Misfit as exc:
+                        exc.path.append(f"[{i}]")
+                        raise
+                return out
+            return items
+        encs = [_encoder(a) for a in args]
+
+        def fixed(value: Any) -> Any:
+            out = []
+            for i, (v, enc) in enumerate(zip(value, encs, strict=True)):
+                try:
+                    out.append(enc(v))
+                except _Misfit as exc:
+                    exc.path.append(f"[{i}]")
+                    raise
+            return out
+        return fixed
     if tp in (str, int, float, bool):
-        if not _is_instance(value, tp):
-            raise TypeError(f"{where}: {value!r} is not a {tp.__name__}")
-        return value
-    raise TypeError(f"{where}: no JSON encoding for {tp}")
+        name = tp.__name__
+
+        def scalar(value: Any) -> Any:
+            if not _is_instance(value, tp):
+                raise _Misfit(f"{value!r} is not a {name}")
+            return value
+        return scalar
+
+    def unknown(value: Any) -> Any:
+        raise _Misfit(f"no JSON encoding for {tp}")
+    return unknown
 
 
 def _fits_json(data: Any, tp: Any) -> bool:

@@ -147,7 +147,7 @@ class JsonlLog:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self._fd = os.open(self.path, flags, 0o644)
             if not existed:
-                _fsync_dir(self.path.parent)  # the new name must survive a crash too
+                fsync_dir(self.path.parent)  # the new name must survive a crash too
             return dropped
 
     def close(self) -> None:
@@ -222,7 +222,8 @@ def _end_of_last_line(fd: int, size: int) -> int:
     return 0
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a new or renamed directory entry durable (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:

@@ -35,6 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from cronfile.ledger import fsync_dir
 from cronfile.model import Agent, DesiredState, Job, Revision
 
 FORMAT_VERSION = 1
@@ -141,7 +142,7 @@ def _write_atomically(state_dir: Path, chunks: Iterable[str]) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     return target
 
 
@@ -166,19 +167,6 @@ def read_applied(state_dir: Path) -> DesiredState | None:
         return state_from_json(data)
     except StateFileError as exc:
         raise StateFileError(f"{path}: {exc}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- codec

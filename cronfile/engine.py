@@ -22,7 +22,7 @@ import functools
 import hashlib
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cronfile.firetimes import JobTimer
 from cronfile.model import CatchUp, Concurrency, Job, JobKind, RunStatus
@@ -69,9 +69,11 @@ class _JobState:
     generation: int
     last_slot: float | None = None
     armed_at: float | None = None  # slots after this belong to the fire path, not catch-up
-    running: set[str] = field(default_factory=set)
-    deps_done: set[str] = field(default_factory=set)
-    after_seen: dict[tuple[str, float], None] = field(default_factory=dict)  # bounded, in order
+    # Created on first use: most jobs never run concurrently or sit in a chain, and three
+    # empty containers per job are ~50 MB at 100,000 jobs.
+    running: set[str] | None = None
+    deps_done: set[str] | None = None
+    after_seen: dict[tuple[str, float], None] | None = None  # bounded, in order
 
 
 def jitter_for(job: Job, slot: float) -> float:
@@ -374,6 +376,8 @@ class Scheduler:
     def started(self, name: str, run_id: str) -> None:
         state = self._jobs.get(name)
         if state is not None:
+            if state.running is None:
+                state.running = set()
             state.running.add(run_id)
 
     def finished(self, name: str, run_id: str, status: RunStatus, exit_code: int | None,
@@ -382,7 +386,8 @@ class Scheduler:
         state = self._jobs.get(name)
         if state is None:
             return []
-        state.running.discard(run_id)
+        if state.running:
+            state.running.discard(run_id)
         job = state.job
         actions: list[Action] = []
         if status in (RunStatus.FAILED, RunStatus.TIMEOUT) and attempt <= job.retries.max:
@@ -403,6 +408,10 @@ class Scheduler:
             if state is None or state.job.suspend:
                 continue
             key = (done, slot)
+            if state.after_seen is None:
+                state.after_seen = {}
+            if state.deps_done is None:
+                state.deps_done = set()
             if key in state.after_seen:
                 continue
             state.after_seen[key] = None

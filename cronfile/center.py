@@ -235,12 +235,14 @@ class Center:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state_dir(self.state_dir)
         dropped = self.ledger.open()
+        # Read how far the previous center got BEFORE this one writes anything: the
+        # fallback (no watermark file) is the logs' last timestamp.
+        since = self._read_watermark()
         if any(dropped.values()):
             self._event("ledger_repaired", dropped_bytes=dropped)
         self._write_center_file()
         self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
                     listen=self.options.listen)
-        since = self._read_watermark()
         self._recover_ledger(since)
         first = await asyncio.to_thread(self.loader.load, with_git=True)
         if first.state is None:

@@ -130,12 +130,6 @@ def field_changes(old: Mapping[str, Any], new: Mapping[str, Any],
     keys.extend(k for k in new if k not in old)
     for key in keys:
         a, b = old.get(key), new.get(key)
-        # to_plain renders an empty mapping (env, labels) as []: compare it as {} so that
-        # adding the first env var reads ``env.FOO: None → "x"``, not a list-to-dict swap.
-        if a == [] and isinstance(b, dict):
-            a = {}
-        elif b == [] and isinstance(a, dict):
-            b = {}
         if a == b:
             continue
         path = f"{prefix}{key}"

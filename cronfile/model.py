@@ -13,6 +13,9 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+MAPPING = {"mapping": True}
+"""Field metadata: a tuple of (key, value) pairs that means a mapping (``env``, ``labels``)."""
+
 
 class JobKind(enum.Enum):
     """What a job is."""
@@ -153,7 +156,7 @@ class Targets:
     """Where a job runs. No agents and no labels means the center's own host (``local``)."""
 
     agents: tuple[str, ...] = ()
-    labels: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = field(default=(), metadata=MAPPING)
     strategy: Strategy = Strategy.ONE
     transport: Transport = Transport.AUTO
 
@@ -214,7 +217,7 @@ class Job:
     replicas: int = 1
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     timezone: str = "UTC"
-    env: tuple[tuple[str, EnvValue], ...] = ()
+    env: tuple[tuple[str, EnvValue], ...] = field(default=(), metadata=MAPPING)
     workdir: str | None = None
     run_as: str | None = None
     timeout_s: float | None = None
@@ -235,7 +238,7 @@ class Job:
 
     def definition(self) -> dict[str, Any]:
         """The job's fields as plain data, without its source location (for diffs and JSON)."""
-        return {name: to_plain(getattr(self, name)) for name in _compared_fields(type(self))}
+        return dict(to_plain(self))
 
 
 @dataclass(frozen=True)
@@ -257,12 +260,12 @@ class Agent:
     """A host in the inventory."""
 
     name: str
-    labels: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = field(default=(), metadata=MAPPING)
     ssh: SshConfig | None = None
     source: Source = field(default=Source("", 0), compare=False)
 
     def definition(self) -> dict[str, Any]:
-        return {name: to_plain(getattr(self, name)) for name in _compared_fields(type(self))}
+        return dict(to_plain(self))
 
 
 @dataclass(frozen=True)
@@ -288,15 +291,16 @@ class DesiredState:
         return hash(self.revision)
 
 
-_FIELD_CACHE: dict[type, tuple[str, ...]] = {}
+_FIELD_CACHE: dict[type, tuple[tuple[str, bool], ...]] = {}
 
 
-def _compared_fields(cls: type) -> tuple[str, ...]:
-    """The fields that define a value (source locations excluded); cached per class because
-    plans and diffs call this for every job."""
+def _compared_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(name, is a mapping) for the fields that define a value (source locations excluded);
+    cached per class because plans and diffs call this for every job."""
     names = _FIELD_CACHE.get(cls)
     if names is None:
-        names = _FIELD_CACHE[cls] = tuple(f.name for f in fields(cls) if f.compare)
+        names = _FIELD_CACHE[cls] = tuple((f.name, bool(f.metadata.get("mapping")))
+                                          for f in fields(cls) if f.compare)
     return names
 
 
@@ -307,9 +311,14 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, SecretRef):
         return {"from_file": value.from_file} if value.from_file else {"from_env": value.from_env}
     if hasattr(value, "__dataclass_fields__"):
-        return {name: to_plain(getattr(value, name)) for name in _compared_fields(type(value))}
+        return {name: _plain_field(getattr(value, name), mapping)
+                for name, mapping in _compared_fields(type(value))}
     if isinstance(value, tuple):
-        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
-            return {k: to_plain(v) for k, v in value}
         return [to_plain(v) for v in value]
     return value
+
+
+def _plain_field(value: Any, mapping: bool) -> Any:
+    """A field marked as a mapping (env, labels: stored as sorted pairs) is a dict, even
+    when empty, so diffs and plans compare like with like."""
+    return {k: to_plain(v) for k, v in value} if mapping else to_plain(value)

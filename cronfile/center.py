@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,12 @@ class CenterOptions:
     shutdown_grace_s: float = DEFAULT_KILL_GRACE_S
     watch: bool = True
     accept_undeclared: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    heartbeat_s: float = 10.0
+    lease_s: float = 60.0
+    known_hosts: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 class Center:
@@ -243,7 +248,7 @@ class Center:
         self._write_center_file()
         self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
                     listen=self.options.listen)
-        self._recover_ledger(since)
+        self._recover_ledger()
         first = await asyncio.to_thread(self.loader.load, with_git=True)
         if first.state is None:
             self._reject(first.problems)
@@ -262,7 +267,7 @@ class Center:
         if since is not None:
             # Agents reconnect after a restart: give them one heartbeat before catch-up
             # decides that a slot has no agent.
-            delay = float(self.options.extra.get("heartbeat_s", 10.0)) if self.hub else 0.0
+            delay = self.options.heartbeat_s if self.hub else 0.0
             self._spawn(self._catch_up_after(since, delay), critical=True)
         self._spawn(self._scheduler_loop(), critical=True)
         if self.options.watch:
@@ -775,7 +780,7 @@ class Center:
 
     # ------------------------------------------------------------------ restarts
 
-    def _recover_ledger(self, since: float | None) -> None:
+    def _recover_ledger(self) -> None:
         """Runs the previous center left in flight are ``lost``; remember handled slots."""
         lost = []
         for view in fold_runs(self.ledger.read_runs()):
@@ -812,7 +817,7 @@ class Center:
     async def _housekeeping(self) -> None:
         """Once a minute: forget handled slots older than any start can be (the ledger
         keeps them; memory need not), and give up on agents that never came back."""
-        lease = float(self.options.extra.get("lease_s", 60.0))
+        lease = self.options.lease_s
         began = self.clock.time()
         while True:
             await asyncio.sleep(min(60.0, lease))

@@ -187,11 +187,11 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
         _check_listen(listen)
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
-    extra = {"heartbeat_s": heartbeat, "lease_s": lease,
-             "known_hosts": str(known_hosts) if known_hosts else None,
-             "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca}
-    sys.exit(run_center(CenterOptions(schedules, state_dir, listen, token_file, grace,
-                                      not no_watch, accept_undeclared, extra)))
+    sys.exit(run_center(CenterOptions(
+        schedules, state_dir, listen, token_file, grace, not no_watch, accept_undeclared,
+        heartbeat_s=heartbeat, lease_s=lease,
+        known_hosts=str(known_hosts) if known_hosts else None,
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)))
 
 
 @cli.command()

@@ -26,7 +26,7 @@ from cronfile.loader import LOCAL_AGENT
 from cronfile.model import Agent, Job, Strategy, Transport
 
 if TYPE_CHECKING:
-    from cronfile.center import Center, Target
+    from cronfile.center import Center, CenterOptions, Target
 
 log = logging.getLogger("cronfile.fleet")
 
@@ -78,7 +78,7 @@ def ssh_executor(center: Center, agent: Agent) -> Any:
         if cached is not None:  # the config changed: close the old connection
             center._spawn(cached[1].close())
         cache[agent.name] = (agent.ssh, SshExecutor(agent.name, agent.ssh,
-                                                     known_hosts=center.options.extra.get("known_hosts")))
+                                                     known_hosts=center.options.known_hosts))
     return cache[agent.name][1]
 
 
@@ -129,19 +129,19 @@ def write_agents_file(center: Center) -> None:
     os.replace(tmp, path)
 
 
-def _server_tls(extra: dict[str, Any]) -> Any:
+def _server_tls(options: CenterOptions) -> Any:
     """TLS for the agent listener when --tls-cert/--tls-key are given; with --tls-client-ca
     agents must present a certificate signed by it (mutual TLS)."""
     import ssl
 
-    if not extra.get("tls_cert"):
+    if not options.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(extra["tls_cert"]), str(extra["tls_key"]))
-    if extra.get("tls_client_ca"):
+    context.load_cert_chain(str(options.tls_cert), str(options.tls_key))
+    if options.tls_client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(str(extra["tls_client_ca"]))
+        context.load_verify_locations(str(options.tls_client_ca))
     return context
 
 
@@ -193,9 +193,9 @@ async def start_hub(center: Center) -> Any:
                    inventory=center.desired.agents if center.desired else {},
                    secrets=secrets, accept_undeclared=center.options.accept_undeclared,
                    on_connect=on_connect, on_disconnect=on_disconnect, on_outcome=on_outcome,
-                   heartbeat_s=float(center.options.extra.get("heartbeat_s", 10.0)),
-                   ssl_context=_server_tls(center.options.extra),
-                   lease_s=float(center.options.extra.get("lease_s", 60.0)))
+                   heartbeat_s=center.options.heartbeat_s,
+                   ssl_context=_server_tls(center.options),
+                   lease_s=center.options.lease_s)
     await hub.start()
     center.hub = hub
     write_agents()

@@ -35,7 +35,7 @@ def load_runs(state_dir: Path) -> tuple[list[dict[str, Any]], int]:
     unreadable lines skipped (a torn tail never stops a reader)."""
     stats = ReadStats()
     views = fold_runs(read(state_dir / "runs.jsonl", stats))
-    return views, getattr(stats, "skipped", 0)
+    return views, stats.skipped
 
 
 def query_runs(state_dir: Path, job: str | None = None, status: str | None = None,

@@ -1,9 +1,13 @@
-"""Wall and monotonic time behind one small interface, so the scheduler can be tested with
-a clock that tests move by hand (no sleeping in tests)."""
+"""Wall and monotonic time behind one small interface.
+
+The center reads time only through a :class:`Clock`, so that it can notice wall-clock steps
+(comparing the two) and so that tests of the scheduling decisions
+(:class:`~cronfile.engine.Scheduler`, which takes ``now`` as an argument) can move time by
+hand with :class:`FakeClock` instead of sleeping. Waiting itself stays on the event loop.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
@@ -15,9 +19,6 @@ class Clock(Protocol):
     def monotonic(self) -> float:
         """Seconds that never jump (to notice when the wall clock does)."""
 
-    async def sleep(self, seconds: float) -> None:
-        """Wait this long (or less: the scheduler re-checks the time when it wakes)."""
-
 
 class SystemClock:
     def time(self) -> float:
@@ -26,13 +27,9 @@ class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))
-
 
 class FakeClock:
-    """A clock that only moves when a test says so; ``sleep`` returns at once after yielding,
-    so a scheduler loop under test advances exactly as far as the test moves time."""
+    """A clock that only moves when a test says so."""
 
     def __init__(self, start: float) -> None:
         self.now = start
@@ -51,6 +48,3 @@ class FakeClock:
     def step_wall(self, seconds: float) -> None:
         """The wall clock jumps (NTP step, manual change); monotonic time does not."""
         self.now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)

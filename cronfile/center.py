@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,6 +139,8 @@ class Center:
         self._encoded_jobs: dict[str, tuple[Job, str]] = {}
         self.last_rejection: dict[str, Any] | None = None
         self.hub: Any = None  # the agent hub, when agents are enabled
+        self.ssh_executors: dict[str, tuple[Any, Executor]] = {}  # agent -> (its ssh config, executor)
+        self.round_robin: dict[str, Iterator[int]] = {}  # job -> counter for strategy: one
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._reload_requested = asyncio.Event()
@@ -378,7 +380,7 @@ class Center:
         if self.hub is not None:
             with contextlib.suppress(Exception):
                 await self.hub.close()
-        for _config, ssh in self.__dict__.get("_ssh_executors", {}).values():
+        for _config, ssh in self.ssh_executors.values():
             with contextlib.suppress(Exception):
                 await ssh.close()
         with contextlib.suppress(Exception):

@@ -71,7 +71,7 @@ def ssh_executor(center: Center, agent: Agent) -> Any:
     """One SSH executor (one reused connection) per agent, rebuilt when its config changes."""
     from cronfile.ssh_exec import SshExecutor
 
-    cache: dict[str, tuple[Any, Any]] = center.__dict__.setdefault("_ssh_executors", {})
+    cache = center.ssh_executors
     cached = cache.get(agent.name)
     if cached is None or cached[0] != agent.ssh:
         assert agent.ssh is not None
@@ -106,7 +106,7 @@ def resolve_targets(center: Center, job: Job) -> list[Target]:
         for index, target in enumerate(ordered):
             target.env = (("CRONFILE_SHARD_INDEX", str(index)), ("CRONFILE_SHARD_TOTAL", total))
         return ordered
-    counter = center.__dict__.setdefault("_round_robin", {}).setdefault(job.name, itertools.count())
+    counter = center.round_robin.setdefault(job.name, itertools.count())
     return [available[next(counter) % len(available)]]
 
 

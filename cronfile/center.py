@@ -43,7 +43,7 @@ from cronfile.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.local_exec import LocalExecutor
 from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, OnChange, RunStatus
 from cronfile.notify import Notifier, runtime_alerts
-from cronfile.statefile import StateFileError, encode_job, read_applied, write_applied_text
+from cronfile.statefile import StateFileError, read_applied, write_applied
 
 log = logging.getLogger("cronfile.center")
 
@@ -55,7 +55,6 @@ SLOT_MEMORY_S = 6 * 3600.0
 deadlines are far shorter); the ledger keeps them for good."""
 DISPATCH_CHUNK = 128
 RECORD_BATCH_S = 0.005
-ENCODE_SLICE_S = 0.010
 
 
 def iso(ts: float | None) -> str | None:
@@ -136,7 +135,6 @@ class Center:
         self._success_watch: set[str] = set()
         self._applied_wanted: DesiredState | None = None
         self._applied_writer: asyncio.Task[Any] | None = None
-        self._encoded_jobs: dict[str, tuple[Job, str]] = {}
         self.last_rejection: dict[str, Any] | None = None
         self.hub: Any = None  # the agent hub, when agents are enabled
         self.ssh_executors: dict[str, tuple[Any, Executor]] = {}  # agent -> (its ssh config, executor)
@@ -463,34 +461,17 @@ class Center:
                 self._applied_writer = self._spawn(self._write_applied_loop())
 
     async def _write_applied_loop(self) -> None:
+        """Store the applied schedule files (see :mod:`cronfile.statefile`) in a thread: at
+        100,000 jobs that is one small JSON string per file, so the GIL is never held long,
+        and nothing per job is kept in memory for it."""
         while self._applied_wanted is not None:
             state, self._applied_wanted = self._applied_wanted, None
-            pieces = await self._encode_jobs(state)
-            await asyncio.to_thread(write_applied_text, self.state_dir, state, pieces)
-
-    async def _encode_jobs(self, state: DesiredState) -> list[str]:
-        """Each job's JSON for applied.json, encoded once and reused while the job is
-        unchanged (the loader hands back the same Job objects for unchanged files).
-
-        Encoding runs ON the event loop in slices of ~10 ms rather than in a thread: a
-        thread holding the GIL through 100,000 first-time encodings stalled the loop for
-        hundreds of milliseconds; slices bound the stall by construction."""
-        pieces: list[str] = []
-        cache = self._encoded_jobs
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ENCODE_SLICE_S
-        for name, job in state.jobs.items():
-            cached = cache.get(name)
-            if cached is None or cached[0] is not job:
-                cached = (job, encode_job(job))
-                cache[name] = cached
-                if loop.time() >= deadline:
-                    await asyncio.sleep(0)
-                    deadline = loop.time() + ENCODE_SLICE_S
-            pieces.append(cached[1])
-        for gone in set(cache) - set(state.jobs):
-            cache.pop(gone, None)
-        return pieces
+            try:
+                await asyncio.to_thread(write_applied, self.state_dir, state)
+            except (OSError, StateFileError) as exc:  # the next revision tries again
+                log.error("cannot write %s: %s", self.state_dir / "applied.json", exc)
+            # A load or a reload frees most of what it allocated: give it back to the system.
+            await asyncio.to_thread(return_free_memory)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the schedules: apply the difference, or keep the last good revision.
@@ -921,6 +902,23 @@ def _parse_iso(text: Any) -> float | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def return_free_memory() -> None:
+    """Ask glibc to return freed heap pages to the system (``malloc_trim``).
+
+    Loading 100,000 jobs allocates and frees hundreds of megabytes of small objects, in a
+    worker thread's malloc arena; without this the freed pages stay in the center's RSS.
+    ctypes releases the GIL for the call, so the event loop keeps running. Elsewhere than
+    glibc this does nothing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _raise_fd_limit() -> None:

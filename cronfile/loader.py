@@ -19,6 +19,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -70,10 +71,10 @@ class FileResult:
     agents: list[Agent] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     # What the checks across files need, not the whole parsed file (its data and every
-    # key's mark would cost memory per job): the declared names with their marks, and the
-    # marks of ``after``/``targets``/``defaults`` keys (see :func:`load_file`).
+    # key's mark would cost memory per job): the declared names (their marks are in
+    # ``doc``), and the marks of ``after``/``targets``/``defaults`` keys (see :func:`load_file`).
     doc: YamlDoc | None = None
-    names: dict[str, dict[str, Mark]] = field(default_factory=dict)
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # (mtime_ns, ctime_ns, size, inode) when read, None when too recent to trust.
     signature: tuple[int, int, int, int] | None = None
     hash_line: bytes = b""  # this file's part of the revision's content hash
@@ -189,6 +190,7 @@ class ScheduleLoader:
             agents={a.name: a for r in results for a in r.agents},
             revision=Revision(_content_hash(results, self.root),
                               git_commit(self.root) if with_git else None),
+            sources={r.file: r.digest for r in results},
         )
         return LoadResult(state, problems, files, counts)
 
@@ -335,7 +337,7 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
         for section in ("jobs", "agents"):
             names = data.get(section)
             if isinstance(names, dict):
-                result.names[section] = {name: doc.mark((section, name)) for name in names}
+                result.names[section] = tuple(names)
     # Keep only the marks the checks across files may name (after, targets, defaults, and
     # the jobs themselves), not the data: 10,000 files' trees would stay in memory.
     result.doc = YamlDoc(doc.file, marks={
@@ -448,7 +450,8 @@ class _FileBuilder:
         if "schedule" in raw:
             checked = self.schedules(name, raw["schedule"], (*path, "schedule"))
             ok = checked is not _BAD
-            schedules = tuple(checked) if checked is not _BAD else ()
+            # Interned: a few hundred distinct texts shared by 100,000 jobs (memory).
+            schedules = tuple(_interned(checked)) if checked is not _BAD else ()
         trigger = None
         if "trigger" in raw:
             delay = self.duration(raw["trigger"].get("delay", 0), (*path, "trigger", "delay"))
@@ -488,7 +491,8 @@ class _FileBuilder:
             return None
         return Job(
             name=name,
-            command=tuple(command) if isinstance(command, list) else command,
+            # argv words repeat across jobs ("/usr/bin/env", "--all"): interned, shared
+            command=tuple(_interned(command)) if isinstance(command, list) else command,
             schedules=schedules,
             trigger=trigger,
             after=after,
@@ -512,7 +516,7 @@ class _FileBuilder:
 
     def zone(self, name: str, path: tuple[str | int, ...]) -> Any:
         if _zone_exists(name):
-            return name
+            return sys.intern(name)  # one string per zone, not one per job
         self.doc.error(path, f"unknown time zone {name!r} (use an IANA name such as "
                        "Europe/Berlin or UTC)")
         return _BAD
@@ -567,6 +571,10 @@ _RESTART = RestartPolicy()
 _LOCAL = Targets()
 
 
+def _interned(words: Iterable[Any]) -> Iterator[Any]:
+    return (sys.intern(w) if w.__class__ is str else w for w in words)
+
+
 def _same(builder: _FileBuilder, value: Any, path: tuple[str | int, ...]) -> Any:
     return value
 
@@ -593,7 +601,8 @@ def _targets(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, 
 def _notify(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, ...]) -> Notify:
     command = raw.get("command")
     return Notify(webhook=raw.get("webhook"),
-                  command=tuple(command) if isinstance(command, list) else command,
+                  # argv words repeat across jobs ("/usr/bin/env", "--all"): interned, shared
+            command=tuple(_interned(command)) if isinstance(command, list) else command,
                   when=tuple(raw.get("when", ["failure"])))
 
 
@@ -650,7 +659,8 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
             continue
         everywhere: dict[str, list[tuple[str, Mark]]] = {}
         for r in results:
-            for name, mark in r.names.get(section, {}).items():
+            for name in r.names.get(section, ()):
+                mark = r.doc.mark((section, name)) if r.doc is not None else Mark(1, 1)
                 everywhere.setdefault(name, []).append((r.file, mark))
         kind = "job" if section == "jobs" else "agent"
         for name, places in everywhere.items():

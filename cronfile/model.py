@@ -111,7 +111,7 @@ class RunStatus(enum.Enum):
     """No connected agent matched the job's targets."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
     """Where a value was written: file (relative to the schedules directory) and 1-based line."""
 
@@ -123,7 +123,7 @@ class Source:
         return f"{self.file}:{self.line}:{self.column}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SecretRef:
     """An environment value resolved on the host that runs the job, never logged."""
 
@@ -137,7 +137,7 @@ class SecretRef:
 EnvValue = str | SecretRef
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Retries:
     """Re-run a failed run up to ``max`` times, waiting ``backoff * factor**n`` between."""
 
@@ -151,7 +151,7 @@ class Retries:
         return self.backoff_s * self.factor ** max(0, attempt - 2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Targets:
     """Where a job runs. No agents and no labels means the center's own host (``local``)."""
 
@@ -165,7 +165,7 @@ class Targets:
         return not self.labels and self.agents in ((), ("local",))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RestartPolicy:
     """How a daemon is kept alive; the backoff doubles per crash up to ``max_backoff_s``."""
 
@@ -174,7 +174,7 @@ class RestartPolicy:
     max_backoff_s: float = 300.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Trigger:
     """Run on ``cronfile trigger EVENT``, optionally after a delay."""
 
@@ -182,7 +182,7 @@ class Trigger:
     delay_s: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Notify:
     """Where failures are reported."""
 
@@ -191,7 +191,7 @@ class Notify:
     when: tuple[str, ...] = ("failure",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Expect:
     """What the center alerts on by itself."""
 
@@ -204,7 +204,7 @@ DEFAULT_OUTPUT_KEEP = 64 * 1024
 DEFAULT_KILL_GRACE_S = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One job with its file's ``defaults`` applied."""
 
@@ -241,7 +241,7 @@ class Job:
         return dict(to_plain(self))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SshConfig:
     """How the center reaches an agent's host over SSH when the agent is not connected."""
 
@@ -255,7 +255,7 @@ class SshConfig:
     sudo: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Agent:
     """A host in the inventory."""
 
@@ -268,7 +268,7 @@ class Agent:
         return dict(to_plain(self))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Revision:
     """Which schedules a desired state came from."""
 
@@ -279,13 +279,20 @@ class Revision:
         return {"content_hash": self.content_hash, "git_commit": self.git_commit}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredState:
-    """Every job and agent of a schedules directory, by name."""
+    """Every job and agent of a schedules directory, by name.
+
+    ``sources`` names the schedule files the state was built from (file as the loader
+    names it -> sha256 of its bytes), when it came from files: the center stores those
+    files as its applied state instead of re-encoding every job (see
+    :mod:`cronfile.statefile`). They are not part of the value: two states with the same
+    jobs and agents are equal."""
 
     jobs: dict[str, Job]
     agents: dict[str, Agent]
     revision: Revision
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __hash__(self) -> int:  # dicts inside: identity is the revision
         return hash(self.revision)

@@ -9,21 +9,40 @@ Secrets: an ``env`` value that is a :class:`~cronfile.model.SecretRef` is stored
 reference (``{"from_file": PATH}`` / ``{"from_env": NAME}``), which is all the model ever holds;
 the value is resolved on the host that runs the job and never reaches this file.
 
-Format (``"v": 1``)::
+Two formats, both read back:
+
+* ``"v": 2`` (what the center writes): the schedule files the state was loaded from, one
+  per line, read back with the loader. At 100,000 jobs the files are a quarter of the size
+  of their jobs encoded field by field, cost nothing to encode, and reproduce the state
+  exactly, source locations included::
+
+    {"v": 2, "revision": {"content_hash": ..., "git_commit": ...}, "files": [
+    {"file": "schedules/backups.yaml", "sha256": ..., "text": "apiVersion: cronfile/v1\n..."},
+    ...
+    ]}
+
+  The center does not keep the files' bytes in memory (22 MB at 100,000 jobs): the state
+  only has each file's sha256, and the writer reads the file again, checking the digest.
+  A file changed on disk since it was applied (an edit that is still being reloaded, or
+  one that was rejected) is copied from the previous applied.json instead, matched by
+  digest; the one-entry-per-line layout lets that read go a line at a time.
+
+* ``"v": 1`` for a state that has no files behind it (built in code): every field of
+  every job and agent, encoded from the model's type hints, so a field added to ``Job`` is
+  stored without touching this module and a shape the codec does not know raises at once
+  instead of being written lossily. Name/value pairs (``env``, ``labels``) are JSON
+  objects, in their order::
 
     {"v": 1, "revision": {"content_hash": ..., "git_commit": ...},
      "jobs": [{"name": ..., "command": ..., ..., "source": {"file", "line", "column"}}, ...],
      "agents": [{"name": ..., "labels": {...}, "ssh": {...} | null, "source": {...}}, ...]}
-
-Encoding is driven by the model's type hints, so a field added to ``Job`` is stored without
-touching this module; a shape the codec does not know raises at once instead of being
-written lossily. Name/value pairs (``env``, ``labels``) are JSON objects, in their order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import json
 import os
 import tempfile
@@ -38,7 +57,8 @@ from typing import Any
 from cronfile.ledger import fsync_dir
 from cronfile.model import Agent, DesiredState, Job, Revision
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # field by field
+SOURCES_VERSION = 2  # the schedule files' bytes
 APPLIED_FILE = "applied.json"
 
 
@@ -64,9 +84,11 @@ def state_from_json(data: Any) -> DesiredState:
     if not isinstance(data, dict):
         raise StateFileError("expected a JSON object")
     version = data.get("v")
+    if version == SOURCES_VERSION:
+        return _state_from_sources(data)
     if version != FORMAT_VERSION:
         raise StateFileError(f"format version {version!r} is not supported "
-                             f"(this cronfile reads version {FORMAT_VERSION})")
+                             f"(this cronfile reads versions {FORMAT_VERSION} and {SOURCES_VERSION})")
     unknown = set(data) - {"v", "revision", "jobs", "agents"}
     if unknown:
         raise StateFileError(f"unknown keys {sorted(unknown)}")
@@ -86,30 +108,101 @@ def state_from_json(data: Any) -> DesiredState:
     return DesiredState(jobs=jobs, agents=agents, revision=revision)
 
 
-def encode_job(job: Job) -> str:
-    """One job as compact JSON text (the center caches it per unchanged job)."""
-    return json.dumps(_encode(job, Job, f"jobs.{job.name}"), ensure_ascii=True,
-                      allow_nan=False, separators=(",", ":"))
+def _state_from_sources(data: dict[str, Any]) -> DesiredState:
+    """A ``"v": 2`` state: each stored file loaded again, as it was when it was applied."""
+    from cronfile.loader import load_file  # the loader is the only parser of these files
+    from cronfile.problems import Severity
+
+    unknown = set(data) - {"v", "revision", "files"}
+    if unknown:
+        raise StateFileError(f"unknown keys {sorted(unknown)}")
+    revision = _decode(data.get("revision"), Revision, "revision")
+    jobs: dict[str, Job] = {}
+    agents: dict[str, Agent] = {}
+    sources: dict[str, str] = {}
+    for i, entry in enumerate(_list(data.get("files", []), "files")):
+        if not (isinstance(entry, dict) and set(entry) == {"file", "sha256", "text"}
+                and all(isinstance(v, str) for v in entry.values())):
+            raise StateFileError(f'files[{i}]: expected {{"file": ..., "sha256": ..., "text": ...}}')
+        raw = entry["text"].encode("utf-8", "surrogateescape")
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != entry["sha256"]:
+            raise StateFileError(f"files[{i}] ({entry['file']}): its text does not match its sha256")
+        result = load_file(entry["file"], raw, digest)
+        errors = [p for p in result.problems if p.severity is Severity.ERROR]
+        if errors:
+            raise StateFileError(f"files[{i}] ({entry['file']}) no longer loads: {errors[0].render()}")
+        for job in result.jobs:
+            if job.name in jobs:
+                raise StateFileError(f"files[{i}]: job {job.name!r} appears twice")
+            jobs[job.name] = job
+        for agent in result.agents:
+            if agent.name in agents:
+                raise StateFileError(f"files[{i}]: agent {agent.name!r} appears twice")
+            agents[agent.name] = agent
+        sources[entry["file"]] = digest
+    return DesiredState(jobs=jobs, agents=agents, revision=revision, sources=sources)
 
 
-def write_applied_text(state_dir: Path, state: DesiredState, job_texts: list[str]) -> Path:
-    """Like :func:`write_applied`, with each job already encoded by :func:`encode_job`."""
-    head = json.dumps({"v": FORMAT_VERSION, "revision": _encode(state.revision, Revision, "revision")},
-                      separators=(",", ":"))
-    agents = json.dumps([_encode(a, Agent, f"agents.{n}") for n, a in state.agents.items()],
-                        ensure_ascii=True, separators=(",", ":"))
-    # Written in pieces of a few hundred KB, never joined into one string: 100,000 jobs
-    # make 85 MB, and one join (then its UTF-8 copy) held the GIL for a long stall of the
-    # center's event loop and doubled the memory for a moment.
-    def chunks() -> Iterator[str]:
-        yield head[:-1] + ',"jobs":['
-        for i in range(0, len(job_texts), _JOBS_PER_CHUNK):
-            yield ("," if i else "") + ",".join(job_texts[i:i + _JOBS_PER_CHUNK])
-        yield '],"agents":' + agents + "}\n"
-    return _write_atomically(state_dir, chunks())
+def _sources_chunks(state: DesiredState, previous: Path) -> Iterator[str]:
+    """``"v": 2`` text, one file per piece (and per line): never joined into one string,
+    so writing 100,000 jobs' files neither doubles the memory nor holds the GIL for long."""
+    head = {"v": SOURCES_VERSION, "revision": _encode(state.revision, Revision, "revision")}
+    yield json.dumps(head, separators=(",", ":"))[:-1] + ',"files":[\n'
+    stale: dict[str, str] = {}  # file -> digest wanted, for files changed on disk since
+    texts: dict[str, str] = {}
+    for file, digest in state.sources.items():
+        text = _text_if_unchanged(file, digest)
+        if text is None:
+            stale[file] = digest
+        else:
+            texts[file] = text
+    if stale:
+        found = _previous_texts(previous, stale)
+        missing = sorted(set(stale) - set(found))
+        if missing:
+            raise StateFileError(f"cannot store the applied state: {missing[0]} changed on disk "
+                                 f"since it was applied and {previous} has no copy of it")
+        texts.update(found)
+    for i, file in enumerate(state.sources):
+        entry = {"file": file, "sha256": state.sources[file], "text": texts.pop(file)}
+        # ASCII-escaped: the text of a loaded file is valid UTF-8, a surrogate-escaped path
+        # may not be; escapes keep both exact.
+        yield ("," if i else "") + json.dumps(entry, ensure_ascii=True, separators=(",", ":")) + "\n"
+    yield "]}\n"
 
 
-_JOBS_PER_CHUNK = 500
+def _text_if_unchanged(file: str, digest: str) -> str | None:
+    """The file's text when its bytes still have ``digest``; None when it changed or is gone."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if hashlib.sha256(raw).hexdigest() != digest:
+        return None
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _previous_texts(path: Path, wanted: dict[str, str]) -> dict[str, str]:
+    """The texts of ``wanted`` (file -> digest) in a previous ``"v": 2`` applied.json, read
+    one line (one file) at a time so that a 20 MB file is never parsed in one piece."""
+    found: dict[str, str] = {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                line = line.strip().lstrip(",")
+                if not line.startswith('{"file":'):
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if wanted.get(entry.get("file")) == entry.get("sha256"):
+                    found[entry["file"]] = entry["text"]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return found
 
 
 def write_applied(state_dir: Path, state: DesiredState) -> Path:
@@ -120,6 +213,8 @@ def write_applied(state_dir: Path, state: DesiredState) -> Path:
     atomic only within one file system), is fsynced, then renamed over the old file, and the
     directory is fsynced so the rename itself survives a power cut.
     """
+    if state.sources:
+        return _write_atomically(state_dir, _sources_chunks(state, state_dir / APPLIED_FILE))
     # ASCII-escaped: a YAML "\ud800" escape yields a lone surrogate, which UTF-8 cannot encode.
     # Compact: indenting forces json's pure-Python encoder (4x slower on 100,000 jobs).
     text = json.dumps(state_to_json(state), ensure_ascii=True, allow_nan=False,

@@ -215,6 +215,64 @@ def test_hot_reload_add_job_and_reject_invalid_edit(center: Any) -> None:
     assert sj["center"]["running"] is True
 
 
+def test_applied_state_is_what_plan_compares_against(center: Any) -> None:
+    """The center stores the files it applied in applied.json; ``plan --state`` diffs the
+    directory against that (and not against what is on disk now)."""
+    c = center()
+    c.write("a.yaml", _yaml(f"""\
+  keep:
+    schedule: {NEVER_SOON}
+    command: "true"
+"""))
+    c.start()
+    applied = c.state / "applied.json"
+    wait_for(applied.exists, 10, "applied.json")
+    plan = c.cli("plan", "--schedules", str(c.schedules), "--detailed-exitcode")
+    assert plan.returncode == 0, plan.stdout + plan.stderr  # nothing to change
+    assert json.loads(applied.read_text())["v"] == 2
+
+    c.write("b.yaml", _yaml(f"""\
+  added:
+    schedule: {NEVER_SOON}
+    command: "true"
+"""))
+    c.wait_events(lambda es: len(_applied(es)) >= 2, 10, "the reload")
+    wait_for(lambda: "b.yaml" in applied.read_text(), 10, "applied.json rewritten")
+    c.stop()
+    c.write("a.yaml", _yaml(f"""\
+  keep:
+    schedule: {NEVER_SOON}
+    command: "false"
+"""))
+    plan = c.cli("plan", "--schedules", str(c.schedules), "--detailed-exitcode")
+    assert plan.returncode == 2, plan.stdout + plan.stderr
+    assert "~ keep" in plan.stdout.splitlines() and "+ added" not in plan.stdout
+    assert plan.stdout.splitlines()[-1] == "Plan: 0 to add, 1 to change, 0 to remove."
+
+
+def test_restart_with_broken_schedules_runs_the_last_applied_state(center: Any) -> None:
+    c = center()
+    c.write("a.yaml", _yaml(f"""\
+  steady:
+    schedule: {EVERY_SECOND}
+    command: "true"
+"""))
+    c.start()
+    wait_for((c.state / "applied.json").exists, 10, "applied.json")
+    c.stop()
+    c.write("a.yaml", "apiVersion: cronfile/v1\njobs:\n  steady: {schedule: nope}\n")
+    restarted = time.time()
+    c.start()
+    c.wait_runs(lambda rs: [r for r in finished(rs, "steady", "succeeded")
+                            if parse_ts(r["scheduled_at"]) > restarted], 10,  # type: ignore[operator]
+                "the job of the last applied state to run")
+    events = c.events()
+    rejected = [e for e in events if e.get("event") == "revision_rejected"]
+    assert rejected and any("a.yaml:3" in e for e in rejected[-1]["errors"]), rejected
+    assert _applied(events)[-1]["initial"] is True
+    assert _applied(events)[-1]["revision"] == _applied(events)[0]["revision"]
+
+
 def test_moving_a_job_is_no_change_and_keeps_timing(center: Any) -> None:
     c = center()
     job = f"""\

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -139,6 +141,59 @@ def test_round_trip_of_examples(schedules: Path, tmp_path: Path) -> None:
     assert_same(result.state, back)
 
 
+def test_loaded_state_is_stored_as_its_files_bytes(tmp_path: Path) -> None:
+    """What the center writes: the schedule files themselves (no per-job encoding), read
+    back with the loader to the same jobs, sources and locations."""
+    schedules = tmp_path / "schedules"
+    (schedules / "team").mkdir(parents=True)
+    text_a = ("apiVersion: cronfile/v1\n# a comment, kept\njobs:\n  backup:\n"
+              "    description: Sicherung für München\n    schedule: \"0 2 * * *\"\n"
+              "    command: [/usr/bin/backup, --all]\n")
+    text_b = "apiVersion: cronfile/v1\njobs:\n  report: {schedule: \"@daily\", command: echo hi}\n"
+    (schedules / "a.yaml").write_text(text_a, encoding="utf-8")
+    (schedules / "team" / "b.yaml").write_text(text_b, encoding="utf-8")
+    state = load_schedules(schedules).state
+    assert state is not None
+    path = write_applied(tmp_path / "state", state)
+    data = json.loads(path.read_text())
+    assert data["v"] == 2 and set(data) == {"v", "revision", "files"}
+    assert [(f["file"], f["text"], f["sha256"]) for f in data["files"]] == [
+        (str(schedules / "a.yaml"), text_a, hashlib.sha256(text_a.encode()).hexdigest()),
+        (str(schedules / "team" / "b.yaml"), text_b, hashlib.sha256(text_b.encode()).hexdigest())]
+    assert len(path.read_text().splitlines()) == 4  # one line per file, between head and tail
+    back = read_applied(tmp_path / "state")
+    assert back is not None
+    assert_same(state, back)
+    assert back.sources == state.sources
+    assert back.jobs["backup"].source == Source(str(schedules / "a.yaml"), 4, 3)
+
+
+def test_a_file_changed_since_it_was_applied_is_copied_from_the_previous_file(tmp_path: Path) -> None:
+    """The state holds digests, not bytes: a file edited on disk after it was applied (the
+    edit may yet be rejected) is taken from the previous applied.json, matched by digest."""
+    schedules, state_dir = tmp_path / "schedules", tmp_path / "state"
+    schedules.mkdir()
+    applied_text = "apiVersion: cronfile/v1\njobs:\n  a: {schedule: \"@daily\", command: x}\n"
+    (schedules / "a.yaml").write_text(applied_text)
+    (schedules / "b.yaml").write_text("apiVersion: cronfile/v1\njobs:\n  b: {schedule: \"@daily\", command: y}\n")
+    first = load_schedules(schedules).state
+    assert first is not None
+    write_applied(state_dir, first)
+    (schedules / "a.yaml").write_text("apiVersion: cronfile/v1\njobs:\n  a: {schedule: nope}\n")
+    write_applied(state_dir, first)  # again, e.g. after a restart kept this revision
+    back = read_applied(state_dir)
+    assert back is not None
+    assert_same(first, back)
+    entries = json.loads((state_dir / APPLIED_FILE).read_text())["files"]
+    assert entries[0]["text"] == applied_text
+
+    # Changed on disk and no copy anywhere: refused, and no temporary file is left behind.
+    os.unlink(state_dir / APPLIED_FILE)
+    with pytest.raises(StateFileError, match=r"a\.yaml changed on disk since it was applied"):
+        write_applied(state_dir, first)
+    assert sorted(p.name for p in state_dir.iterdir()) == []
+
+
 def test_examples_present_or_skipped() -> None:
     if not EXAMPLES:
         pytest.skip("no examples/*/schedules yet")
@@ -258,9 +313,25 @@ def test_unencodable_state_fails_before_touching_the_file(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == [APPLIED_FILE]
 
 
+def _v2(*files: tuple[str, str], digest: str | None = None) -> str:
+    """A "v": 2 applied.json holding ``files`` (name, text)."""
+    entries = [{"file": f, "text": t, "sha256": digest or hashlib.sha256(t.encode()).hexdigest()}
+               for f, t in files]
+    return json.dumps({"v": 2, "revision": {"content_hash": "x"}, "files": entries})
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("{not json", "not valid JSON"),
-    ('{"v": 2, "revision": {"content_hash": "x"}}', "format version 2"),
+    ('{"v": 3, "revision": {"content_hash": "x"}}', "format version 3 is not supported"),
+    ('{"v": 2, "revision": {"content_hash": "x"}, "files": [{"file": "a.yaml"}]}',
+     'files[0]: expected {"file": ..., "sha256": ..., "text": ...}'),
+    (_v2(("a.yaml", "apiVersion: cronfile/v1\njobs:\n  a: {schedule: nope, command: x}\n")),
+     "files[0] (a.yaml) no longer loads: a.yaml:3:"),
+    (_v2(("a.yaml", 'apiVersion: cronfile/v1\njobs:\n  a: {schedule: "@daily", command: x}\n'),
+         ("b.yaml", 'apiVersion: cronfile/v1\njobs:\n  a: {schedule: "@daily", command: y}\n')),
+     "files[1]: job 'a' appears twice"),
+    (_v2(("a.yaml", "apiVersion: cronfile/v1\n"), digest="0" * 64),
+     "files[0] (a.yaml): its text does not match its sha256"),
     ('{"v": 1, "revision": {"content_hash": "x"}, "jobs": [{"name": "a"}]}',
      "jobs[0]: missing 'command'"),
     ('{"v": 1, "revision": {"content_hash": "x"}, "jobs": [{"name": "a", "command": "x", '

@@ -15,7 +15,7 @@ import calendar
 import functools
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cronfile.durations import parse_duration
 
@@ -54,7 +54,7 @@ class ScheduleError(ValueError):
     """A schedule expression that cannot be used; the message says which field and why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per distinct schedule, 100,000s of them
 class CronSpec:
     """A cron expression as the sets of values each field allows.
 
@@ -74,13 +74,14 @@ class CronSpec:
     dow_restricted: bool
     fixed_time: bool
     has_seconds: bool
+    _hash: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __hash__(self) -> int:
         # Fire times are memoised per (spec, zone, instant): hashing six tuples on every
         # lookup cost more than the lookup saved, so the hash is computed once. Not the
         # text's hash alone: "H H * * *" is a different spec for each job (its seed), and
         # 20,000 equal hashes made every lookup compare against all of them.
-        h: int | None = self.__dict__.get("_hash")
+        h = self._hash
         if h is None:
             h = hash((self.text, self.seconds, self.minutes, self.hours, self.days,
                       self.months, self.weekdays))
@@ -88,7 +89,7 @@ class CronSpec:
         return h
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EverySpec:
     """``@every <duration>``: every ``interval_s`` seconds of real time, anchored at the Unix
     epoch so that a restart of the center never shifts the sequence."""

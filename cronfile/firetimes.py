@@ -25,6 +25,7 @@ instant), so 10,000 jobs sharing ``*/5 * * * *`` in one zone cost one search per
 from __future__ import annotations
 
 import bisect
+import calendar
 import functools
 import math
 from collections.abc import Iterator
@@ -73,6 +74,10 @@ class ZoneTimeline:
         self._transitions: list[int] = []  # epoch seconds where a new offset begins
         self._first_year = 0  # scanned: [_first_year, _last_year]; none when first > last
         self._last_year = -1
+        # The segment found last and until when it may be reused: nearly every question
+        # (100,000 jobs' next fire times at start, a burst of due jobs) falls inside it.
+        # One tuple, replaced whole: threads (a reload, a plan) may ask at the same time.
+        self._last: tuple[Segment, float] | None = None
 
     def offset_at(self, ts: float) -> int:
         off = datetime.fromtimestamp(ts, self.zone).utcoffset()
@@ -118,6 +123,17 @@ class ZoneTimeline:
             self._transitions = sorted(set(self._transitions))
 
     def segment(self, ts: float) -> Segment:
+        last = self._last
+        if last is not None and ts < last[1] and (last[0].start is None or last[0].start <= ts):
+            return last[0]
+        found = self._find_segment(ts)
+        # Without a known end, the segment is only known to last through the years scanned.
+        valid_until = found.end if found.end is not None else \
+            datetime(min(self._last_year, _MAX_YEAR), 1, 1, tzinfo=UTC).timestamp()
+        self._last = (found, valid_until)
+        return found
+
+    def _find_segment(self, ts: float) -> Segment:
         year = datetime.fromtimestamp(ts, UTC).year
         self._cover(year - 1, year + 1)
         i = bisect.bisect_right(self._transitions, ts)
@@ -172,6 +188,26 @@ def _day_matches(spec: CronSpec, t: datetime) -> bool:
     return dom_ok and dow_ok
 
 
+def _next_candidate_day(spec: CronSpec, t: datetime) -> datetime:
+    """Midnight of the first day after ``t``'s that can match ``spec`` (the caller checks
+    it again): a monthly or weekly job jumps there instead of trying every day between."""
+    midnight = datetime(t.year, t.month, t.day)
+    by_weekday: datetime | None = None
+    if spec.dow_restricted:
+        today = (t.weekday() + 1) % 7  # 0 = Sunday, as in spec.weekdays
+        ahead = min((w - today - 1) % 7 + 1 for w in spec.weekdays)
+        by_weekday = midnight + timedelta(days=ahead)
+        if not spec.dom_restricted:
+            return by_weekday
+    day = _first_at_least(spec.days, t.day + 1)
+    if day is not None and day <= calendar.monthrange(t.year, t.month)[1]:
+        by_date = midnight.replace(day=day)
+    else:  # the month loop moves on from the first of the next month
+        by_date = midnight.replace(day=1) + timedelta(days=32)
+        by_date = by_date.replace(day=1)
+    return by_date if by_weekday is None else min(by_date, by_weekday)
+
+
 def next_local(spec: CronSpec, start: datetime, inclusive: bool) -> datetime | None:
     """The first naive local time >= (or >) ``start`` matching ``spec``, ignoring zones."""
     step = timedelta(seconds=1) if spec.has_seconds else timedelta(minutes=1)
@@ -187,7 +223,7 @@ def next_local(spec: CronSpec, start: datetime, inclusive: bool) -> datetime | N
             t = datetime(t.year, month, 1) if month else datetime(t.year + 1, spec.months[0], 1)
             continue
         if not _day_matches(spec, t):
-            t = datetime(t.year, t.month, t.day) + timedelta(days=1)
+            t = _next_candidate_day(spec, t)
             continue
         if t.hour not in spec.hours:
             hour = _first_at_least(spec.hours, t.hour + 1)

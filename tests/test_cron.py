@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from cronfile.cronexpr import NICKNAMES, CronSpec, EverySpec, ScheduleError, parse_schedule
 from cronfile.durations import MAX_DURATION_S, format_duration, parse_duration, parse_size
-from cronfile.firetimes import JobTimer
+from cronfile.firetimes import JobTimer, next_local
 
 ALL_MIN = tuple(range(60))
 ALL_HOUR = tuple(range(24))
@@ -145,6 +145,39 @@ def test_rare_but_real_schedules_are_accepted(text: str) -> None:
 def test_next_times_in_utc(text: str, after: str, expected: list[str]) -> None:
     timer = JobTimer.for_job((text,), "UTC", "job")
     assert [iso(t) for t in timer.times(ts(after), len(expected))] == expected
+
+
+def _matches(spec: CronSpec, t: datetime) -> bool:
+    day = t.day in spec.days
+    weekday = (t.weekday() + 1) % 7 in spec.weekdays
+    days = (day or weekday) if spec.dom_restricted and spec.dow_restricted else (day and weekday)
+    return (days and t.month in spec.months and t.hour in spec.hours
+            and t.minute in spec.minutes and t.second in spec.seconds)
+
+
+@settings(max_examples=300, deadline=None)
+@given(minute=st.integers(0, 59), hour=st.integers(0, 23),
+       dom=st.sampled_from(["*", "1", "13", "31", "15,30", "29", "1-7", "*/10"]),
+       month=st.sampled_from(["*", "2", "*/3", "1,7,12", "4"]),
+       dow=st.sampled_from(["*", "0", "1-5", "6", "2,4", "7", "5"]),
+       start=st.datetimes(datetime(2000, 1, 1), datetime(2090, 1, 1)))
+def test_next_local_skips_days_without_missing_one(minute: int, hour: int, dom: str, month: str,
+                                                   dow: str, start: datetime) -> None:
+    """Days that cannot match are jumped over (monthly and weekly jobs): the result is the
+    same as checking every day in turn."""
+    try:
+        spec = parse_schedule(f"{minute} {hour} {dom} {month} {dow}")
+    except ScheduleError:
+        return  # e.g. 31 February
+    assert isinstance(spec, CronSpec)
+    found = next_local(spec, start, inclusive=False)
+    assert found is not None and found > start and _matches(spec, found)
+    day = datetime(start.year, start.month, start.day)
+    while day < datetime(found.year, found.month, found.day):  # no matching day in between
+        day += timedelta(days=1)
+        at = day.replace(hour=hour, minute=minute)
+        if start < at < found:
+            assert not _matches(spec, at), at
 
 
 def test_every_is_anchored_so_a_restart_does_not_shift_it() -> None:

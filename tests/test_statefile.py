@@ -175,7 +175,8 @@ def test_a_file_changed_since_it_was_applied_is_copied_from_the_previous_file(tm
     schedules.mkdir()
     applied_text = "apiVersion: cronfile/v1\njobs:\n  a: {schedule: \"@daily\", command: x}\n"
     (schedules / "a.yaml").write_text(applied_text)
-    (schedules / "b.yaml").write_text("apiVersion: cronfile/v1\njobs:\n  b: {schedule: \"@daily\", command: y}\n")
+    (schedules / "b.yaml").write_text(
+        "apiVersion: cronfile/v1\njobs:\n  b: {schedule: \"@daily\", command: y}\n")
     first = load_schedules(schedules).state
     assert first is not None
     write_applied(state_dir, first)

@@ -128,6 +128,8 @@ class Center:
         self.done_slots: set[tuple[str, float, str]] = set()
         self.missed_until: dict[str, float] = {}  # per job: end of the last recorded missed range
         self.lost_bases: dict[str, dict[str, Any]] = {}  # run_id -> record base, for late outcomes
+        # (job, slot, agent) -> (last attempt, its view when it failed), read at start
+        self._last_attempts: dict[tuple[str, float, str], tuple[int, dict[str, Any] | None]] = {}
         self.notifier = Notifier(self.local, self._event)
         self.last_success: dict[str, float] = {}
         self._success_alerted: set[str] = set()
@@ -262,6 +264,7 @@ class Center:
                 self._apply(previous, initial=True)
         else:
             self._apply(first.state, initial=True)
+        self._requeue_retries()
         self._install_signals()
         await self._start_services()
         if since is not None:
@@ -773,6 +776,13 @@ class Center:
                 if view.get("status") == "missed":  # a range: its slots are all handled
                     end = _parse_iso(view.get("last_scheduled_at")) or slot
                     self.missed_until[view["job"]] = max(self.missed_until.get(view["job"], end), end)
+            if slot is not None and isinstance(view.get("job"), str) \
+                    and isinstance(view.get("attempt"), int):
+                key = (view["job"], round(slot, 3), str(view.get("agent")))
+                last = self._last_attempts.get(key)
+                if last is None or view["attempt"] >= last[0]:
+                    failed = view.get("status") in (RunStatus.FAILED.value, RunStatus.TIMEOUT.value)
+                    self._last_attempts[key] = (view["attempt"], view if failed else None)
             if view.get("status") == "succeeded" and isinstance(view.get("job"), str):
                 ended = _parse_iso(view.get("finished_at")) or 0.0
                 self.last_success[view["job"]] = max(self.last_success.get(view["job"], 0.0), ended)
@@ -791,6 +801,22 @@ class Center:
                                "reason": "the center stopped while the run was in flight"})
         if lost:
             self.ledger.runs.append(lost)
+
+    def _requeue_retries(self) -> None:
+        """Retries the previous center had pending when it stopped (a failed attempt with
+        retries left and no later attempt in the ledger) are queued again, at the time they
+        were due (at once when that has passed). Failures older than the slot memory (6 h)
+        are not retried any more: a retry days late would surprise more than help."""
+        attempts, self._last_attempts = self._last_attempts, {}
+        horizon = self.clock.time() - SLOT_MEMORY_S
+        for (job, slot, agent), (attempt, view) in attempts.items():
+            ended = _parse_iso(view.get("finished_at")) if view is not None else None
+            if view is None or ended is None or ended < horizon or not self.scheduler.has_job(job):
+                continue
+            exit_code = view.get("exit_code")
+            self.scheduler.finished(job, str(view.get("run_id")), RunStatus(view["status"]),
+                                    exit_code if isinstance(exit_code, int) else None, slot,
+                                    attempt, agent, ended)
 
     async def _catch_up_after(self, since: float, delay: float) -> None:
         if delay > 0:

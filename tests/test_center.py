@@ -273,6 +273,31 @@ def test_restart_with_broken_schedules_runs_the_last_applied_state(center: Any) 
     assert _applied(events)[-1]["revision"] == _applied(events)[0]["revision"]
 
 
+def test_a_retry_pending_at_a_crash_runs_after_the_restart(center: Any, tmp_path: Path) -> None:
+    """The first attempt fails, the center is killed while the retry waits for its backoff;
+    the restarted center runs that retry (attempt 2, same slot) once, and nothing else."""
+    c = center()
+    marker = tmp_path / "second-time"
+    second = (int(time.time()) + 4) % 60
+    c.write("a.yaml", _yaml(f"""\
+  flaky:
+    schedule: "{second} * * * * *"
+    command: "test -e {marker} || {{ touch {marker}; exit 3; }}"
+    retries: {{max: 2, backoff: 4s}}
+"""))
+    c.start()
+    failed = c.wait_runs(lambda rs: finished(rs, "flaky", "failed"), 15, "the first attempt")[0]
+    assert failed["attempt"] == 1 and failed["exit_code"] == 3
+    c.sigkill()
+    c.start()
+    retry = c.wait_runs(lambda rs: finished(rs, "flaky", "succeeded"), 15, "the retry")[0]
+    assert (retry["attempt"], retry["scheduled_at"]) == (2, failed["scheduled_at"])
+    time.sleep(1.0)  # a second copy of the retry would have been dispatched by now
+    outcomes = [(r["attempt"], r["status"]) for r in finished(c.runs(), "flaky")]
+    assert outcomes == [(1, "failed"), (2, "succeeded")]
+    assert len(dispatched(c.runs(), "flaky")) == 2
+
+
 def test_moving_a_job_is_no_change_and_keeps_timing(center: Any) -> None:
     c = center()
     job = f"""\

@@ -264,7 +264,7 @@ class Center:
                 self._apply(previous, initial=True)
         else:
             self._apply(first.state, initial=True)
-        self._requeue_retries()
+        self._requeue_pending()
         self._install_signals()
         await self._start_services()
         if since is not None:
@@ -802,13 +802,26 @@ class Center:
         if lost:
             self.ledger.runs.append(lost)
 
-    def _requeue_retries(self) -> None:
-        """Retries the previous center had pending when it stopped (a failed attempt with
-        retries left and no later attempt in the ledger) are queued again, at the time they
-        were due (at once when that has passed). Failures older than the slot memory (6 h)
-        are not retried any more: a retry days late would surprise more than help."""
-        attempts, self._last_attempts = self._last_attempts, {}
+    def _requeue_pending(self) -> None:
+        """What the previous center had queued but not started when it stopped is queued
+        again, at the time it was due (at once when that has passed):
+
+        * retries: a failed attempt with retries left and no later attempt in the ledger;
+        * triggered starts: a ``triggered`` event whose start (job, due) is not in the ledger.
+
+        Anything older than the slot memory (6 h) is dropped: a retry or a triggered run
+        days late would surprise more than help."""
         horizon = self.clock.time() - SLOT_MEMORY_S
+        started = {(job, slot) for job, slot, _agent in self.done_slots}
+        for event in self.ledger.read_events():
+            if event.get("event") != "triggered" or not isinstance(event.get("due"), dict):
+                continue
+            for job, when in event["due"].items():
+                due = _parse_iso(when)
+                if due is not None and due >= horizon and (job, round(due, 3)) not in started:
+                    self.scheduler.requeue_trigger(job, due)
+                    started.add((job, round(due, 3)))
+        attempts, self._last_attempts = self._last_attempts, {}
         for (job, slot, agent), (attempt, view) in attempts.items():
             ended = _parse_iso(view.get("finished_at")) if view is not None else None
             if view is None or ended is None or ended < horizon or not self.scheduler.has_job(job):

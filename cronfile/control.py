@@ -94,7 +94,16 @@ class ControlServer:
             event = str(request.get("event"))
             names = center.scheduler.trigger(event, now)
             center._wake.set()
-            center._event("triggered", trigger_event=event, jobs=names)
+            # When each start is due, exactly as queued: a restarted center re-queues the
+            # ones that never started (see Center._requeue_pending).
+            from cronfile.center import iso
+
+            due = {}
+            for name in names:
+                job = center.scheduler.job(name)
+                if job is not None and job.trigger is not None:
+                    due[name] = iso(now + job.trigger.delay_s)
+            center._event("triggered", trigger_event=event, jobs=names, due=due)
             return {"ok": True, "event": event, "jobs": names}
         if op == "reload":
             result = await center.reload()

@@ -326,6 +326,15 @@ class Scheduler:
                 names.append(state.job.name)
         return sorted(names)
 
+    def requeue_trigger(self, name: str, due: float) -> bool:
+        """Queue again a triggered start that a previous center had pending (see
+        ``Center._requeue_pending``); False when the job no longer runs on a trigger."""
+        state = self._jobs.get(name)
+        if state is None or state.job.trigger is None or state.job.suspend:
+            return False
+        self._push(due, "trigger", state, due)
+        return True
+
     def catch_up(self, name: str, since: float, now: float, done: set[float]) -> list[Action]:
         """Slots in (since, now] while the center was down, minus those in the ledger
         (``done``): with ``catch_up: latest`` the latest runs once; the rest are one

@@ -298,6 +298,27 @@ def test_a_retry_pending_at_a_crash_runs_after_the_restart(center: Any, tmp_path
     assert len(dispatched(c.runs(), "flaky")) == 2
 
 
+def test_a_triggered_start_pending_at_a_crash_runs_after_the_restart(center: Any) -> None:
+    c = center()
+    c.write("a.yaml", _yaml("""\
+  hook:
+    trigger: {event: deployed, delay: 3s}
+    command: "echo hooked"
+"""))
+    c.start()
+    assert c.cli("trigger", "deployed").returncode == 0
+    triggered = [e for e in c.events() if e.get("event") == "triggered"][0]
+    c.sigkill()  # before the 3 s delay ends
+    assert finished(c.runs(), "hook") == []
+    c.start()
+    run = c.wait_runs(lambda rs: finished(rs, "hook"), 15, "the triggered run")[0]
+    assert (run["status"], run["scheduled_at"]) == ("succeeded", triggered["due"]["hook"])
+    c.stop()
+    c.start()  # once started, it is in the ledger: not queued a second time
+    time.sleep(1.0)
+    assert len(dispatched(c.runs(), "hook")) == 1
+
+
 def test_moving_a_job_is_no_change_and_keeps_timing(center: Any) -> None:
     c = center()
     job = f"""\

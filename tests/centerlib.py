@@ -3,6 +3,7 @@ schedules dir and state dir, and bounded polling of its JSONL ledger (never blin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,7 +78,53 @@ def cli(*args: str, state: Path | None = None, timeout: float = 30) -> subproces
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
-class CenterProc:
+class ChildProc:
+    """A long-running ``cronfile`` subprocess with its output in a log file (the center or
+    an agent): what every test needs to look at it, signal it and stop it."""
+
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL, like a power loss for this process; its jobs (own process groups) may
+        survive, as after a real crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Stop it with ``sig`` (SIGKILL after ``timeout``); its exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    # After stop(): in the class body this name hides the signal module from then on.
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+
+class CenterProc(ChildProc):
     """One ``cronfile center`` subprocess; restartable on the same state dir."""
 
     def __init__(self, root: Path, *, grace: float = 1.0, watch: bool = True,
@@ -137,40 +184,6 @@ class CenterProc:
 
         wait_for(ready, timeout, "the center to start")
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def sigkill(self) -> None:
-        """Kill the center abruptly (like power loss for the center; its children may survive
-        in their own process groups, as after a real crash)."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
     def wait_runs(self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float = 10.0,
                   what: str = "run records") -> Any:
         def check() -> Any:
@@ -207,6 +220,14 @@ def dispatched(records: list[dict[str, Any]], job: str | None = None) -> list[di
 
 
 def pgrep(marker: str) -> list[int]:
+    """Pids of the processes whose command line carries ``marker`` (not this one)."""
     out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose command line carries ``marker`` (test leftovers)."""
+    for pid in pgrep(marker):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 

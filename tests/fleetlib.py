@@ -4,15 +4,13 @@ polling of the center's ledger (``runs.jsonl`` / ``events.jsonl``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal as sig_
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from centerlib import CenterProc, cronfile_command, wait_for
+from centerlib import CenterProc, ChildProc, cronfile_command
 
 SECRET = "fleet-test-secret-0123456789abcdef"
 
@@ -74,7 +72,7 @@ class FleetCenter(CenterProc):
         self.wait_events(lambda _e: check(), timeout, f"agent {name} to connect ({times}x)")
 
 
-class AgentProc:
+class AgentProc(ChildProc):
     """One ``cronfile agent`` subprocess (the installed CLI, as a user runs it)."""
 
     def __init__(self, root: Path, center: FleetCenter, name: str, *extra: str) -> None:
@@ -99,50 +97,3 @@ class AgentProc:
         if wait:
             self.center.wait_connected(self.name, before + 1, agent=self)
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, sig: int = sig_.SIGTERM, timeout: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig_.SIGCONT)  # in case a test left it stopped
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-    def kill(self) -> None:
-        """SIGKILL: the agent dies at once; its jobs (own process groups) may survive."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=5)
-
-
-def kill_marked(marker: str) -> None:
-    """SIGKILL every process whose command line carries ``marker`` (test leftovers)."""
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        if int(pid) != os.getpid():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(pid), sig_.SIGKILL)
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    return wait_for(predicate, timeout, what)

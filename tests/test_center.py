@@ -288,7 +288,7 @@ def test_a_retry_pending_at_a_crash_runs_after_the_restart(center: Any, tmp_path
     c.start()
     failed = c.wait_runs(lambda rs: finished(rs, "flaky", "failed"), 15, "the first attempt")[0]
     assert failed["attempt"] == 1 and failed["exit_code"] == 3
-    c.sigkill()
+    c.kill()
     c.start()
     retry = c.wait_runs(lambda rs: finished(rs, "flaky", "succeeded"), 15, "the retry")[0]
     assert (retry["attempt"], retry["scheduled_at"]) == (2, failed["scheduled_at"])
@@ -308,7 +308,7 @@ def test_a_triggered_start_pending_at_a_crash_runs_after_the_restart(center: Any
     c.start()
     assert c.cli("trigger", "deployed").returncode == 0
     triggered = [e for e in c.events() if e.get("event") == "triggered"][0]
-    c.sigkill()  # before the 3 s delay ends
+    c.kill()  # before the 3 s delay ends
     assert finished(c.runs(), "hook") == []
     c.start()
     run = c.wait_runs(lambda rs: finished(rs, "hook"), 15, "the triggered run")[0]
@@ -632,7 +632,7 @@ def test_sigkill_restarts_never_run_a_slot_twice_nor_lose_one(center: Any) -> No
             break
         c.start()
         time.sleep(rng.uniform(0.3, 2.0))
-        c.sigkill()
+        c.kill()
         kills += 1
     c.start()
     mark = time.time()

@@ -19,8 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from centerlib import dispatched, finished, parse_ts, pgrep, wait_for  # noqa: E402
-from fleetlib import AgentProc, FleetCenter, kill_marked  # noqa: E402
+from centerlib import dispatched, finished, kill_marked, parse_ts, pgrep, wait_for  # noqa: E402
+from fleetlib import AgentProc, FleetCenter  # noqa: E402
 from sshd import SSHD, running_sshd, sshd_available  # noqa: E402
 
 EVERY_SECOND = '"*/1 * * * * *"'

@@ -14,7 +14,6 @@ the cheap cross-file checks).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import stat
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cronfile import gcpause
 from cronfile.cronexpr import ScheduleError
 from cronfile.durations import parse_duration, parse_size
 from cronfile.firetimes import spec_for
@@ -119,13 +119,8 @@ class ScheduleLoader:
         # The loader allocates many small objects and frees almost none of them until it
         # returns: the cyclic GC would rescan the growing heap again and again (a third of
         # the time for 10,000 jobs) to find nothing. Reference counting still frees garbage.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gcpause.paused():
             return self._load(with_git)
-        finally:
-            if enabled:
-                gc.enable()
 
     def _load(self, with_git: bool) -> LoadResult:
         problems: list[Problem] = []

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import gc
 import hashlib
 import json
 import os
@@ -55,6 +54,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from cronfile import gcpause
 from cronfile.ledger import fsync_dir
 from cronfile.model import Agent, DesiredState, Job, Revision
 
@@ -261,15 +261,11 @@ def read_applied(state_dir: Path) -> DesiredState | None:
         raise StateFileError(f"{path}: not valid JSON: {exc}") from None
     # Loading 100,000 jobs allocates many small objects and frees almost none: the cyclic
     # GC would rescan the growing heap again and again for nothing (a third of the time).
-    enabled = gc.isenabled()
-    gc.disable()
     try:
-        return state_from_json(data)
+        with gcpause.paused():
+            return state_from_json(data)
     except StateFileError as exc:
         raise StateFileError(f"{path}: {exc}") from None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # --------------------------------------------------------------------------- codec

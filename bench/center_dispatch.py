@@ -125,7 +125,8 @@ def bench_cronfile(n: int, tmp: Path) -> dict:
         applied = wait_event(state / "events.jsonl", "revision_applied", timeout=slot - time.time() + 30)
         res["applied_before_slot_s"] = None if applied is None else slot - applied
         if applied is None or applied > slot:
-            res["error"] = f"center not ready before the slot (ready {applied and applied - slot:+.2f}s)"
+            late = "never" if applied is None else f"{applied - slot:+.2f}s"
+            res["error"] = f"center not ready before the slot (ready: {late})"
         runs = state / "runs.jsonl"
         deadline = slot + 60 + n * 0.01
         while time.time() < deadline and count_finished(runs) < n:

@@ -9,6 +9,7 @@ the records, timeouts and output rules are identical whatever the transport.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -94,6 +95,18 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     async def start(self, request: RunRequest) -> RunHandle:
         """Start the run; raise :class:`RunRefused` when it cannot start."""
+
+    async def start_many(self, requests: Sequence[RunRequest]) -> list[RunHandle | Exception]:
+        """Start several runs, in order: for each, its handle or the exception that kept it
+        from starting. One by one here; an executor that can do better with a batch (the
+        local one: every spawn back to back, the bookkeeping after) overrides this."""
+        started: list[RunHandle | Exception] = []
+        for request in requests:
+            try:
+                started.append(await self.start(request))
+            except Exception as exc:
+                started.append(exc)
+        return started
 
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections; running runs are not touched."""

@@ -58,6 +58,7 @@ __all__ = [
     "ReadStats",
     "RunView",
     "encode_record",
+    "encode_records",
     "fold_runs",
     "read",
     "utc_ts",
@@ -107,23 +108,31 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    """One line of the log: ``v`` and ``ts`` first when absent, pure ASCII, ending in ``\\n``."""
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), sort_keys=False, default=_json_default,
+    allow_nan=False,
+)
+"""One encoder for every record: ``json.dumps`` with options builds a new one per call."""
+
+
+def encode_record(record: dict[str, Any], ts: str | None = None) -> bytes:
+    """One line of the log: ``v`` and ``ts`` (``ts`` or now) first when absent, pure ASCII,
+    ending in ``\\n``."""
     full = record if "v" in record and "ts" in record else {
-        "v": FORMAT_VERSION, "ts": utc_ts(), **record
-    }
-    kwargs: dict[str, Any] = {
-        "ensure_ascii": True,
-        "separators": (",", ":"),
-        "sort_keys": False,
-        "default": _json_default,
-        "allow_nan": False,
+        "v": FORMAT_VERSION, "ts": ts or utc_ts(), **record
     }
     try:
-        text = json.dumps(full, **kwargs)
+        text = _ENCODER.encode(full)
     except ValueError:
-        text = json.dumps(_finite(full), **kwargs)
+        text = _ENCODER.encode(_finite(full))
     return text.encode("ascii") + b"\n"
+
+
+def encode_records(records: Iterable[dict[str, Any]]) -> bytes:
+    """Lines for records written together: they share one timestamp (formatting it is a
+    good part of encoding a small record, and a batch of thousands has many)."""
+    ts = utc_ts()
+    return b"".join(encode_record(r, ts) for r in records)
 
 
 class JsonlLog:
@@ -162,7 +171,11 @@ class JsonlLog:
         Everything is encoded before anything is written, so a record that cannot be encoded
         fails the call without leaving half a batch in the file.
         """
-        data = b"".join(encode_record(r) for r in records)
+        self.write(encode_records(records), sync)
+
+    def write(self, data: bytes, sync: bool = True) -> None:
+        """Append lines already encoded with :func:`encode_record` (one write, then one
+        fsync unless ``sync`` is false): the center encodes a chunk's records once."""
         if not data:
             return
         if self._fd is None:

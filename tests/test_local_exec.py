@@ -419,3 +419,47 @@ def test_fifty_concurrent_runs_without_a_thread_each() -> None:
     assert peak_threads <= threads_before
     assert [o.status for o in outcomes] == [RunStatus.SUCCEEDED] * 50
     assert [o.output_tail for o in outcomes] == [f"r{i}\n" for i in range(50)]
+
+
+def test_start_many_starts_every_run_and_returns_refusals_in_place() -> None:
+    """A batch spawns back to back; a run that cannot start is reported at its index and
+    does not keep the others from starting."""
+
+    async def go() -> list[RunOutcome | Exception]:
+        executor = LocalExecutor(base_env=BASE_ENV)
+        started = await executor.start_many([
+            request(("/bin/echo", "one"), run_id="r1"),
+            request(("/bin/true",), run_id="r2", workdir="/nonexistent/dir"),
+            request(("/bin/echo", "three"), run_id="r3"),
+        ])
+        return [s if isinstance(s, Exception) else await asyncio.wait_for(s.wait(), 8)
+                for s in started]
+
+    first, second, third = asyncio.run(go())
+    assert isinstance(first, RunOutcome) and first.output_tail == "one\n"
+    assert isinstance(second, RunRefused) and "workdir" in str(second)
+    assert isinstance(third, RunOutcome) and third.output_tail == "three\n"
+
+
+def test_sigpipe_is_default_in_the_child() -> None:
+    """The center ignores SIGPIPE (CPython does); a child must not inherit that, or
+    ``yes | head`` would complain about a broken pipe instead of ending quietly."""
+    outcome = run(request(("/bin/sh", "-c", "yes | head -n 1")))
+    assert outcome.status is RunStatus.SUCCEEDED
+    assert outcome.output_tail == "y\n"
+
+
+def test_inherited_descriptors_do_not_reach_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with Popen(close_fds=True), a child sees stdio only, even a descriptor this
+    process inherited without close-on-exec."""
+    import cronfile.local_exec as local_exec
+
+    monkeypatch.setattr(local_exec, "_inherited_fds_closed", False)  # as in a fresh process
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        outcome = run(request(("/bin/sh", "-c", f"test -e /proc/self/fd/{write_end} && echo leaked")))
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert outcome.output_tail == ""

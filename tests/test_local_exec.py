@@ -441,6 +441,26 @@ def test_start_many_starts_every_run_and_returns_refusals_in_place() -> None:
     assert isinstance(third, RunOutcome) and third.output_tail == "three\n"
 
 
+def test_runs_that_end_before_they_are_watched_lose_nothing() -> None:
+    """Watching begins on the loop's next pass (a burst spawns without yielding): a run
+    that has already ended by then, its output in the pipe, is reaped and recorded as any
+    other, and a timeout that fell due meanwhile still ends its run."""
+
+    async def go() -> tuple[RunOutcome, RunOutcome]:
+        executor = LocalExecutor(base_env=BASE_ENV)
+        quick, slow = await executor.start_many([
+            request(("/bin/sh", "-c", "echo done; exit 3"), run_id="quick"),
+            request(("/bin/sleep", "30"), run_id="slow", timeout_s=0.3),
+        ])
+        assert isinstance(quick, LocalRunHandle) and isinstance(slow, LocalRunHandle)
+        time.sleep(0.6)  # the loop is busy (a long burst): quick has exited, slow is late
+        return (await asyncio.wait_for(quick.wait(), 8), await asyncio.wait_for(slow.wait(), 8))
+
+    quick, slow = asyncio.run(go())
+    assert (quick.status, quick.exit_code, quick.output_tail) == (RunStatus.FAILED, 3, "done\n")
+    assert slow.status is RunStatus.TIMEOUT
+
+
 def test_sigpipe_is_default_in_the_child() -> None:
     """The center ignores SIGPIPE (CPython does); a child must not inherit that, or
     ``yes | head`` would complain about a broken pipe instead of ending quietly."""

@@ -751,7 +751,8 @@ class LocalExecutor(Executor):
         return list(self._start_all(requests))
 
     def _start_all(self, requests: Sequence[RunRequest]) -> list[LocalRunHandle | Exception]:
-        """Prepare every run, then spawn them back to back, then watch them.
+        """Prepare every run, then spawn them back to back; watching them begins on the
+        loop's next pass (:meth:`_watch_spawned`).
 
         The parent comes back from every fork/exec with cold caches, so Python run between
         two spawns is several times slower than it looks; and each run's bookkeeping would

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import hashlib
 import itertools
@@ -42,7 +41,7 @@ from cronfile.diff import StateDiff, diff_states
 from cronfile.engine import Action, RecordSlot, Scheduler, StartRun, StopRuns
 from cronfile.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.fleet import resolve_retry_target, resolve_targets
-from cronfile.ledger import Ledger, encode_records, fold_runs, utc_ts
+from cronfile.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields, utc_ts
 from cronfile.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.local_exec import LocalExecutor, LocalRunHandle
 from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, OnChange, RunStatus
@@ -69,14 +68,6 @@ its last spawn; a longer one reaps as it goes, since every run in flight holds d
 slower past ~2,000 descriptors (a 10,000-run burst: p99 1.35x the bare burst when reaping
 every 1,024, 1.11x every 512)."""
 RECORD_BATCH_S = 0.005
-
-
-@functools.lru_cache(maxsize=1024)  # a burst formats the same scheduled time for every run
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
 
 
 def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
@@ -570,7 +561,7 @@ class Center:
             restarts = status[replica].restarts if replica < len(status) else 0
             record = {**base, "run_id": run_id or f"{base['run_id']}.{replica}",
                       "attempt": restarts + 1, "record": "finished", "replica": replica,
-                      **self._outcome_fields(outcome)}
+                      **outcome_fields(outcome)}
             self._record(record)
             self._outcome(job.name, record)
 
@@ -786,18 +777,6 @@ class Center:
             self._spawn(self.perform(follow))
         return refused
 
-    @staticmethod
-    def _outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
-        fields = {
-            "status": outcome.status.value, "exit_code": outcome.exit_code,
-            "signal": outcome.signal, "started_at": iso(outcome.started_at.timestamp()),
-            "finished_at": iso(outcome.finished_at.timestamp()),
-            "duration_s": outcome.duration_s, "output_tail": outcome.output_tail,
-        }
-        if outcome.reason:
-            fields["reason"] = outcome.reason
-        return fields
-
     def _watch_run(self, run: _Running, action: StartRun) -> None:
         """Have :meth:`_run_ended` called with the run's outcome. A local run reports by
         callback: a task per run cost every burst a task creation and several switches per
@@ -832,7 +811,7 @@ class Center:
             run.timer.cancel()
         if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
             outcome = replace(outcome, reason=run.stop_reason)
-        final = {**run.base, "record": "finished", **self._outcome_fields(outcome)}
+        final = {**run.base, "record": "finished", **outcome_fields(outcome)}
         self._record(final)
         self._outcome(run.job, final)
         if outcome.status is RunStatus.LOST:

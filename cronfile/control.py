@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cronfile.ledger import iso
+
 if TYPE_CHECKING:
     from cronfile.center import Center
 
@@ -96,8 +98,6 @@ class ControlServer:
             center._wake.set()
             # When each start is due, exactly as queued: a restarted center re-queues the
             # ones that never started (see Center._requeue_pending).
-            from cronfile.center import iso
-
             due = {}
             for name in names:
                 job = center.scheduler.job(name)

@@ -40,6 +40,7 @@ specific to each.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import os
@@ -49,6 +50,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+
+from cronfile.executor import RunOutcome
 
 __all__ = [
     "EVENTS_FILE",
@@ -61,6 +64,8 @@ __all__ = [
     "encode_records",
     "fold_runs",
     "read",
+    "iso",
+    "outcome_fields",
     "utc_ts",
 ]
 
@@ -72,6 +77,30 @@ RunView = dict[str, Any]
 """One run with its records merged: later records override, ``dispatched_ts`` is the first ts."""
 
 _REPAIR_BLOCK = 64 * 1024
+
+
+@functools.lru_cache(maxsize=1024)  # a burst formats the same scheduled time for every run
+def iso(ts: float | None) -> str | None:
+    """A record's time field (``scheduled_at``, ``started_at``, ...) from epoch seconds:
+    ``2026-11-22T18:58:16.123Z``, or ``2026-11-22T18:58:16Z`` on a whole second."""
+    if ts is None:
+        return None
+    text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
+
+
+def outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
+    """The fields a ``finished`` record takes from an outcome, whichever transport ran it
+    (a local run, an agent's report, SSH): the same names and the same time format."""
+    fields: dict[str, Any] = {
+        "status": outcome.status.value, "exit_code": outcome.exit_code,
+        "signal": outcome.signal, "started_at": iso(outcome.started_at.timestamp()),
+        "finished_at": iso(outcome.finished_at.timestamp()),
+        "duration_s": outcome.duration_s, "output_tail": outcome.output_tail,
+    }
+    if outcome.reason:
+        fields["reason"] = outcome.reason
+    return fields
 
 
 def utc_ts(moment: datetime | None = None) -> str:

@@ -97,6 +97,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cronfile.executor import RunOutcome, RunRequest
+from cronfile.ledger import outcome_fields
 from cronfile.model import EnvValue, RunStatus, SecretRef
 
 PROTOCOL_VERSION = 1
@@ -747,22 +748,9 @@ class Finished(Message):
         )
 
     def outcome_dict(self) -> dict[str, Any]:
-        """The outcome as record-ready plain data (the fields of a run record, §4)."""
-        return outcome_to_dict(self.to_outcome())
-
-
-def outcome_to_dict(outcome: RunOutcome) -> dict[str, Any]:
-    """A :class:`RunOutcome` as the plain fields of a run record."""
-    return {
-        "status": outcome.status.value,
-        "exit_code": outcome.exit_code,
-        "signal": outcome.signal,
-        "started_at": outcome.started_at.isoformat(),
-        "finished_at": outcome.finished_at.isoformat(),
-        "duration_s": outcome.duration_s,
-        "output_tail": outcome.output_tail,
-        "reason": outcome.reason,
-    }
+        """The outcome as the fields of a ``finished`` record (§4), formatted exactly as
+        for a local run (:func:`cronfile.ledger.outcome_fields`)."""
+        return outcome_fields(self.to_outcome())
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import pytest
 from cronfile.agent import AgentState
 from cronfile.agent_hub import AgentHub
 from cronfile.executor import RunRequest
+from cronfile.ledger import iso
 from cronfile.model import Agent, RunStatus
 from cronfile.protocol import (
     Challenge,
@@ -359,7 +360,7 @@ def test_remote_run_outcome_arrives_once_and_run_id_runs_once(tmp_path: Path) ->
             [(run_id, agent, record)] = fleet.outcomes
             assert (run_id, agent) == ("r-once", "a1")
             assert record["status"] == "failed" and record["exit_code"] == 4
-            assert record["started_at"] == outcome.started_at.isoformat()
+            assert record["started_at"] == iso(outcome.started_at.timestamp())  # as for a local run
 
             # Dispatched again (a center retrying after a reconnect): the agent does not
             # run it again, answers with the outcome it kept; on_outcome is not called twice.

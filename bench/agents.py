@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import percentile  # noqa: E402
+
 from cronfile.agent_hub import AgentHub  # noqa: E402
 from cronfile.executor import Executor, RunHandle, RunOutcome, RunRequest  # noqa: E402
 from cronfile.local_exec import LocalExecutor  # noqa: E402
@@ -39,14 +41,6 @@ from cronfile.model import Agent, RunStatus  # noqa: E402
 from cronfile.protocol import Ping, Secrets  # noqa: E402
 
 SECRET = "bench-secret"
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def raise_fd_limit() -> None:

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,24 +33,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchlib import parse_iso, percentile, stop_center
+
 PY = sys.executable
 CRONFILE = [PY, "-m", "cronfile"]
 SANITY_JOBS = 3
 JOBS_PER_FILE = 100
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
-
-
-def parse_iso(text: str | None) -> float | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def six_field(ts: float) -> str:
@@ -134,12 +121,7 @@ def bench_cronfile(n: int, tmp: Path) -> dict:
         while time.time() < deadline and count_finished(runs) < n:
             time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_center(proc, 30)
         log.close()
     records = read_jsonl(state / "runs.jsonl")
     started = {}
@@ -260,12 +242,12 @@ def main() -> int:
                 rows["bare"].append(bench_bare(n))
                 rows["aps"].append(bench_apscheduler(n))
             med = statistics.median
-            c_p50 = med(pct(r["late"], 50) for r in rows["cf"])
-            c_p99 = med(pct(r["late"], 99) for r in rows["cf"])
+            c_p50 = med(percentile(r["late"], 50) for r in rows["cf"])
+            c_p99 = med(percentile(r["late"], 99) for r in rows["cf"])
             c_max = med(max(r["late"] or [float("nan")]) for r in rows["cf"])
-            b_p99 = med(pct(b, 99) for b in rows["bare"])
+            b_p99 = med(percentile(b, 99) for b in rows["bare"])
             b_max = med(max(b) for b in rows["bare"])
-            a_p99 = med(pct(a["late"], 99) for a in rows["aps"])
+            a_p99 = med(percentile(a["late"], 99) for a in rows["aps"])
             a_drop = max(a["dropped"] for a in rows["aps"])
             ratio = f"{c_p99 / b_p99:.2f}" if b_p99 > 0.001 else "n/a (bare ~0)"
             print(f"N={n:<6} cronfile p50 {fmt(c_p50)} p99 {fmt(c_p99)} max {fmt(c_max)} | "
@@ -291,7 +273,7 @@ def main() -> int:
                           + ", ".join(f"{b:.3f}s" for _, b in r["sanity"]), flush=True)
             for a in rows["aps"]:
                 print(f"         apscheduler: executed {n - a['dropped']} missed {a['missed']} "
-                      f"p50 {fmt(pct(a['late'], 50))} max {fmt(max(a['late'] or [float('nan')]))}",
+                      f"p50 {fmt(percentile(a['late'], 50))} max {fmt(max(a['late'] or [float('nan')]))}",
                       flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,16 +19,15 @@ import argparse
 import json
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import yaml
+from benchlib import parse_iso, stop_center
 
 PY = sys.executable
 JOBS_PER_FILE = 10
@@ -119,12 +118,6 @@ def rss_kb(pid: int) -> tuple[int, int]:
     return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
 
 
-def parse_iso(text: str | None) -> float | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
 def ticker_lateness(runs: Path) -> list[tuple[float, float]]:
     """(scheduled_at, lateness) of every ticker run."""
     out = []
@@ -183,12 +176,7 @@ def run_center(sched: Path, work: Path, n_jobs: int, files: list[Path], reloads:
         res["rss_after_reload_kb"], res["hwm_after_kb"] = rss_kb(proc.pid)
         time.sleep(1.5)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_center(proc, 60)
         log.close()
     ticks = ticker_lateness(state / "runs.jsonl")
     in_reload, idle = [], []

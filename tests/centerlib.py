@@ -85,6 +85,12 @@ class ChildProc:
     proc: subprocess.Popen[bytes] | None
     log: Path
 
+    def launch(self, argv: list[str], env: dict[str, str]) -> None:
+        """Start it in its own session, its output appended to the log."""
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -158,15 +164,15 @@ class CenterProc(ChildProc):
         return write_schedule(self.schedules, name, text)
 
     # ---------------------------------------------------------------- life cycle
-    def start(self, wait: bool = True) -> CenterProc:
+    def argv(self) -> list[str]:
         argv = [*cronfile_command(), "center", "--schedules", str(self.schedules),
                 "--state", str(self.state), "--grace", str(self.grace)]
         if not self.watch:
             argv.append("--no-watch")
-        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        logf.close()
+        return argv
+
+    def start(self, wait: bool = True) -> CenterProc:
+        self.launch(self.argv(), self.env)
         if wait:
             self.wait_ready()
         return self

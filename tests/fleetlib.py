@@ -35,20 +35,13 @@ class FleetCenter(CenterProc):
         self.lease = lease
         self.known_hosts = known_hosts
 
-    def start(self, wait: bool = True) -> FleetCenter:
-        argv = [*cronfile_command(), "center", "--schedules", str(self.schedules),
-                "--state", str(self.state), "--grace", str(self.grace),
-                "--listen", f"127.0.0.1:{self.port}", "--token-file", str(self.token_file),
+    def argv(self) -> list[str]:
+        argv = [*super().argv(), "--listen", f"127.0.0.1:{self.port}",
+                "--token-file", str(self.token_file),
                 "--heartbeat", str(self.heartbeat), "--lease", str(self.lease)]
         if self.known_hosts is not None:
             argv += ["--known-hosts", str(self.known_hosts)]
-        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        logf.close()
-        if wait:
-            self.wait_ready()
-        return self
+        return argv
 
     def until(self, predicate: Any, timeout: float, what: str) -> list[dict[str, Any]]:
         """Wait until ``predicate(runs)`` holds; return the runs it held for."""
@@ -89,11 +82,7 @@ class AgentProc(ChildProc):
                 "--name", self.name, "--token-file", str(self.center.token_file),
                 "--state", str(self.state), *self.extra]
         before = self.center.connects(self.name)
-        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "FLEET_AGENT": self.name}
-        self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        logf.close()
+        self.launch(argv, {**os.environ, "FLEET_AGENT": self.name})
         if wait:
             self.center.wait_connected(self.name, before + 1, agent=self)
         return self

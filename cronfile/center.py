@@ -220,11 +220,9 @@ class Center:
         if status is RunStatus.SUCCEEDED:
             self.last_success[job_name] = self.clock.time()
             self._success_alerted.discard(job_name)
-        retrying = (status in (RunStatus.FAILED, RunStatus.TIMEOUT)
-                    and int(record.get("attempt") or 1) <= job.retries.max
-                    and (job.retries.retry_on_exit_codes is None
-                         or record.get("exit_code") in job.retries.retry_on_exit_codes))
-        if not retrying:  # notify once the last attempt has failed, not per attempt
+        attempt = int(record.get("attempt") or 1)
+        # notify once the last attempt has failed, not per attempt
+        if not job.retries.wanted_after(status, attempt, record.get("exit_code")):
             self.notifier.outcome(job, status, record)
         for what, detail in runtime_alerts(job, record.get("duration_s"), status):
             self.notifier.alert(job, what, detail, record)

@@ -399,11 +399,9 @@ class Scheduler:
             state.running.discard(run_id)
         job = state.job
         actions: list[Action] = []
-        if status in (RunStatus.FAILED, RunStatus.TIMEOUT) and attempt <= job.retries.max:
-            codes = job.retries.retry_on_exit_codes
-            if codes is None or exit_code in codes:
-                self._push(now + job.retries.delay_before(attempt + 1), "retry", state, slot,
-                           attempt + 1, target)
+        if job.retries.wanted_after(status, attempt, exit_code):
+            self._push(now + job.retries.delay_before(attempt + 1), "retry", state, slot,
+                       attempt + 1, target)
         if status is RunStatus.SUCCEEDED:
             actions.extend(self._after(name, slot, now))
         return actions

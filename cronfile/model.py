@@ -150,6 +150,12 @@ class Retries:
         """Seconds to wait before ``attempt`` (2 = the first retry)."""
         return self.backoff_s * self.factor ** max(0, attempt - 2)
 
+    def wanted_after(self, status: RunStatus, attempt: int, exit_code: int | None) -> bool:
+        """Whether a retry follows attempt ``attempt`` ending so (the scheduler queues the
+        retry; notifications wait for the last attempt)."""
+        return (status in (RunStatus.FAILED, RunStatus.TIMEOUT) and attempt <= self.max
+                and (self.retry_on_exit_codes is None or exit_code in self.retry_on_exit_codes))
+
 
 @dataclass(frozen=True, slots=True)
 class Targets:

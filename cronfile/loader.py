@@ -596,8 +596,7 @@ def _targets(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, 
 def _notify(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, ...]) -> Notify:
     command = raw.get("command")
     return Notify(webhook=raw.get("webhook"),
-                  # argv words repeat across jobs ("/usr/bin/env", "--all"): interned, shared
-            command=tuple(_interned(command)) if isinstance(command, list) else command,
+                  command=tuple(command) if isinstance(command, list) else command,
                   when=tuple(raw.get("when", ["failure"])))
 
 

@@ -895,8 +895,11 @@ class Center:
         Anything older than the slot memory (6 h) is dropped: a retry or a triggered run
         days late would surprise more than help."""
         horizon = self.clock.time() - SLOT_MEMORY_S
-        started = {(job, slot) for job, slot, _agent in self.done_slots}
-        for event in self.ledger.read_events():
+        triggered_jobs = self.desired is not None and any(
+            job.trigger is not None for job in self.desired.jobs.values())
+        started = {(job, slot) for job, slot, _agent in self.done_slots} if triggered_jobs else set()
+        # events.jsonl is read whole: only when some job runs on a trigger at all
+        for event in self.ledger.read_events() if triggered_jobs else ():
             if event.get("event") != "triggered" or not isinstance(event.get("due"), dict):
                 continue
             for job, when in event["due"].items():

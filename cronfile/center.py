@@ -43,7 +43,7 @@ from cronfile.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRe
 from cronfile.fleet import resolve_retry_target, resolve_targets
 from cronfile.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields, utc_ts
 from cronfile.loader import LOCAL_AGENT, ScheduleLoader
-from cronfile.local_exec import LocalExecutor, LocalRunHandle
+from cronfile.local_exec import LocalExecutor
 from cronfile.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, OnChange, RunStatus
 from cronfile.notify import Notifier, runtime_alerts
 from cronfile.statefile import StateFileError, read_applied, write_applied
@@ -105,8 +105,7 @@ class _Chunk:
     """Runs dispatched together: one write and one fsync (see :meth:`Center._dispatch`)."""
 
     runs: list[tuple[StartRun, Target, RunRequest, dict[str, Any]]] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)  # its ``dispatched`` records
-    data: bytes = b""
+    data: bytes = b""  # its ``dispatched`` records, encoded for one write
 
 
 @dataclass
@@ -713,6 +712,7 @@ class Center:
         here on: a tick while a remote start is in flight must see them (concurrency:
         forbid)."""
         chunk = _Chunk()
+        records = []
         for action, target in starts:
             job = action.job
             run_id = run_id_for(job.name, action.scheduled_at, target.agent, action.attempt)
@@ -726,9 +726,9 @@ class Center:
                 base["route"] = target.why
             request = self._request(job, run_id, action.scheduled_at, action.attempt, target.env)
             chunk.runs.append((action, target, request, base))
-            chunk.records.append({**base, "record": "dispatched"})
+            records.append({**base, "record": "dispatched"})
             self.scheduler.started(job.name, run_id)
-        chunk.data = encode_records(chunk.records)
+        chunk.data = encode_records(records)
         return chunk
 
     async def _start_chunk(self, chunk: _Chunk) -> list[dict[str, Any]]:
@@ -776,15 +776,8 @@ class Center:
         return refused
 
     def _watch_run(self, run: _Running, action: StartRun) -> None:
-        """Have :meth:`_run_ended` called with the run's outcome. A local run reports by
-        callback: a task per run cost every burst a task creation and several switches per
-        run, all while it was still spawning."""
-        if isinstance(run.handle, LocalRunHandle):
-            run.handle.add_done_callback(lambda h: self._run_ended_soon(run, action, h.outcome()))
-            return
-        task = asyncio.get_running_loop().create_task(self._await_run(run, action), name="run")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Have :meth:`_run_ended` called with the run's outcome (deferred past a burst)."""
+        run.handle.on_done(lambda outcome: self._run_ended_soon(run, action, outcome))
 
     def _run_ended_soon(self, run: _Running, action: StartRun, outcome: RunOutcome) -> None:
         """While a burst is dispatched, its spawns go first: outcomes that arrive meanwhile
@@ -799,9 +792,6 @@ class Center:
         ended, self._deferred_ends = self._deferred_ends, []
         for run, action, outcome in ended:
             self._run_ended(run, action, outcome)
-
-    async def _await_run(self, run: _Running, action: StartRun) -> None:
-        self._run_ended(run, action, await run.handle.wait())
 
     def _run_ended(self, run: _Running, action: StartRun, outcome: RunOutcome) -> None:
         self.running.pop(run.run_id, None)

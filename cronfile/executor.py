@@ -9,7 +9,8 @@ the records, timeouts and output rules are identical whatever the transport.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -77,6 +78,20 @@ class RunHandle(abc.ABC):
 
         The outcome then reports ``killed`` (unless the run ended by itself first).
         """
+
+    def on_done(self, callback: Callable[[RunOutcome], None]) -> None:
+        """Call ``callback(outcome)`` when the run ends. This default awaits :meth:`wait` in
+        a task; a handle that learns of the end by a callback of its own overrides it (a
+        task per run costs a burst of thousands of runs dearly)."""
+        async def call_when_done() -> None:
+            callback(await self.wait())
+
+        task = asyncio.get_running_loop().create_task(call_when_done())
+        _WAITING.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(_WAITING.discard)
+
+
+_WAITING: set[asyncio.Task[None]] = set()
 
 
 @dataclass

@@ -475,9 +475,8 @@ class LocalRunHandle(RunHandle):
     def add_done_callback(self, callback: Callable[[LocalRunHandle], None]) -> None:
         self._done.add_done_callback(lambda _fut: callback(self))
 
-    def outcome(self) -> RunOutcome:
-        """The outcome of a run that is :meth:`done` (for done callbacks: no await needed)."""
-        return self._done.result()
+    def on_done(self, callback: Callable[[RunOutcome], None]) -> None:
+        self._done.add_done_callback(lambda done: callback(done.result()))
 
     # -- start -----------------------------------------------------------------------------
 

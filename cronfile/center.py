@@ -10,7 +10,7 @@ One object, :class:`Center`, wires the parts together and owns the I/O:
 * every outcome lands in :class:`~cronfile.ledger.Ledger`.
 
 Once per slot (SPEC §5). Before a run is sent, its ``dispatched`` record is written and
-fsynced (one write and one fsync for all runs due in the same tick: group commit). At
+fsynced (one write and one fsync per chunk of runs due together: group commit). At
 start, runs dispatched but never finished are recorded ``lost`` and every slot already in
 the ledger is excluded from catch-up, so a restart never runs a slot twice. The center also
 keeps a *watermark* file (``<state>/watermark``): all slots up to it were handled, which

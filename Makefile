@@ -7,13 +7,34 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench sshd clean
+.PHONY: demo test test-latest lock lint typecheck unit bench sshd clean
 
-$(STAMP): pyproject.toml
+# Installs take the exact versions in requirements.lock, so a new upstream release cannot
+# turn main red for an unrelated change; `make test-latest` resolves the newest instead.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[test,bench]'
 	touch $(STAMP)
+
+LATEST := .venv-latest
+# The same checks on the newest release of every dependency (no lock): a failure here is
+# an upstream change to act on (fix, then `make lock`), not a broken main.
+test-latest: sshd
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade -e '.[test,bench]'
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^cronfile' > $(LATEST)/freeze.txt
+	$(LATEST)/bin/ruff check cronfile tests bench
+	$(LATEST)/bin/mypy cronfile
+	$(LATEST)/bin/pytest -q
+
+# Rewrite requirements.lock from the versions test-latest just passed with.
+lock:
+	test -f $(LATEST)/freeze.txt || { echo "run make test-latest first"; exit 2; }
+	{ sed -n '1,/^$$/p' requirements.lock | grep '^#'; cat $(LATEST)/freeze.txt; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 demo: $(STAMP)
 	@echo "cronfile center: schedules/ -> state in .state/ (Ctrl-C to stop)"
@@ -40,4 +61,4 @@ bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .state .pytest_cache .mypy_cache .ruff_cache

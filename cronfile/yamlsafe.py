@@ -147,12 +147,22 @@ def load_yaml(file: str, raw: bytes) -> YamlDoc:
     if "\t" in text and _tabs_in_indentation(doc, text):
         return doc
     parser = _Loader(raw)
+    builder = _Builder(doc, parser)
     try:
-        doc.data = _Builder(doc, parser).document()
+        doc.data = builder.document()
     except _Stop:
         doc.data = None
     except yaml.MarkedYAMLError as exc:
         m = exc.problem_mark or exc.context_mark
+        if exc.problem and "maximum nesting depth" in exc.problem:
+            # libyaml 0.2.6 (PyYAML 6.0.4) scans ahead and stops at 1,000 flow levels
+            # before we see the events of level 64: the same refusal, in our words.
+            at = _nesting_mark(text, builder.last_open) or (
+                Mark(m.line + 1, m.column + 1) if m else Mark(1, 1))
+            doc.error((), f"nested deeper than {MAX_DEPTH} levels", at=at)
+            doc.data = None
+            return doc
+
         where = Mark(m.line + 1, m.column + 1) if m else Mark(1, 1)
         problem = exc.problem or exc.context or "cannot parse"
         doc.error((), f"YAML syntax: {problem}" + (f" ({exc.context})" if exc.context and
@@ -170,6 +180,41 @@ def load_yaml(file: str, raw: bytes) -> YamlDoc:
     finally:
         parser.dispose()
     return doc
+
+
+def _nesting_mark(text: str, last_open: tuple[int, Any] | None) -> Mark | None:
+    """Where the first flow collection at depth :data:`MAX_DEPTH` starts, counted in the
+    text from the last collection the builder saw open (None when the text does not say).
+
+    Only needed when libyaml refuses the depth before handing us the events; the count
+    skips quoted scalars and comments, which is all flow text can hide brackets in."""
+    if last_open is None:
+        return None
+    depth, start = last_open
+    lines = text.split("\n")
+    if start.line >= len(lines):
+        return None
+    offset = sum(len(line) + 1 for line in lines[: start.line]) + start.column
+    depth -= 1  # the opener at ``offset`` is counted again below
+    quote = ""
+    line, column = start.line, start.column
+    for ch in text[offset:]:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth >= MAX_DEPTH:
+                return Mark(line + 1, column + 1)
+        elif ch in "]}":
+            depth -= 1
+        if ch == "\n":
+            line, column = line + 1, 0
+        else:
+            column += 1
+    return None
 
 
 def _tabs_in_indentation(doc: YamlDoc, text: str) -> bool:
@@ -219,6 +264,9 @@ class _Builder:
         self.first_anchor: dict[str, Any] = {}
         self.count = 0  # nodes built, an alias counting as the nodes it expands to
         self.expanded = 0  # nodes reached through aliases
+        # The collection that started last, as (depth, start mark): where to count nesting
+        # from when libyaml itself gives up on the depth (see _nesting_mark).
+        self.last_open: tuple[int, Any] | None = None
 
     def document(self) -> Any:
         """The one document of the stream (None with a problem when there is not one)."""
@@ -268,6 +316,7 @@ class _Builder:
         if depth >= MAX_DEPTH:
             self.doc.error((), f"nested deeper than {MAX_DEPTH} levels", at=_to_mark(event.start_mark))
             raise _Stop
+        self.last_open = (depth, event.start_mark)
         if event.anchor is not None:
             self.anchor(event, _IN_PROGRESS, 0)
         before = self.count

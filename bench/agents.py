@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO))
 
 from benchlib import percentile  # noqa: E402
 
-from cronfile.agent_hub import AgentHub  # noqa: E402
-from cronfile.executor import Executor, RunHandle, RunOutcome, RunRequest  # noqa: E402
-from cronfile.local_exec import LocalExecutor  # noqa: E402
-from cronfile.model import Agent, RunStatus  # noqa: E402
-from cronfile.protocol import Ping, Secrets  # noqa: E402
+from cronfile.schedules.model import Agent, RunStatus  # noqa: E402
+from cronfile.transports.executor import Executor, RunHandle, RunOutcome, RunRequest  # noqa: E402
+from cronfile.transports.hub import AgentHub  # noqa: E402
+from cronfile.transports.local import LocalExecutor  # noqa: E402
+from cronfile.transports.protocol import Ping, Secrets  # noqa: E402
 
 SECRET = "bench-secret"
 
@@ -145,7 +145,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> None:
         for name in names:
             log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cronfile.agent", "--center", f"127.0.0.1:{hub.port}",
+                [sys.executable, "-m", "cronfile.agent.daemon", "--center", f"127.0.0.1:{hub.port}",
                  "--name", name, "--token-file", str(token), "--state", str(tmp / name),
                  "--log-level", "WARNING"],
                 stdout=log, stderr=subprocess.STDOUT,

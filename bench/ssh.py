@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 import paramiko  # noqa: E402
 from sshd import SshServer, running_sshd, sshd_available  # noqa: E402
 
-from cronfile.executor import RunRequest  # noqa: E402
-from cronfile.model import RunStatus, SshConfig  # noqa: E402
-from cronfile.ssh_exec import SshExecutor  # noqa: E402
+from cronfile.schedules.model import RunStatus, SshConfig  # noqa: E402
+from cronfile.transports.executor import RunRequest  # noqa: E402
+from cronfile.transports.ssh import SshExecutor  # noqa: E402
 
 
 def _request() -> RunRequest:

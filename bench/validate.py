@@ -5,7 +5,7 @@ Generates 1,000 files with 10,000 jobs (a realistic mix: shared and per-job sche
 daemons, a few agents) into a temporary directory and prints, measured in the same run:
 
 * ``cronfile validate`` run as a subprocess (what CI pays, interpreter start included) and the
-  in-process :func:`~cronfile.validate.run_validate`;
+  in-process :func:`~cronfile.cli.validate.run_validate`;
 * a bare ``yaml.load(..., Loader=yaml.CSafeLoader)`` of the same files (the floor: reading
   YAML at all), and the ratio of the two (targets: ratio <= 2, validate < 1.5 s);
 * the cost per call of :meth:`JobTimer.next_after` beside croniter's ``get_next`` for the
@@ -128,7 +128,7 @@ print(time.perf_counter() - start)
 """
 _IN_PROCESS = """
 import pathlib, sys, time
-from cronfile.validate import run_validate
+from cronfile.cli.validate import run_validate
 root = pathlib.Path(sys.argv[1])
 start = time.perf_counter()
 report = run_validate([root], root)
@@ -157,7 +157,7 @@ def bench_validate(root: Path, profile: bool, rounds: int) -> None:
 
     def startup() -> float:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import cronfile.cli, cronfile.validate"], check=True)
+        subprocess.run([sys.executable, "-c", "import cronfile.cli, cronfile.cli.validate"], check=True)
         return time.perf_counter() - start
 
     # Interleaved rounds, best of each: other processes on the machine only ever add time.
@@ -175,7 +175,7 @@ def bench_validate(root: Path, profile: bool, rounds: int) -> None:
     ok = t_cmd / t_bare <= 2 and t_cmd < 1.5
     print(f"target (ratio <= 2 and < 1.5 s): {'met' if ok else 'MISSED'} (best of {rounds} rounds)")
     if profile:
-        from cronfile.validate import run_validate
+        from cronfile.cli.validate import run_validate
 
         prof = cProfile.Profile()
         prof.runcall(run_validate, [root], root)
@@ -185,7 +185,7 @@ def bench_validate(root: Path, profile: bool, rounds: int) -> None:
 def bench_firetimes() -> None:
     from croniter import croniter
 
-    from cronfile.firetimes import JobTimer
+    from cronfile.schedules.firetimes import JobTimer
 
     exprs = ["*/5 * * * *", "0 2 * * *", "0 9 * * 1-5", "30 2 * * *", "*/15 * * * *",
              "0 */4 * * *", "0 0 1 * *", "0 6,18 * * *", "17 3 * * sun"]

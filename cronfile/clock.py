@@ -2,7 +2,7 @@
 
 The center reads time only through a :class:`Clock`, so that it can notice wall-clock steps
 (comparing the two) and so that tests of the scheduling decisions
-(:class:`~cronfile.engine.Scheduler`, which takes ``now`` as an argument) can move time by
+(:class:`~cronfile.center.scheduler.Scheduler`, which takes ``now`` as an argument) can move time by
 hand with :class:`FakeClock` instead of sleeping. Waiting itself stays on the event loop.
 """
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from cronfile.agent import AgentState
-from cronfile.agent_hub import AgentHub
-from cronfile.executor import RunRequest
-from cronfile.ledger import iso
-from cronfile.model import Agent, RunStatus
-from cronfile.protocol import (
+from cronfile.agent.daemon import AgentState
+from cronfile.schedules.model import Agent, RunStatus
+from cronfile.state.ledger import iso
+from cronfile.transports.executor import RunRequest
+from cronfile.transports.hub import AgentHub
+from cronfile.transports.protocol import (
     Challenge,
     DaemonSpec,
     Finished,
@@ -114,7 +114,7 @@ class Fleet:
 
     def agent(self, name: str, *extra: str, token: str | None = SECRET,
               tls_ca: Path | None = None) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "cronfile.agent", "--center", f"127.0.0.1:{self.port}",
+        args = [sys.executable, "-m", "cronfile.agent.daemon", "--center", f"127.0.0.1:{self.port}",
                 "--name", name, "--state", str(self.tmp / f"state-{name}"),
                 "--backoff-max", "0.3", *extra]
         if token is not None:

@@ -1,4 +1,4 @@
-"""Schedule expressions (:mod:`cronfile.cronexpr`) and durations: what each syntax means,
+"""Schedule expressions (:mod:`cronfile.schedules.cronexpr`) and durations: what each syntax means,
 what is refused and why, ``H`` stable per job and across processes, and round trips."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cronfile.cronexpr import NICKNAMES, CronSpec, EverySpec, ScheduleError, parse_schedule
-from cronfile.durations import MAX_DURATION_S, format_duration, parse_duration, parse_size
-from cronfile.firetimes import JobTimer, next_local
+from cronfile.schedules.cronexpr import NICKNAMES, CronSpec, EverySpec, ScheduleError, parse_schedule
+from cronfile.schedules.durations import MAX_DURATION_S, format_duration, parse_duration, parse_size
+from cronfile.schedules.firetimes import JobTimer, next_local
 
 ALL_MIN = tuple(range(60))
 ALL_HOUR = tuple(range(24))
@@ -225,7 +225,7 @@ def test_h_ranges(text: str, check: object) -> None:
 
 def test_h_is_the_same_in_every_process() -> None:
     """sha256, not Python's randomised hash(): every host and restart agrees."""
-    code = ("from cronfile.cronexpr import parse_schedule as p; "
+    code = ("from cronfile.schedules.cronexpr import parse_schedule as p; "
             "print([p('H H(0-5) H * H', f'job-{i}').minutes + p('H H(0-5) H * H', f'job-{i}').hours "
             "for i in range(20)])")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

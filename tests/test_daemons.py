@@ -6,10 +6,10 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from cronfile.daemons import DaemonSupervisor, ReplicaState
-from cronfile.executor import RunOutcome, RunRequest
-from cronfile.local_exec import LocalExecutor
-from cronfile.model import RestartPolicy, RestartPolicyKind, RunStatus
+from cronfile.schedules.model import RestartPolicy, RestartPolicyKind, RunStatus
+from cronfile.transports.daemons import DaemonSupervisor, ReplicaState
+from cronfile.transports.executor import RunOutcome, RunRequest
+from cronfile.transports.local import LocalExecutor
 
 
 def daemon(command: str, **kwargs: object) -> RunRequest:

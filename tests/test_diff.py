@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cronfile.diff import Changed, FieldChange, diff_states
-from cronfile.model import (
+from cronfile.schedules.diff import Changed, FieldChange, diff_states
+from cronfile.schedules.model import (
     Agent,
     DesiredState,
     Job,

@@ -7,8 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cronfile.clock import FakeClock
-from cronfile.engine import (
+from cronfile.center.scheduler import (
     MAX_ENUMERATED_SLOTS,
     Action,
     RecordSlot,
@@ -17,7 +16,8 @@ from cronfile.engine import (
     StopRuns,
     jitter_for,
 )
-from cronfile.model import CatchUp, Concurrency, Job, Retries, RunStatus, Trigger
+from cronfile.clock import FakeClock
+from cronfile.schedules.model import CatchUp, Concurrency, Job, Retries, RunStatus, Trigger
 
 
 def utc(*args: int) -> float:

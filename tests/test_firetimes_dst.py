@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cronfile.cronexpr import ScheduleError
-from cronfile.firetimes import JobTimer, timeline
+from cronfile.schedules.cronexpr import ScheduleError
+from cronfile.schedules.firetimes import JobTimer, timeline
 
 
 def fires(expr: str, zone: str, after: str, count: int) -> list[str]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from cronfile import ledger as ledger_module
-from cronfile.ledger import JsonlLog, Ledger, ReadStats, encode_record, fold_runs, read
-from cronfile.model import RunStatus
+from cronfile.schedules.model import RunStatus
+from cronfile.state import ledger as ledger_module
+from cronfile.state.ledger import JsonlLog, Ledger, ReadStats, encode_record, fold_runs, read
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cronfile import loader as loader_mod
-from cronfile.loader import ScheduleLoader
+from cronfile.schedules import loader as loader_mod
+from cronfile.schedules.loader import ScheduleLoader
 
 
 def job_file(name: str, schedule: str = "0 1 * * *") -> str:

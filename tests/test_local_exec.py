@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from cronfile.executor import RunOutcome, RunRefused, RunRequest
-from cronfile.local_exec import (
+from cronfile.schedules.model import RunStatus, SecretRef
+from cronfile.transports.executor import RunOutcome, RunRefused, RunRequest
+from cronfile.transports.local import (
     RUN_AS_PATH,
     LocalExecutor,
     LocalRunHandle,
     OutputTail,
     Redactor,
 )
-from cronfile.model import RunStatus, SecretRef
 
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CENTER_ONLY": "center-value"}
 
@@ -472,7 +472,7 @@ def test_sigpipe_is_default_in_the_child() -> None:
 def test_inherited_descriptors_do_not_reach_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
     """As with Popen(close_fds=True), a child sees stdio only, even a descriptor this
     process inherited without close-on-exec."""
-    import cronfile.local_exec as local_exec
+    import cronfile.transports.local as local_exec
 
     monkeypatch.setattr(local_exec, "_inherited_fds_closed", False)  # as in a fresh process
     read_end, write_end = os.pipe()

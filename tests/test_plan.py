@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cronfile.loader import load_schedules
-from cronfile.model import Agent, DesiredState, Job, Revision, Strategy, Targets, Transport
-from cronfile.plan import build_plan, empty_baseline, fire_text, placement, render_text, run_plan
-from cronfile.statefile import APPLIED_FILE, write_applied
+from cronfile.cli.plan import build_plan, empty_baseline, fire_text, placement, render_text, run_plan
+from cronfile.schedules.loader import load_schedules
+from cronfile.schedules.model import Agent, DesiredState, Job, Revision, Strategy, Targets, Transport
+from cronfile.state.applied import APPLIED_FILE, write_applied
 
 # A fixed "now" a few days before Europe/Berlin falls back (2026-10-25 03:00 CEST -> 02:00 CET).
 NOW = datetime(2026, 10, 20, 12, 0, tzinfo=UTC).timestamp()
@@ -375,7 +375,7 @@ def test_spring_forward_and_zone_change() -> None:
 
 
 def test_markdown_of_an_agent_only_change_and_of_a_huge_plan() -> None:
-    from cronfile.plan import MARKDOWN_LIMIT, render_markdown
+    from cronfile.cli.plan import MARKDOWN_LIMIT, render_markdown
 
     old = DesiredState({}, {"web-1": Agent("web-1")}, Revision("a"))
     new = DesiredState({}, {"web-1": Agent("web-1", (("role", "web"),))}, Revision("b"))

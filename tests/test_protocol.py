@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cronfile.executor import RunOutcome, RunRequest
-from cronfile.model import RunStatus, SecretRef
-from cronfile.protocol import (
+from cronfile.schedules.model import RunStatus, SecretRef
+from cronfile.transports.executor import RunOutcome, RunRequest
+from cronfile.transports.protocol import (
     MAX_FRAME,
     MESSAGE_TYPES,
     Ack,

@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO / "schema" / "cronfile-v1.json"
-PACKAGED_SCHEMA = REPO / "cronfile" / "cronfile-v1.json"
+PACKAGED_SCHEMA = REPO / "cronfile" / "schedules" / "cronfile-v1.json"
 
 SCHEDULE_DIRS = [REPO / "schedules", *sorted((REPO / "examples").glob("*/schedules"))]
 SCHEDULE_FILES = sorted(

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sshd import KEY_PASSPHRASE, SSHD, SshServer, running_sshd, sshd_available  # noqa: E402
 
-from cronfile.executor import RunOutcome, RunRefused, RunRequest  # noqa: E402
-from cronfile.model import RunStatus, SecretRef, SshConfig  # noqa: E402
-from cronfile.ssh_exec import SshExecutor  # noqa: E402
+from cronfile.schedules.model import RunStatus, SecretRef, SshConfig  # noqa: E402
+from cronfile.transports.executor import RunOutcome, RunRefused, RunRequest  # noqa: E402
+from cronfile.transports.ssh import SshExecutor  # noqa: E402
 
 BOUND_S = 12.0  # no single run in this file may take longer
 

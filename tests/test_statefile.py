@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cronfile.loader import load_schedules
-from cronfile.model import (
+from cronfile.schedules.loader import load_schedules
+from cronfile.schedules.model import (
     Agent,
     CatchUp,
     Concurrency,
@@ -35,7 +35,7 @@ from cronfile.model import (
     Transport,
     Trigger,
 )
-from cronfile.statefile import (
+from cronfile.state.applied import (
     APPLIED_FILE,
     StateFileError,
     read_applied,

@@ -1,4 +1,4 @@
-"""The YAML reader (:mod:`cronfile.yamlsafe`) and the loader, in process: the hazards YAML
+"""The YAML reader (:mod:`cronfile.schedules.yamlsafe`) and the loader, in process: the hazards YAML
 brings, bounded in time and memory, and property tests that it reads what PyYAML's safe
 loader reads whenever a document has no hazard.
 """
@@ -19,9 +19,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cronfile.loader import load_schedules
-from cronfile.schema import _fast_check, is_valid, schema
-from cronfile.yamlsafe import ALIAS_BUDGET, MAX_FILE_BYTES, Mark, load_yaml
+from cronfile.schedules.loader import load_schedules
+from cronfile.schedules.schema import _fast_check, is_valid, schema
+from cronfile.schedules.yamlsafe import ALIAS_BUDGET, MAX_FILE_BYTES, Mark, load_yaml
 
 
 def load(text: str | bytes) -> Any:
@@ -300,7 +300,7 @@ def test_any_input_gives_data_or_problems_never_an_exception(raw: str | bytes) -
                 max_size=12))
 def test_line_soup_never_raises(lines: list[str]) -> None:
     """Schedule-shaped fragments in any order: the whole loader reports, never raises."""
-    from cronfile.loader import load_file
+    from cronfile.schedules.loader import load_file
 
     result = load_file("f.yaml", "\n".join(lines).encode())
     for p in result.problems:

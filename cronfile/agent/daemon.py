@@ -1,0 +1,907 @@
+"""``cronfile agent``: one host's end of the agent channel.
+
+The agent opens ONE connection to the center (it never listens), authenticates
+(:mod:`cronfile.transports.protocol`), and runs what it is sent with the local executor, so a run on an
+agent behaves exactly like a run on the center's own host: same process groups, timeouts,
+output tail and secret handling.
+
+Durability, and why in this order:
+
+* ``<state>/journal.jsonl``: every accepted run_id is appended and fsynced BEFORE its
+  process starts. A run frame that arrives twice (the center re-sent it after a reconnect,
+  or after its own restart) finds its run_id here and is not run again: the agent re-sends
+  the outcome if it has it, or ``started`` if the run is still going.
+* ``<state>/outbox.jsonl``: every outcome is appended and fsynced before it is sent; an
+  ``ack`` from the center appends an ``acked`` line. Unacked outcomes are sent again after
+  every reconnect, so nothing is lost while the center is away and the center
+  deduplicates. At start the file is compacted to the unacked outcomes.
+* Both logs use group commit: all lines waiting when a write begins share one fsync, so a
+  burst of 500 runs costs a handful of fsyncs, not 500.
+* A run that was accepted but has no outcome when the agent starts was cut short by the
+  agent's own death; it is reported ``lost`` (its process, if it survived, is no longer
+  watched), never silently forgotten.
+
+The center going away does not touch running processes; the agent reconnects forever with
+capped exponential backoff and full jitter (so a fleet does not reconnect in lockstep after
+a center restart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import getpass
+import json
+import logging
+import os
+import random
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cronfile import __version__
+from cronfile.schedules.model import RestartPolicy, RestartPolicyKind, RunStatus
+from cronfile.transports.daemons import DaemonSupervisor
+from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.local import LocalExecutor
+from cronfile.transports.protocol import (
+    Ack,
+    Cancel,
+    Challenge,
+    Daemons,
+    DaemonSpec,
+    DaemonState,
+    DaemonStatus,
+    Finished,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refused,
+    Response,
+    Run,
+    Secrets,
+    SecretsError,
+    Started,
+    Welcome,
+    agent_proof,
+    center_proof,
+    load_secrets,
+    new_nonce,
+    proofs_equal,
+    read_frame,
+)
+
+log = logging.getLogger("cronfile.agent")
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+STABLE_CONNECTION_S = 10.0
+"""A connection that lasted this long resets the reconnect backoff."""
+JOURNAL_KEEP = 100_000
+"""Run ids kept in the journal across compactions (the dedupe memory of the agent): the
+center only re-sends recent runs (after a reconnect or its own restart), never old ones."""
+ACKED_KEEP = 10_000
+"""Acked outcomes kept in memory, to answer a re-sent run with its outcome."""
+COMPACT_OUTBOX_AFTER = 50_000
+"""Outbox lines written before the outbox is rewritten to its unacked outcomes."""
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CenterRefused(Exception):
+    """The center refused this agent (the reason comes from the center)."""
+
+
+class _GroupLog:
+    """An append-only JSONL file where concurrent appends share one write and one fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "ab")  # noqa: SIM115 - lives as long as the agent
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def append(self, record: dict[str, Any]) -> None:
+        """Append one record; returns once it is on disk."""
+        await asyncio.shield(self.submit(record))
+
+    def submit(self, record: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue one record for the next group commit; the future resolves when it is on
+        disk. Callers that do not need to wait use this directly."""
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_write_error)
+        self._pending.append((line, future))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self._write, b"".join(line for line, _ in batch))
+                except (OSError, ValueError) as exc:  # ValueError: the file was closed
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._flusher = None
+
+    def _write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    @property
+    def idle(self) -> bool:
+        return self._flusher is None and not self._pending
+
+    async def flush(self) -> None:
+        """Wait until everything queued is on disk."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _log_write_error(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("cannot write the agent's state: %s", future.exception())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every well-formed object of a JSONL file; a torn line (power loss) is skipped."""
+    records = []
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+    except FileNotFoundError:
+        pass
+    return records
+
+
+def _rewrite(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace a JSONL file atomically (write, fsync, rename, fsync the directory)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        for record in records:
+            fh.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AgentState:
+    """The agent's journal of accepted runs and its outbox of unacked outcomes.
+
+    ``journal.jsonl`` has a line when a run is accepted (``{"run_id", "ts", "job", ...}``)
+    and another when its outcome is stored (``{"run_id", "done": true}``), so whether a run
+    finished never depends on the outbox, which forgets acked outcomes when compacted.
+    ``outbox.jsonl`` has ``{"finished": {...}}`` and ``{"acked": run_id}`` lines.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal_path = self.dir / "journal.jsonl"
+        self.outbox_path = self.dir / "outbox.jsonl"
+        self.accepted: dict[str, bool] = {}  # run_id -> done, oldest first
+        self.outbox: dict[str, Finished] = {}  # unacked, in the order they ended
+        self.acked: dict[str, Finished] = {}  # recently acked, to answer a re-sent run
+        self._load()
+        self.journal = _GroupLog(self.journal_path)
+        self.outbox_log = _GroupLog(self.outbox_path)
+        self._outbox_lines = len(self.outbox)
+
+    def _load(self) -> None:
+        started: dict[str, datetime | None] = {}
+        for record in _read_jsonl(self.journal_path):
+            run_id = record.get("run_id")
+            if not isinstance(run_id, str):
+                continue
+            if record.get("done") is True:
+                self.accepted[run_id] = True
+            else:
+                self.accepted.setdefault(run_id, False)
+                started[run_id] = _parse_time(record.get("ts"))
+        finished: dict[str, Finished] = {}
+        acked: set[str] = set()
+        for record in _read_jsonl(self.outbox_path):
+            if isinstance(record.get("acked"), str):
+                acked.add(record["acked"])
+            elif isinstance(record.get("finished"), dict):
+                try:
+                    msg = Finished.decode(json.dumps(record["finished"]).encode())
+                except ProtocolError:
+                    continue
+                finished[msg.run_id] = msg
+        for run_id in finished:
+            self.accepted[run_id] = True
+        # Accepted, never finished: the agent died during the run. Say so, never forget it.
+        for run_id, done in self.accepted.items():
+            if not done:
+                now = _now()
+                finished[run_id] = Finished(
+                    run_id=run_id,
+                    status=RunStatus.LOST.value,
+                    started_at=started.get(run_id) or now,
+                    finished_at=now,
+                    reason="the agent stopped during the run; its process was not watched "
+                    "to the end",
+                )
+                self.accepted[run_id] = True
+                log.warning("run %s was cut short by an agent restart: reporting it lost",
+                            run_id)
+        self.outbox = {k: v for k, v in finished.items() if k not in acked}
+        self.acked = {k: v for k, v in finished.items() if k in acked}
+        while len(self.acked) > ACKED_KEEP:
+            self.acked.pop(next(iter(self.acked)))
+        self._compact_outbox()
+        self._compact_journal(force=True)
+
+    def _compact_outbox(self) -> None:
+        _rewrite(self.outbox_path,
+                 [{"v": 1, "finished": m.to_dict()} for m in self.outbox.values()])
+
+    def _compact_journal(self, force: bool = False) -> None:
+        if len(self.accepted) > JOURNAL_KEEP:
+            for run_id in list(self.accepted)[: len(self.accepted) - JOURNAL_KEEP]:
+                if self.accepted[run_id] and run_id not in self.outbox:
+                    del self.accepted[run_id]
+        elif not force:
+            return
+        _rewrite(self.journal_path,
+                 [{"v": 1, "run_id": k, "done": True} if done else {"v": 1, "run_id": k}
+                  for k, done in self.accepted.items()])
+
+    def _idle(self) -> bool:
+        return self.journal.idle and self.outbox_log.idle
+
+    def maybe_compact(self) -> None:
+        """Keep both files bounded while the agent runs (done between group commits)."""
+        if not self._idle():
+            return
+        if len(self.accepted) > 2 * JOURNAL_KEEP:
+            self.journal.close()
+            self._compact_journal()
+            self.journal = _GroupLog(self.journal_path)
+        if self._outbox_lines > COMPACT_OUTBOX_AFTER:
+            self.outbox_log.close()
+            self._compact_outbox()
+            self.outbox_log = _GroupLog(self.outbox_path)
+            self._outbox_lines = len(self.outbox)
+
+    def knows(self, run_id: str) -> bool:
+        return run_id in self.accepted
+
+    def reserve(self, run_id: str) -> None:
+        """Mark a run accepted in memory, before any await, so a duplicate right behind it
+        is recognised."""
+        self.accepted[run_id] = False
+
+    def forget(self, run_id: str) -> None:
+        self.accepted.pop(run_id, None)
+
+    async def accept(self, run: Run) -> None:
+        """Journal a run as accepted (durably) before it starts."""
+        self.accepted[run.run_id] = False
+        await self.journal.append(
+            {
+                "v": 1,
+                "ts": _now().isoformat(),
+                "run_id": run.run_id,
+                "job": run.job,
+                "scheduled_at": run.scheduled_at.isoformat() if run.scheduled_at else None,
+                "attempt": run.attempt,
+            }
+        )
+
+    async def store(self, msg: Finished) -> None:
+        """Keep an outcome until it is acked: outbox first, then the journal's done mark."""
+        self.outbox[msg.run_id] = msg
+        self._outbox_lines += 1
+        await self.outbox_log.append({"v": 1, "ts": _now().isoformat(), "finished": msg.to_dict()})
+        self.accepted[msg.run_id] = True
+        await self.journal.append({"v": 1, "run_id": msg.run_id, "done": True})
+
+    def ack(self, run_id: str) -> None:
+        msg = self.outbox.pop(run_id, None)
+        if msg is None:
+            return
+        self.acked[run_id] = msg
+        while len(self.acked) > ACKED_KEEP:
+            self.acked.pop(next(iter(self.acked)))
+        # Nobody waits for an ack to be durable: a lost ack means one more delivery, which
+        # the center deduplicates. Waiting would put one fsync per ack in the read loop.
+        self._outbox_lines += 1
+        self.outbox_log.submit({"v": 1, "ts": _now().isoformat(), "acked": run_id})
+        self.maybe_compact()
+
+    def outcome_of(self, run_id: str) -> Finished | None:
+        return self.outbox.get(run_id) or self.acked.get(run_id)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(self.journal.flush(), self.outbox_log.flush()), 5)
+        self.close()
+
+    def close(self) -> None:
+        self.journal.close()
+        self.outbox_log.close()
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _secret_for(secrets: Secrets, name: str) -> bytes | None:
+    """The agent's own secret from a token file in any of the formats the center reads."""
+    return secrets.for_agent(name)
+
+
+def parse_center(center: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) to a pair; ValueError when malformed."""
+    host, sep, port = center.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--center must be HOST:PORT, got {center!r}")
+    return host.strip("[]"), int(port)
+
+
+class Agent:
+    """The running agent: its connection, its runs and its daemons."""
+
+    def __init__(
+        self,
+        center: str,
+        name: str,
+        secret: bytes | None,
+        state_dir: Path,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        allow_run_as: Sequence[str] | None = None,
+        labels: dict[str, str] | None = None,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+    ) -> None:
+        self.host, self.port = parse_center(center)
+        self.name = name
+        self.secret = secret
+        self.ssl_context = ssl_context
+        self.own_user = getpass.getuser()
+        self.allow_run_as = set(allow_run_as) if allow_run_as else {self.own_user}
+        self.labels = dict(labels or {})
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.state = AgentState(state_dir)
+        self.executor = LocalExecutor(state_dir=state_dir)
+        self.running: dict[str, RunHandle] = {}
+        self.inflight: set[str] = set()  # accepted, outcome not stored yet
+        self._cancels: dict[str, Cancel] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._last_rx = time.monotonic()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self.daemons = _Daemons(self)
+
+    # --- the connection ----------------------------------------------------------------
+
+    async def run_until_stopped(self) -> int:
+        attempt = 0
+        while not self._stopping.is_set():
+            connected_for = 0.0
+            try:
+                connected_for = await self._connect_once()
+            except CenterRefused as exc:
+                log.error("the center refused this agent: %s", exc)
+            except ProtocolError as exc:
+                log.warning("protocol error talking to the center: %s", exc)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                log.info("no connection to the center at %s:%s (%s)", self.host, self.port,
+                         exc.__class__.__name__ if not str(exc) else exc)
+            if connected_for >= STABLE_CONNECTION_S:
+                attempt = 0  # a center that welcomes and drops us at once still backs off
+            if self._stopping.is_set():
+                break
+            delay = random.uniform(0, min(self.backoff_max_s,
+                                          self.backoff_initial_s * 2 ** attempt))
+            attempt = min(attempt + 1, 30)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        await self._shutdown()
+        return 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _connect_once(self) -> float:
+        """One connection from open to close; how long it was up after the welcome."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl_context,
+                server_hostname=self.host if self.ssl_context else None,
+            ),
+            CONNECT_TIMEOUT_S,
+        )
+        try:
+            welcome = await asyncio.wait_for(self._handshake(reader, writer), CONNECT_TIMEOUT_S)
+        except BaseException:
+            writer.transport.abort()
+            raise
+        log.info("connected to the center at %s:%s as %s", self.host, self.port, self.name)
+        # The session ends when the connection does. Stopping and silence both end it by
+        # aborting the transport, never by cancelling the reader: Python 3.11's wait_for
+        # can swallow a cancellation that races with a frame arriving, and an agent that
+        # lost its SIGTERM that way would hang until the next heartbeat timeout.
+        silence = 3 * max(welcome.heartbeat_s, 0.1)
+        welcomed_at = time.monotonic()
+        self._writer = writer
+        self._last_rx = time.monotonic()
+        guards = [
+            asyncio.ensure_future(self._abort_on_stop(writer)),
+            asyncio.ensure_future(self._abort_on_silence(writer, silence)),
+        ]
+        try:
+            await self._session(reader)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if not self._stopping.is_set():
+                log.info("connection to the center lost (%s)", exc.__class__.__name__)
+        finally:
+            self._writer = None
+            writer.transport.abort()
+            for guard in guards:
+                guard.cancel()
+        return time.monotonic() - welcomed_at
+
+    async def _abort_on_stop(self, writer: asyncio.StreamWriter) -> None:
+        await self._stopping.wait()
+        writer.transport.abort()
+
+    async def _abort_on_silence(self, writer: asyncio.StreamWriter, silence: float) -> None:
+        # Half-open links: a center that vanished without a FIN never makes read() fail.
+        while True:
+            await asyncio.sleep(silence / 3)
+            if time.monotonic() - self._last_rx > silence:
+                log.warning("the center was silent for %.0fs: reconnecting", silence)
+                writer.transport.abort()
+                return
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Welcome:
+        nonce = new_nonce()
+        hello = Hello(
+            agent=self.name,
+            version=__version__,
+            nonce=nonce,
+            labels=self.labels,
+            running=tuple(sorted(self.inflight)),
+            pending_outcomes=len(self.state.outbox),
+        )
+        writer.write(hello.frame())
+        await writer.drain()
+        msg = await read_frame(reader)
+        center_nonce = None
+        if isinstance(msg, Challenge):
+            if self.secret is None:
+                raise CenterRefused("the center requires a token; give the agent --token-file")
+            center_nonce = msg.nonce
+            writer.write(Response(mac=agent_proof(self.secret, msg.nonce, self.name)).frame())
+            await writer.drain()
+            msg = await read_frame(reader)
+        if isinstance(msg, Refused):
+            raise CenterRefused(msg.reason)
+        if not isinstance(msg, Welcome):
+            raise ProtocolError(f"expected welcome, got {msg.TYPE}")
+        if self.secret is not None:
+            # Without this an impostor could skip the challenge and send us runs.
+            if center_nonce is None:
+                raise ProtocolError("the center did not authenticate; not accepting runs")
+            expected = center_proof(self.secret, nonce, center_nonce, self.name)
+            if not proofs_equal(expected, msg.proof):
+                raise ProtocolError("the center could not prove it knows the token")
+        return msg
+
+    async def _session(self, reader: asyncio.StreamReader) -> None:
+        for pending in list(self.state.outbox.values()):
+            await self._send(pending)
+        await self.daemons.report()
+        while not self._stopping.is_set():
+            msg = await read_frame(reader)
+            self._last_rx = time.monotonic()
+            await self._handle(msg)
+
+    async def _send(self, msg: Message) -> None:
+        """Send if connected; an outcome not sent now stays in the outbox for later."""
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            writer.write(msg.frame())
+            await writer.drain()
+        except (ConnectionError, OSError, RuntimeError):
+            writer.transport.abort()
+
+    async def _handle(self, msg: Message) -> None:
+        if isinstance(msg, Run):
+            self._on_run(msg)
+        elif isinstance(msg, Ack):
+            self.state.ack(msg.run_id)
+        elif isinstance(msg, Ping):
+            await self._send(Pong(seq=msg.seq))
+        elif isinstance(msg, Pong):
+            pass
+        elif isinstance(msg, Cancel):
+            self._on_cancel(msg)
+        elif isinstance(msg, Daemons):
+            self._spawn(self.daemons.apply(msg))
+        else:
+            raise ProtocolError(f"unexpected {msg.TYPE} message from the center")
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- runs --------------------------------------------------------------------------
+
+    def _on_run(self, msg: Run) -> None:
+        run_id = msg.run_id
+        if self.state.knows(run_id):
+            known = self.state.outcome_of(run_id)
+            handle = self.running.get(run_id)
+            if known is not None:
+                self._spawn(self._send(known))
+            elif handle is not None:
+                self._spawn(self._send(Started(run_id=run_id, started_at=handle.started_at,
+                                               pid=getattr(handle, "pid", None))))
+            else:
+                log.info("run %s was already accepted: not running it again", run_id)
+            return
+        self.inflight.add(run_id)
+        self.state.reserve(run_id)
+        self._spawn(self._execute(msg))
+
+    def _refusal(self, msg: Run) -> str | None:
+        user = msg.run_as
+        if user is not None and user not in self.allow_run_as:
+            return f"run_as {user} not allowed on this agent"
+        return None
+
+    async def _execute(self, msg: Run) -> None:
+        run_id = msg.run_id
+        try:
+            await self.state.accept(msg)
+        except OSError as exc:
+            # Not journaled means we could not guarantee "once": do not run it.
+            self.inflight.discard(run_id)
+            self.state.forget(run_id)
+            log.error("cannot journal run %s (%s): not running it", run_id, exc)
+            return
+        try:
+            outcome = await self._run(msg)
+        except Exception as exc:  # an executor bug must still end in an outcome
+            log.exception("run %s failed inside the agent", run_id)
+            now = _now()
+            outcome = RunOutcome(RunStatus.FAILED, now, now, reason=f"agent error: {exc!r}")
+        finished = Finished.from_outcome(run_id, outcome)
+        try:
+            await self.state.store(finished)
+        except OSError as exc:
+            log.error("cannot store the outcome of run %s (%s); sending it anyway", run_id, exc)
+        self.inflight.discard(run_id)
+        await self._send(finished)
+
+    async def _run(self, msg: Run) -> RunOutcome:
+        refusal = self._refusal(msg)
+        cancel = self._cancels.pop(msg.run_id, None)
+        if refusal is not None or cancel is not None:
+            now = _now()
+            if refusal is not None:
+                return RunOutcome(RunStatus.FAILED, now, now, reason=refusal)
+            return RunOutcome(RunStatus.KILLED, now, now, reason=cancel.reason if cancel else None)
+        try:
+            handle = await self.executor.start(msg.to_request())
+        except RunRefused as exc:
+            now = _now()
+            return RunOutcome(RunStatus.FAILED, now, now, reason=str(exc))
+        self.running[msg.run_id] = handle
+        try:
+            await self._send(Started(run_id=msg.run_id, started_at=handle.started_at,
+                                     pid=getattr(handle, "pid", None)))
+            late_cancel = self._cancels.pop(msg.run_id, None)
+            if late_cancel is not None:
+                self._spawn(handle.stop(late_cancel.reason, late_cancel.grace_s))
+            return await handle.wait()
+        finally:
+            self.running.pop(msg.run_id, None)
+
+    def _on_cancel(self, msg: Cancel) -> None:
+        handle = self.running.get(msg.run_id)
+        if handle is not None:
+            self._spawn(handle.stop(msg.reason, msg.grace_s))
+        elif msg.run_id in self.inflight:
+            self._cancels[msg.run_id] = msg  # still starting: applied right after the start
+        else:
+            known = self.state.outcome_of(msg.run_id)
+            if known is not None:
+                self._spawn(self._send(known))
+
+    # --- shutdown ----------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Stop runs and daemons (bounded), store their outcomes, close the logs."""
+        log.info("agent stopping: %d run(s) to stop", len(self.running))
+        stops = [h.stop("agent shutting down", None) for h in self.running.values()]
+        stops.append(self.daemons.stop_all())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True),
+                                   SHUTDOWN_GRACE_S + 5)
+        # Let the run tasks store their outcomes in the outbox.
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        await self.state.aclose()
+
+
+class _Daemons:
+    """The agent's daemons: converges to each ``daemons`` message, reports their state.
+
+    The center sends the COMPLETE desired set (on every change and every reconnect), so
+    applying it is idempotent: a spec equal to the running one is left alone, a changed one
+    is stopped and started again, a missing one is stopped. A daemon whose ``run_as`` is
+    not allowed here is not started and is reported ``refused``.
+    """
+
+    POLL_S = 1.0
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.specs: dict[str, DaemonSpec] = {}
+        self.supervisors: dict[str, DaemonSupervisor] = {}
+        self.refused: dict[str, str] = {}
+        self.since: dict[str, datetime] = {}
+        self._lock = asyncio.Lock()
+        self._last_sent: tuple[DaemonState, ...] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def apply(self, msg: Daemons) -> None:
+        async with self._lock:
+            desired = {spec.name: spec for spec in msg.daemons if spec.replicas > 0}
+            for name in list(self.specs):
+                if name not in desired or desired[name] != self.specs[name]:
+                    await self._stop(name, "daemon removed" if name not in desired
+                                     else "daemon changed")
+            for name, spec in desired.items():
+                if name not in self.specs:
+                    self._start(spec)
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+        await self.report(force=True)
+
+    def _start(self, spec: DaemonSpec) -> None:
+        self.specs[spec.name] = spec
+        self.since[spec.name] = _now()
+        if spec.run_as is not None and spec.run_as not in self.agent.allow_run_as:
+            self.refused[spec.name] = f"run_as {spec.run_as} not allowed on this agent"
+            log.warning("daemon %s: %s", spec.name, self.refused[spec.name])
+            return
+        request = RunRequest(
+            run_id=f"daemon-{spec.name}",
+            job=spec.name,
+            command=spec.command,
+            env=tuple((e.name, e.to_env_value()) for e in spec.env),
+            workdir=spec.workdir,
+            run_as=spec.run_as,
+            kill_grace_s=spec.kill_grace_s,
+            output_keep=spec.output_keep,
+        )
+        restart = RestartPolicy(
+            policy=RestartPolicyKind(spec.restart_policy),
+            backoff_s=spec.backoff_s,
+            max_backoff_s=spec.max_backoff_s,
+        )
+        supervisor = DaemonSupervisor(
+            self.agent.executor, request, replicas=spec.replicas, restart=restart,
+            on_exit=functools.partial(self._on_exit, spec.name),
+        )
+        self.supervisors[spec.name] = supervisor
+        log.info("daemon %s: starting %d replica(s)", spec.name, spec.replicas)
+        self.agent._spawn(supervisor.start())
+
+    def _on_exit(self, name: str, index: int, outcome: RunOutcome) -> None:
+        log.info("daemon %s[%d] exited: %s%s", name, index, outcome.status.value,
+                 f" ({outcome.reason})" if outcome.reason else "")
+
+    async def _stop(self, name: str, reason: str) -> None:
+        spec = self.specs.pop(name)
+        self.refused.pop(name, None)
+        self.since.pop(name, None)
+        supervisor = self.supervisors.pop(name, None)
+        if supervisor is not None:
+            log.info("daemon %s: stopping (%s)", name, reason)
+            await supervisor.stop(spec.kill_grace_s, reason)
+
+    def states(self) -> tuple[DaemonState, ...]:
+        result: list[DaemonState] = []
+        for name in sorted(self.specs):
+            if name in self.refused:
+                result.append(DaemonState(name=name, replica=0, state="refused",
+                                          since=self.since.get(name),
+                                          reason=self.refused[name]))
+                continue
+            for replica in self.supervisors[name].status():
+                last = replica.last_outcome
+                result.append(DaemonState(
+                    name=name,
+                    replica=replica.index,
+                    state=replica.state.value,
+                    pid=replica.pid,
+                    restarts=replica.restarts,
+                    last_exit_code=last.exit_code if last else None,
+                    last_signal=last.signal if last else None,
+                    since=self.since.get(name),
+                    reason=last.reason if last else None,
+                ))
+        return tuple(result)
+
+    async def report(self, force: bool = False) -> None:
+        states = self.states()
+        if force or states != self._last_sent:
+            self._last_sent = states
+            await self.agent._send(DaemonStatus(daemons=states))
+
+    async def _watch(self) -> None:
+        # Replica state changes (crash, backoff, restart) have no single callback that
+        # sees the new state, so a cheap poll sends the status whenever it changed.
+        while True:
+            await asyncio.sleep(self.POLL_S)
+            with contextlib.suppress(Exception):
+                await self.report()
+
+    async def stop_all(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        async with self._lock:
+            await asyncio.gather(*(self._stop(name, "agent shutting down")
+                                   for name in list(self.specs)), return_exceptions=True)
+
+
+def _ssl_context(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None
+                 ) -> ssl.SSLContext | None:
+    if tls_ca is None and tls_cert is None:
+        return None
+    context = ssl.create_default_context(cafile=str(tls_ca) if tls_ca else None)
+    if tls_cert is not None:
+        context.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)
+    return context
+
+
+async def run_agent(
+    center: str,
+    name: str,
+    token_file: Path | None,
+    state_dir: Path,
+    tls_ca: Path | None = None,
+    allow_run_as: list[str] | None = None,
+    labels: dict[str, str] | None = None,
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    backoff_max_s: float = BACKOFF_MAX_S,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT; the exit code (0 stopped, 2 bad configuration)."""
+    secret: bytes | None = None
+    if token_file is not None:
+        try:
+            secret = _secret_for(load_secrets(token_file), name)
+        except SecretsError as exc:
+            log.error("%s", exc)
+            return 2
+        if secret is None:
+            log.error("%s holds no secret for agent %s", token_file, name)
+            return 2
+        with contextlib.suppress(OSError):
+            if token_file.stat().st_mode & 0o077:
+                log.warning("%s is readable by other users; chmod 600 it", token_file)
+    try:
+        context = _ssl_context(tls_ca, tls_cert, tls_key)
+        agent = Agent(center, name, secret, state_dir, ssl_context=context,
+                      allow_run_as=allow_run_as, labels=labels, backoff_max_s=backoff_max_s)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        log.error("%s", exc)
+        return 2
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.stop)
+    try:
+        return await agent.run_until_stopped()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _labels(values: Sequence[str]) -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--label must be KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cronfile.agent.daemon``: the same options as ``cronfile agent``."""
+    parser = argparse.ArgumentParser(prog="cronfile agent",
+                                     description="Run jobs sent by a cronfile center.")
+    parser.add_argument("--center", required=True, help="HOST:PORT of the center")
+    parser.add_argument("--name", required=True, help="this agent's name in the inventory")
+    parser.add_argument("--token-file", type=Path, help="file holding the agent's secret")
+    parser.add_argument("--state", type=Path, required=True, help="state directory")
+    parser.add_argument("--tls-ca", type=Path, help="CA file to verify the center with (TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
+    parser.add_argument("--allow-run-as", default="",
+                        help="comma-separated users jobs may run as (default: this user)")
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--backoff-max", type=float, default=BACKOFF_MAX_S,
+                        help="longest wait between reconnects, seconds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        labels = _labels(args.label)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    allow = [u.strip() for u in args.allow_run_as.split(",") if u.strip()] or None
+    return asyncio.run(
+        run_agent(args.center, args.name, args.token_file, args.state, args.tls_ca, allow,
+                  labels, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  backoff_max_s=args.backoff_max)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,170 @@
+"""The local control channel of a running center: ``run``, ``trigger``, ``apply``.
+
+A Unix socket in the state directory, mode 0600: whoever may read the state directory's
+socket is the center's operator, so no token is needed and nothing listens on the network.
+One JSON request line, one JSON answer line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cronfile.state.ledger import iso
+
+if TYPE_CHECKING:
+    from cronfile.center.daemon import Center
+
+log = logging.getLogger("cronfile.control")
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 * 1024
+
+
+def socket_path(state_dir: Path) -> Path:
+    """``<state>/control.sock``, or a short path in the temp dir when that is too long for
+    a Unix socket (108 bytes on Linux)."""
+    path = state_dir.resolve() / SOCKET_NAME
+    if len(str(path)) < 100:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"cronfile-{digest}.sock"
+
+
+class ControlServer:
+    def __init__(self, center: Center) -> None:
+        self.center = center
+        self.path = socket_path(center.state_dir)
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path),
+                                                          limit=MAX_REQUEST)
+        finally:
+            os.umask(old)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            request = json.loads(line)
+            answer = await self.handle(request if isinstance(request, dict) else {})
+        except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
+            answer = {"ok": False, "error": f"bad request: {exc}"}
+        except Exception as exc:  # the client gets an answer whatever happens
+            log.exception("control request failed")
+            answer = {"ok": False, "error": f"center error: {type(exc).__name__}: {exc}"}
+        try:
+            writer.write(json.dumps(answer).encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        center = self.center
+        op = request.get("op")
+        now = center.clock.time()
+        if op == "run":
+            name = request.get("job")
+            if not isinstance(name, str) or not center.scheduler.has_job(name):
+                return {"ok": False, "error": f"no job named {name!r}"}
+            results = await center.perform(center.scheduler.run_now(name, now))
+            started = [r for r in results if r.get("status") == "started"]
+            if not started:
+                reasons = "; ".join(str(r.get("reason") or r.get("status")) for r in results)
+                return {"ok": False, "job": name, "results": results,
+                        "error": f"{name} did not start: {reasons or 'nothing to run'}"}
+            return {"ok": True, "job": name, "results": results}
+        if op == "trigger":
+            event = str(request.get("event"))
+            names = center.scheduler.trigger(event, now)
+            center._wake.set()
+            # When each start is due, exactly as queued: a restarted center re-queues the
+            # ones that never started (see Center._requeue_pending).
+            due = {}
+            for name in names:
+                job = center.scheduler.job(name)
+                if job is not None and job.trigger is not None:
+                    due[name] = iso(now + job.trigger.delay_s)
+            center._event("triggered", trigger_event=event, jobs=names, due=due)
+            return {"ok": True, "event": event, "jobs": names}
+        if op == "reload":
+            result = await center.reload()
+            return {"ok": result.get("applied", False) or result.get("unchanged", False), **result}
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+class CenterUnavailable(Exception):
+    pass
+
+
+def request(state_dir: Path, payload: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """Send one request to the center running on ``state_dir``."""
+    path = socket_path(state_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise CenterUnavailable(f"no center is running on {state_dir} ({exc.strerror})") from None
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            answer = json.loads(data or b"{}")
+        except (OSError, ValueError) as exc:
+            raise CenterUnavailable(f"the center on {state_dir} did not answer ({exc})") from None
+    if not isinstance(answer, dict) or not answer:
+        raise CenterUnavailable(f"the center on {state_dir} gave no answer")
+    return answer
+
+
+def apply_to_center(schedules: Path, state_dir: Path | None, center: str | None) -> tuple[str, int]:
+    """Validate locally, then have the center on ``state_dir`` load and apply the files."""
+    from cronfile.schedules.loader import load_schedules
+
+    if center:
+        return ("cronfile apply --center is not supported yet: run it on the center's host "
+                "with --state DIR\n", 2)
+    result = load_schedules(schedules)
+    if result.state is None:
+        lines = [p.render() for p in result.problems]
+        return "\n".join(lines) + "\nnot applied: fix the errors above\n", 1
+    try:
+        answer = request(state_dir or Path(".state"), {"op": "reload"})
+    except CenterUnavailable as exc:
+        return f"{exc}\n", 1
+    mine = result.state.revision.content_hash
+    theirs = (answer.get("revision") or {}).get("content_hash")
+    if theirs and theirs != mine:
+        return (f"the center reads other files than {schedules}: it runs {theirs}, these are "
+                f"{mine}. Point --schedules at the center's directory (or update it).\n", 1)
+    if answer.get("unchanged"):
+        return f"No changes: the center already runs revision {answer['revision']['content_hash']}.\n", 0
+    if answer.get("applied"):
+        d = answer.get("diff", {})
+        return f"Applied revision {answer['revision']['content_hash']}: {json.dumps(d)}\n", 0
+    return "rejected by the center:\n" + "\n".join(answer.get("errors", [])) + "\n", 1

@@ -1,0 +1,1064 @@
+"""``cronfile center``: the daemon that schedules, dispatches and records.
+
+One object, :class:`Center`, wires the parts together and owns the I/O:
+
+* the desired state comes from :class:`~cronfile.schedules.loader.ScheduleLoader` (hot-reloaded by
+  :mod:`watchfiles` and SIGHUP through ONE path, :meth:`Center.reload`);
+* timing decisions come from :class:`~cronfile.center.scheduler.Scheduler` (pure, clock-driven);
+* runs go through :class:`~cronfile.transports.executor.Executor` implementations: the built-in
+  ``local`` one here, agents and SSH through :class:`Targets` resolution;
+* every outcome lands in :class:`~cronfile.state.ledger.Ledger`.
+
+Once per slot (SPEC §5). Before a run is sent, its ``dispatched`` record is written and
+fsynced (one write and one fsync per chunk of runs due together: group commit). At
+start, runs dispatched but never finished are recorded ``lost`` and every slot already in
+the ledger is excluded from catch-up, so a restart never runs a slot twice. The center also
+keeps a *watermark* file (``<state>/watermark``): all slots up to it were handled, which
+tells the next start how long it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import itertools
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cronfile import gcpause
+from cronfile.center.alerts import Notifier, runtime_alerts
+from cronfile.center.routing import resolve_retry_target, resolve_targets
+from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
+from cronfile.clock import Clock, SystemClock
+from cronfile.schedules.diff import StateDiff, diff_states
+from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
+from cronfile.schedules.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, OnChange, RunStatus
+from cronfile.state.applied import StateFileError, read_applied, write_applied
+from cronfile.state.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields, utc_ts
+from cronfile.transports.daemons import DaemonSupervisor
+from cronfile.transports.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.local import LocalExecutor
+
+log = logging.getLogger("cronfile.center")
+
+WATERMARK_FILE = "watermark"
+CENTER_FILE = "center.json"
+RELOAD_DEBOUNCE_S = 0.2
+SLOT_MEMORY_S = 6 * 3600.0
+"""Handled slots are remembered this long for once-per-slot checks in memory (jitter and
+deadlines are far shorter); the ledger keeps them for good."""
+DISPATCH_CHUNK = 128
+DISPATCH_FIRST_CHUNK = 32
+DISPATCH_REAP_FIRST = 1024
+DISPATCH_REAP_EVERY = 512
+"""A burst lets the loop reap finished runs after its first DISPATCH_REAP_FIRST spawns, then
+after every DISPATCH_REAP_EVERY. Reaping costs the same in total wherever it happens, but
+inside a burst it delays every spawn behind it, so a burst of up to 1,024 runs reaps after
+its last spawn; a longer one reaps as it goes, since every run in flight holds descriptors
+(its pipe, its pidfd) and each fork copies the descriptor table: measured here, spawns get
+slower past ~2,000 descriptors (a 10,000-run burst: p99 1.35x the bare burst when reaping
+every 1,024, 1.11x every 512)."""
+RECORD_BATCH_S = 0.005
+
+
+def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
+    """Deterministic: the same (slot, target, attempt) always has the same id, which is what
+    lets an agent (and the ledger) recognise a run it has already seen."""
+    return hashlib.sha256(f"{job}|{slot:.3f}|{agent}|{attempt}".encode()).hexdigest()[:20]
+
+
+@dataclass
+class Target:
+    """One place a slot runs: an agent name and the executor that reaches it."""
+
+    agent: str
+    executor: Executor | None
+    transport: str
+    env: tuple[tuple[str, str], ...] = ()
+    why: str = ""
+
+
+@dataclass
+class _Running:
+    run_id: str
+    job: str
+    agent: str
+    slot: float
+    attempt: int
+    handle: RunHandle
+    base: dict[str, Any]
+    stop_reason: str | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Chunk:
+    """Runs dispatched together: one write and one fsync (see :meth:`Center._dispatch`)."""
+
+    runs: list[tuple[StartRun, Target, RunRequest, dict[str, Any]]] = field(default_factory=list)
+    data: bytes = b""  # its ``dispatched`` records, encoded for one write
+
+
+@dataclass
+class CenterOptions:
+    schedules: Path
+    state: Path
+    listen: str | None = None
+    token_file: Path | None = None
+    shutdown_grace_s: float = DEFAULT_KILL_GRACE_S
+    watch: bool = True
+    accept_undeclared: bool = False
+    heartbeat_s: float = 10.0
+    lease_s: float = 60.0
+    known_hosts: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+
+class Center:
+    """The center daemon; :meth:`run_until_stopped` is its whole life."""
+
+    def __init__(self, options: CenterOptions, clock: Clock | None = None) -> None:
+        self.options = options
+        self.clock = clock or SystemClock()
+        self.state_dir = options.state
+        self.ledger = Ledger(options.state)
+        self.loader = ScheduleLoader(options.schedules)
+        self.scheduler = Scheduler()
+        self.local = LocalExecutor(state_dir=options.state.resolve())
+        self.desired: DesiredState | None = None
+        self.running: dict[str, _Running] = {}
+        self.daemons: dict[str, DaemonSupervisor] = {}
+        self.done_slots: set[tuple[str, float, str]] = set()
+        self.missed_until: dict[str, float] = {}  # per job: end of the last recorded missed range
+        self.lost_bases: dict[str, dict[str, Any]] = {}  # run_id -> record base, for late outcomes
+        # (job, slot, agent) -> (last attempt, its view when it failed), read at start
+        self._last_attempts: dict[tuple[str, float, str], tuple[int, dict[str, Any] | None]] = {}
+        self.notifier = Notifier(self.local, self._event)
+        self.last_success: dict[str, float] = {}
+        self._success_alerted: set[str] = set()
+        self._started_at = self.clock.time()
+        self._success_watch: set[str] = set()
+        self._applied_wanted: DesiredState | None = None
+        self._applied_writer: asyncio.Task[Any] | None = None
+        self.last_rejection: dict[str, Any] | None = None
+        self.hub: Any = None  # the agent hub, when agents are enabled
+        self.ssh_executors: dict[str, tuple[Any, Executor]] = {}  # agent -> (its ssh config, executor)
+        self.round_robin: dict[str, Iterator[int]] = {}  # job -> counter for strategy: one
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._pending: list[dict[str, Any]] = []
+        self._flush_scheduled = False
+        self._dispatching = 0  # bursts being dispatched now (see _flush_soon)
+        self._deferred_ends: list[tuple[_Running, StartRun, RunOutcome]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._signals = 0
+        self._crashed = False
+        self._lock: int | None = None
+        self._reload_lock = asyncio.Lock()
+        self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
+        self._last_watermark = 0.0
+        self._last_expect_check = 0.0
+
+    # ------------------------------------------------------------------ records
+
+    def _revision(self) -> dict[str, Any]:
+        return self.desired.revision.to_dict() if self.desired else {}
+
+    def _base(self, job: Job, slot: float, agent: str, transport: str | None, attempt: int,
+              run_id: str) -> dict[str, Any]:
+        return {"run_id": run_id, "job": job.name, "agent": agent, "transport": transport,
+                "scheduled_at": iso(slot), "attempt": attempt, "revision": self._revision()}
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Queue a run record; records queued within a few milliseconds share one write and
+        one fsync (a burst of 1,000 finishing runs is a handful of fsyncs, not 1,000).
+        ``dispatched`` records do not wait: :meth:`_dispatch` writes them itself."""
+        self._pending.append(record)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(RECORD_BATCH_S, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        """The batching timer. While a burst is dispatched, nothing but its ``dispatched``
+        records is written: ``started`` and finished records wait for the end of the burst
+        (:meth:`_burst_ends`), their encoding, write and fsync would delay its spawns."""
+        if not self._dispatching:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                self.ledger.runs.append(batch)
+            except Exception:
+                self._pending[:0] = batch  # keep them for the next flush (disk full, ...)
+                raise
+
+    def _event(self, name: str, **fields: Any) -> None:
+        self.ledger.event(name, **fields)
+
+    def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
+        """Every final outcome passes here once: notifications and expectations."""
+        job = self.desired.jobs.get(job_name) if self.desired else None
+        if job is None:
+            return
+        status = RunStatus(record["status"])
+        if status is RunStatus.SUCCEEDED:
+            self.last_success[job_name] = self.clock.time()
+            self._success_alerted.discard(job_name)
+        attempt = int(record.get("attempt") or 1)
+        # notify once the last attempt has failed, not per attempt
+        if not job.retries.wanted_after(status, attempt, record.get("exit_code")):
+            self.notifier.outcome(job, status, record)
+        for what, detail in runtime_alerts(job, record.get("duration_s"), status):
+            self.notifier.alert(job, what, detail, record)
+
+    def _check_success_within(self) -> None:
+        """``expect.success_within``: alert once when a job has not succeeded for too long."""
+        now = self.clock.time()
+        for name in self._success_watch:
+            job = self.scheduler.job(name)
+            if job is None:
+                continue
+            limit = job.expect.success_within_s
+            if limit is None or name in self._success_alerted or job.suspend:
+                continue
+            since = self.last_success.get(name, self._started_at)
+            if now - since > limit:
+                self._success_alerted.add(name)
+                self.notifier.alert(job, "success_within",
+                                    f"no success for {now - since:.0f}s (expected within {limit:g}s)",
+                                    {"job": name})
+
+    def _watch_max_runtime(self, run: _Running, job: Job) -> asyncio.TimerHandle | None:
+        limit = job.expect.max_runtime_s
+        if limit is None:
+            return None
+
+        def check() -> None:
+            if run.run_id in self.running:
+                self.notifier.alert(job, "max_runtime", f"still running after {limit:g}s",
+                                    run.base)
+
+        return asyncio.get_running_loop().call_later(limit, check)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run_until_stopped(self) -> int:
+        """Start, run until a signal (or a crash of a core task), shut down; 0 = stopped,
+        1 = crashed."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_state_dir(self.state_dir)
+        dropped = self.ledger.open()
+        # Read how far the previous center got BEFORE this one writes anything: the
+        # fallback (no watermark file) is the logs' last timestamp.
+        since = self._read_watermark()
+        if any(dropped.values()):
+            self._event("ledger_repaired", dropped_bytes=dropped)
+        self._write_center_file()
+        self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
+                    listen=self.options.listen)
+        self._recover_ledger()
+        first = await asyncio.to_thread(self.loader.load, with_git=True)
+        if first.state is None:
+            self._reject(first.problems)
+            try:
+                previous = read_applied(self.state_dir)
+            except StateFileError as exc:
+                log.error("cannot use the last applied revision: %s", exc)
+                previous = None
+            if previous is not None:
+                log.warning("schedules are invalid; keeping the last applied revision")
+                self._apply(previous, initial=True)
+        else:
+            self._apply(first.state, initial=True)
+        self._requeue_pending()
+        self._install_signals()
+        await self._start_services()
+        if since is not None:
+            # Agents reconnect after a restart: give them one heartbeat before catch-up
+            # decides that a slot has no agent.
+            delay = self.options.heartbeat_s if self.hub else 0.0
+            self._spawn(self._catch_up_after(since, delay), critical=True)
+        self._spawn(self._scheduler_loop(), critical=True)
+        if self.options.watch:
+            self._spawn(self._watch_files(), critical=True)
+        self._spawn(self._reload_loop(), critical=True)
+        self._spawn(self._housekeeping(), critical=True)
+        log.info("center running: %d jobs; state in %s", len(self.scheduler.job_names()),
+                 self.state_dir)
+        await self._stopping.wait()
+        await self._shutdown()
+        return 1 if self._crashed else 0
+
+    def _spawn(self, coro: Any, critical: bool = False, name: str | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as a child task. A *critical* task (the scheduler loop, reloads, the
+        watcher) that dies takes the center down with exit 1: a center that looks alive
+        but schedules nothing would be the worst failure of all."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, critical))
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any], critical: bool = False) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("center task failed: %r", task.exception(), exc_info=task.exception())
+        if critical and not self._stopping.is_set():
+            log.critical("a core task of the center crashed: stopping")
+            self._crashed = True
+            self.request_stop()
+
+    async def _start_services(self) -> None:
+        from cronfile.center.control import ControlServer
+
+        self.control = ControlServer(self)
+        await self.control.start()
+        if self.options.listen:
+            from cronfile.center.routing import start_hub
+
+            self.hub = await start_hub(self)
+            from cronfile.center.routing import sync_agent_daemons
+
+            await sync_agent_daemons(self)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_stop() -> None:
+            self._signals += 1
+            if self._signals > 1:  # a second signal: exit at once, children get SIGKILL
+                log.warning("second signal: exiting now")
+                groups = [getattr(r.handle, "pgid", None) for r in self.running.values()]
+                groups += [replica.pid for d in self.daemons.values() for replica in d.status()]
+                for pgid in groups:
+                    if isinstance(pgid, int) and pgid > 1:
+                        with contextlib.suppress(Exception):
+                            os.killpg(pgid, signal.SIGKILL)
+                self._flush()
+                os._exit(1)
+            log.info("stopping: no new runs; waiting up to %gs for running ones",
+                     self.options.shutdown_grace_s)
+            self.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            if task.get_name() not in ("run", "daemon"):
+                task.cancel()
+        grace = self.options.shutdown_grace_s
+        # Runs on agents keep going: the agent stores their outcomes and the next center
+        # records them. Runs of this process (local, and SSH sessions it holds) get the
+        # grace period, then are stopped, all at once.
+        ours = [r for r in self.running.values() if r.base.get("transport") != "tcp"]
+        if ours:
+            _, pending = await asyncio.wait([asyncio.ensure_future(r.handle.wait()) for r in ours],
+                                            timeout=grace)
+            left = [r for r in ours if r.run_id in self.running]
+            for run in left:
+                run.stop_reason = "center shutting down"
+            if left:
+                stops = [r.handle.stop("center shutting down", grace_s=min(grace, 5.0)) for r in left]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True),
+                                           timeout=min(grace, 5.0) + 5)
+        supervisors = list(self.daemons.values())
+        if supervisors:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(d.stop(min(grace, 5.0)) for d in supervisors),
+                                                      return_exceptions=True), timeout=grace + 5)
+        daemon_tasks = [t for t in self._tasks if t.get_name() == "daemon"]
+        if daemon_tasks:
+            await asyncio.wait(daemon_tasks, timeout=grace + 5)
+        await asyncio.sleep(0)  # let run watchers record their outcomes
+        for _ in range(50):
+            if not any(r.base.get("transport") != "tcp" for r in self.running.values()):
+                break
+            await asyncio.sleep(0.02)
+        await self.notifier.drain(5.0)
+        if self.hub is not None:
+            with contextlib.suppress(Exception):
+                await self.hub.close()
+        for _config, ssh in self.ssh_executors.values():
+            with contextlib.suppress(Exception):
+                await ssh.close()
+        with contextlib.suppress(Exception):
+            await self.control.close()
+        self._flush()
+        self._write_watermark(force=True)
+        self._event("center_stopped", reason="crashed" if self._crashed else "signal",
+                    pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
+                                                         if r.base.get("transport") == "tcp"))
+        self.ledger.close()
+        with contextlib.suppress(OSError):
+            (self.state_dir / CENTER_FILE).unlink()
+
+    # ------------------------------------------------------------------ desired state
+
+    def _reject(self, problems: Iterable[Any]) -> None:
+        errors = [p.render() for p in problems if p.severity.value == "error"]
+        self.last_rejection = {"ts": utc_ts(), "errors": errors}
+        self._event("revision_rejected", errors=errors,
+                    kept=self.desired.revision.to_dict() if self.desired else None)
+        log.error("schedules rejected (%d errors); keeping the last good revision:\n  %s",
+                  len(errors), "\n  ".join(errors[:20]))
+
+    def _apply(self, state: DesiredState, initial: bool = False, diff: StateDiff | None = None) -> None:
+        """Apply ONLY the difference: unchanged jobs keep their timing and processes."""
+        now = self.clock.time()
+        diff = diff or diff_states(self.desired, state)
+        old = self.desired
+        self.desired = state
+        for name in diff.jobs.removed:
+            self._success_watch.discard(name)
+            self.scheduler.remove_job(name)
+            self._stop_daemon(name)
+            if old is not None and old.jobs[name].on_change is OnChange.RESTART:
+                self._stop_runs(name, "job removed (on_change: restart)")
+        # Many small objects per job and none freed: the cyclic GC would rescan the growing
+        # heap again and again for nothing (seconds for 100,000 jobs).
+        with gcpause.paused():
+            for name in (*diff.jobs.added, *diff.jobs.changed_names):
+                job = state.jobs[name]
+                self.scheduler.set_job(job, now)
+                if job.expect.success_within_s is not None:
+                    self._success_watch.add(name)
+                else:
+                    self._success_watch.discard(name)
+                if job.kind is JobKind.DAEMON and job.targets.is_local_only and not job.suspend:
+                    self._restart_daemon(job)
+                else:
+                    self._stop_daemon(name)
+                restart = name in diff.jobs.changed_names and job.on_change is OnChange.RESTART
+                if restart and job.kind is JobKind.CRON \
+                        and self._stop_runs(name, "job changed (on_change: restart)"):
+                    self._spawn(self.perform(self.scheduler.run_now(name, now, "on_change")))
+        if initial and len(state.jobs) >= 1000:
+            # A large desired state lives on: moved out of the GC's generations, later
+            # collections (e.g. while reloading) do not walk its objects again and again.
+            gc.freeze()
+        if self.hub is not None:
+            from cronfile.center.routing import sync_agent_daemons
+
+            with contextlib.suppress(Exception):
+                self.hub.update_inventory(state.agents)
+            self._spawn(sync_agent_daemons(self))
+        self._event("revision_applied", revision=state.revision.to_dict(),
+                    initial=initial, diff=diff.summary())
+        self._spawn_write_applied(state)
+        self._wake.set()
+
+    def _spawn_write_applied(self, state: DesiredState) -> None:
+        """Write applied.json in the background; bursts of revisions coalesce (the latest
+        wins) so a writer never queues behind another."""
+        self._applied_wanted = state
+        if self._applied_writer is None or self._applied_writer.done():
+            with contextlib.suppress(RuntimeError):
+                self._applied_writer = self._spawn(self._write_applied_loop())
+
+    async def _write_applied_loop(self) -> None:
+        """Store the applied schedule files (see :mod:`cronfile.state.applied`) in a thread: at
+        100,000 jobs that is one small JSON string per file, so the GIL is never held long,
+        and nothing per job is kept in memory for it."""
+        while self._applied_wanted is not None:
+            state, self._applied_wanted = self._applied_wanted, None
+            try:
+                await asyncio.to_thread(write_applied, self.state_dir, state)
+            except (OSError, StateFileError) as exc:  # the next revision tries again
+                log.error("cannot write %s: %s", self.state_dir / "applied.json", exc)
+            # A load or a reload frees most of what it allocated: give it back to the system.
+            await asyncio.to_thread(return_free_memory)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the schedules: apply the difference, or keep the last good revision.
+        Reloads are serialised: a slow load of older content never lands after a newer one."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
+        result = await asyncio.to_thread(self.loader.load, with_git=True)
+        if result.state is None:
+            self._reject(result.problems)
+            return {"applied": False, "errors": self.last_rejection["errors"] if self.last_rejection else []}
+        if self.desired is not None and result.state.revision == self.desired.revision:
+            if self.last_rejection is not None:  # the bad change was reverted
+                self.last_rejection = None
+                self._event("revision_restored", revision=result.state.revision.to_dict())
+            return {"applied": False, "unchanged": True, "revision": result.state.revision.to_dict()}
+        self.last_rejection = None
+        # O(jobs) (0.3 s for 100,000): not on the event loop. Reloads are serialised, so
+        # the desired state cannot change meanwhile.
+        diff = await asyncio.to_thread(diff_states, self.desired, result.state)
+        self._apply(result.state, diff=diff)
+        return {"applied": True, "revision": result.state.revision.to_dict(), "diff": diff.summary()}
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            await asyncio.sleep(RELOAD_DEBOUNCE_S)  # a checkout touching 50 files = one reload
+            self._reload_requested.clear()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("reload failed; keeping the current revision")
+
+    async def _watch_files(self) -> None:
+        import watchfiles
+
+        def relevant(change: Any, path: str) -> bool:
+            return path.endswith((".yaml", ".yml")) or os.path.isdir(path)
+
+        # awatch has no "ready" signal: a file written between the first load and the
+        # watcher's start would wait for the next change, so look once more shortly after.
+        asyncio.get_running_loop().call_later(1.0, self._reload_requested.set)
+        async for _ in watchfiles.awatch(self.options.schedules, watch_filter=relevant,
+                                          debounce=int(RELOAD_DEBOUNCE_S * 1000), step=50,
+                                          stop_event=self._stopping, recursive=True):
+            self._reload_requested.set()
+
+    # ------------------------------------------------------------------ daemons
+
+    def _restart_daemon(self, job: Job) -> None:
+        """(Re)start a local daemon; the old replicas are stopped BEFORE the new ones start
+        (two generations at once would fight over ports and files)."""
+        old = self.daemons.pop(job.name, None)
+        request = self._request(job, run_id_for(job.name, self.clock.time(), LOCAL_AGENT, 0),
+                                None, 1, ())
+        base = self._base(job, 0, LOCAL_AGENT, "local", 1, request.run_id)
+        base["scheduled_at"] = None
+        supervisor: DaemonSupervisor
+
+        async def on_exit(replica: int, outcome: RunOutcome) -> None:
+            # each incarnation has its own run_id (<id>.<replica>.<n>): one record per exit
+            status = supervisor.status()
+            run_id = status[replica].run_id if replica < len(status) else None
+            restarts = status[replica].restarts if replica < len(status) else 0
+            record = {**base, "run_id": run_id or f"{base['run_id']}.{replica}",
+                      "attempt": restarts + 1, "record": "finished", "replica": replica,
+                      **outcome_fields(outcome)}
+            self._record(record)
+            self._outcome(job.name, record)
+
+        supervisor = DaemonSupervisor(self.local, request, job.replicas, job.restart, on_exit)
+        self.daemons[job.name] = supervisor
+
+        async def swap() -> None:
+            if old is not None:
+                await old.stop()
+            await supervisor.start()
+
+        self._spawn(swap(), name="daemon")
+
+    def _stop_daemon(self, name: str) -> None:
+        supervisor = self.daemons.pop(name, None)
+        if supervisor is not None:
+            self._spawn(supervisor.stop(), name="daemon")
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _scheduler_loop(self) -> None:
+        mono0, wall0 = self.clock.monotonic(), self.clock.time()
+        while not self._stopping.is_set():
+            now = self.clock.time()
+            drift = now - (wall0 + self.clock.monotonic() - mono0)
+            if abs(drift) > 2.0:
+                self._event("clock_step", seconds=round(drift, 3))
+                log.warning("wall clock stepped by %+.1fs", drift)
+                mono0, wall0 = self.clock.monotonic(), now
+            self._end_deferred_runs()
+            self._burst_begins()  # from the tick on: it makes the objects of every due run
+            try:
+                await self.perform(self.scheduler.tick(now))
+            finally:
+                self._burst_ends()
+            self._write_watermark()
+            if now - self._last_expect_check >= 5.0:
+                self._last_expect_check = now
+                self._check_success_within()
+                if self.hub is not None:
+                    from cronfile.center.routing import write_agents_file
+
+                    write_agents_file(self)
+            due = self.scheduler.next_due()
+            delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def perform(self, actions: list[Action]) -> list[dict[str, Any]]:
+        """Carry out the scheduler's actions; starts are batched (one fsync per chunk).
+        Returns what became of each start: ``{"run_id", "agent", "status"}`` with status
+        ``started``, or the record of a slot that did not run (for ``cronfile run``)."""
+        results: list[dict[str, Any]] = []
+        starts: list[tuple[StartRun, Target]] = []
+        for action in actions:
+            if isinstance(action, RecordSlot):
+                results.append(self._record_slot(action))
+            elif isinstance(action, StopRuns):
+                self._stop_runs(action.job, action.reason)
+            elif isinstance(action, StartRun):
+                targets = self.targets_for(action.job, action.target)
+                if not targets:
+                    results.append(self._record_slot(RecordSlot(
+                        action.job, action.scheduled_at, RunStatus.NO_AGENT,
+                        self._no_agent_reason(action.job, action.target), attempt=action.attempt)))
+                    continue
+                for target in targets:
+                    key = (action.job.name, round(action.scheduled_at, 3), target.agent)
+                    if action.attempt == 1 and action.reason == "schedule" and key in self.done_slots:
+                        continue  # already in the ledger: once per slot
+                    self.done_slots.add(key)
+                    starts.append((action, target))
+        if starts:
+            results.extend(await self._dispatch(starts))
+        return results
+
+    def targets_for(self, job: Job, only: str | None = None) -> list[Target]:
+        """Where a start goes; a retry (``only``) goes back to the target that failed and
+        nowhere else: re-running another shard or another agent would be wrong. (fleet is
+        imported with this module: a lazy import cost the first due slot ~3 ms.)"""
+        if only is not None:
+            return resolve_retry_target(self, job, only)
+        return resolve_targets(self, job)
+
+    def _no_agent_reason(self, job: Job, only: str | None = None) -> str:
+        if only is not None:
+            return f"retry: agent {only} is not reachable"
+        wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
+        return f"no connected agent matches targets ({', '.join(wanted) or 'local'})"
+
+    def _request(self, job: Job, run_id: str, slot: float | None, attempt: int,
+                 extra_env: tuple[tuple[str, str], ...]) -> RunRequest:
+        return RunRequest(
+            run_id=run_id, job=job.name, command=job.command,
+            scheduled_at=datetime.fromtimestamp(slot, UTC) if slot else None,
+            attempt=attempt, env=job.env + extra_env, workdir=job.workdir, run_as=job.run_as,
+            timeout_s=job.timeout_s, output_keep=job.output_keep,
+        )
+
+    async def _dispatch(self, starts: list[tuple[StartRun, Target]]) -> list[dict[str, Any]]:
+        """Dispatch in chunks. A chunk's ``dispatched`` records are written and fsynced
+        (one write, one fsync) before any of its runs starts. A long burst lets the loop
+        reap finished children as it goes (see :data:`DISPATCH_REAP_EVERY`). The first chunk
+        is small, so the first runs start sooner."""
+        chunks = [starts[:DISPATCH_FIRST_CHUNK]] + [
+            starts[i:i + DISPATCH_CHUNK] for i in range(DISPATCH_FIRST_CHUNK, len(starts),
+                                                        DISPATCH_CHUNK)]
+        results: list[dict[str, Any]] = []
+        self._burst_begins()
+        try:
+            unreaped, reap_after = 0, DISPATCH_REAP_FIRST
+            for part in chunks:
+                chunk = self._prepare_chunk(part)
+                self.ledger.runs.write(chunk.data)  # durable BEFORE any of its runs starts
+                results.extend(await self._start_chunk(chunk))
+                unreaped += len(chunk.runs)
+                if unreaped >= reap_after and part is not chunks[-1]:
+                    # two loop passes: the first starts watching the runs just spawned
+                    # (LocalExecutor defers that), the second reaps those that ended
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                    unreaped, reap_after = 0, DISPATCH_REAP_EVERY
+        finally:
+            self._burst_ends()
+        return results
+
+    def _burst_begins(self) -> None:
+        """A burst of starts is under way (a tick and its dispatch, or any dispatch): no
+        cyclic GC pass until it ends, since it allocates many small objects per run and a
+        collection in the middle of it (up to tens of milliseconds at 10,000 runs) delays
+        every run behind it; and records and outcomes wait (:meth:`_flush_soon`,
+        :meth:`_run_ended_soon`). Bursts can overlap (a manual run during a scheduled
+        one): counted."""
+        if not self._dispatching:
+            gcpause.pause()
+        self._dispatching += 1
+
+    def _burst_ends(self) -> None:
+        """The last overlapping burst is over: GC back on, deferred outcomes and records."""
+        self._dispatching -= 1
+        if not self._dispatching:
+            gcpause.resume()
+            self._end_deferred_runs()
+            self._flush()
+
+    def _prepare_chunk(self, starts: list[tuple[StartRun, Target]]) -> _Chunk:
+        """Everything a chunk needs before its runs can start: ids, record bases, requests,
+        and its ``dispatched`` records encoded for one write. Its runs count as running from
+        here on: a tick while a remote start is in flight must see them (concurrency:
+        forbid)."""
+        chunk = _Chunk()
+        records = []
+        for action, target in starts:
+            job = action.job
+            run_id = run_id_for(job.name, action.scheduled_at, target.agent, action.attempt)
+            if action.reason in ("manual", "trigger", "after", "on_change"):
+                run_id = run_id_for(job.name, self.clock.time(), target.agent, action.attempt)
+            base = self._base(job, action.scheduled_at, target.agent, target.transport,
+                              action.attempt, run_id)
+            if action.reason != "schedule":
+                base["trigger"] = action.reason  # what caused this run besides the schedule
+            if target.why:
+                base["route"] = target.why
+            request = self._request(job, run_id, action.scheduled_at, action.attempt, target.env)
+            chunk.runs.append((action, target, request, base))
+            records.append({**base, "record": "dispatched"})
+            self.scheduler.started(job.name, run_id)
+        chunk.data = encode_records(records)
+        return chunk
+
+    async def _start_chunk(self, chunk: _Chunk) -> list[dict[str, Any]]:
+        """Start a chunk's runs back to back; the bookkeeping of those that started (records,
+        watchers) comes after the last spawn, so no run waits for another's."""
+        results: list[dict[str, Any]] = []
+        started: list[tuple[StartRun, _Running]] = []
+        for executor, group in itertools.groupby(chunk.runs, key=lambda run: run[1].executor):
+            runs = list(group)
+            assert executor is not None
+            handles = await executor.start_many([request for _, _, request, _ in runs])
+            for (action, target, request, base), handle in zip(runs, handles, strict=True):
+                if isinstance(handle, Exception):  # RunRefused, or anything else: recorded
+                    results.append(self._refused(action, target, request, base, handle))
+                    continue
+                run = _Running(request.run_id, action.job.name, target.agent,
+                               action.scheduled_at, action.attempt, handle, base)
+                self.running[run.run_id] = run
+                started.append((action, run))
+        for action, run in started:
+            run.timer = self._watch_max_runtime(run, action.job)
+            self._record({**run.base, "record": "started",
+                          "started_at": iso(run.handle.started_at.timestamp())})
+            results.append({"run_id": run.run_id, "agent": run.agent, "status": "started"})
+            self._watch_run(run, action)
+        return results
+
+    def _refused(self, action: StartRun, target: Target, request: RunRequest,
+                 base: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        """A run that could not start: recorded failed (no ``started`` record)."""
+        if not isinstance(exc, RunRefused):
+            log.exception("starting run %s of %s failed", request.run_id, request.job)
+        reason = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
+        refused = {**base, "record": "finished", "status": "failed", "exit_code": None,
+                   "signal": None, "started_at": None,
+                   "finished_at": iso(datetime.now(UTC).timestamp()),
+                   "duration_s": 0.0, "output_tail": "", "reason": reason}
+        self._record(refused)
+        self._outcome(action.job.name, refused)
+        follow = self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED,
+                                         None, action.scheduled_at, action.attempt,
+                                         target.agent, self.clock.time())
+        if follow:
+            self._spawn(self.perform(follow))
+        return refused
+
+    def _watch_run(self, run: _Running, action: StartRun) -> None:
+        """Have :meth:`_run_ended` called with the run's outcome (deferred past a burst)."""
+        run.handle.on_done(lambda outcome: self._run_ended_soon(run, action, outcome))
+
+    def _run_ended_soon(self, run: _Running, action: StartRun, outcome: RunOutcome) -> None:
+        """While a burst is dispatched, its spawns go first: outcomes that arrive meanwhile
+        wait for the end of the burst (:meth:`_end_deferred_runs`; also before every tick,
+        so the scheduler never decides on a run that has in fact ended)."""
+        if self._dispatching:
+            self._deferred_ends.append((run, action, outcome))
+        else:
+            self._run_ended(run, action, outcome)
+
+    def _end_deferred_runs(self) -> None:
+        ended, self._deferred_ends = self._deferred_ends, []
+        for run, action, outcome in ended:
+            self._run_ended(run, action, outcome)
+
+    def _run_ended(self, run: _Running, action: StartRun, outcome: RunOutcome) -> None:
+        self.running.pop(run.run_id, None)
+        if run.timer is not None:
+            run.timer.cancel()
+        if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
+            outcome = replace(outcome, reason=run.stop_reason)
+        final = {**run.base, "record": "finished", **outcome_fields(outcome)}
+        self._record(final)
+        self._outcome(run.job, final)
+        if outcome.status is RunStatus.LOST:
+            self.lost_bases[run.run_id] = run.base
+        follow = self.scheduler.finished(run.job, run.run_id, outcome.status, outcome.exit_code,
+                                         run.slot, run.attempt, run.agent, self.clock.time())
+        if follow and not self._stopping.is_set():
+            self._spawn(self.perform(follow))
+        self._wake.set()
+
+    def _stop_runs(self, job: str, reason: str) -> int:
+        """Stop every run of ``job`` (recorded ``killed`` with ``reason``); how many."""
+        runs = [r for r in self.running.values() if r.job == job]
+        for run in runs:
+            run.stop_reason = reason
+            self._spawn(run.handle.stop(reason))
+        return len(runs)
+
+    def _record_slot(self, action: RecordSlot) -> dict[str, Any]:
+        job = action.job
+        if job.targets.is_local_only:
+            agent, transport = LOCAL_AGENT, "local"
+        else:  # no single target: name what the job asked for; no transport was used
+            wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
+            agent, transport = ",".join(wanted), None
+        run_id = run_id_for(job.name, action.scheduled_at, agent, 0) + "-" + action.status.value
+        record = {**self._base(job, action.scheduled_at, agent, transport, action.attempt, run_id),
+                  "record": "finished", "status": action.status.value, "exit_code": None,
+                  "signal": None, "started_at": None, "finished_at": None, "duration_s": 0.0,
+                  "output_tail": "", "reason": action.reason}
+        if action.count > 1 or action.last_scheduled_at not in (None, action.scheduled_at):
+            record.update(count=action.count, first_scheduled_at=iso(action.scheduled_at),
+                          last_scheduled_at=iso(action.last_scheduled_at))
+        self._record(record)
+        self._outcome(job.name, record)
+        return record
+
+    # ------------------------------------------------------------------ restarts
+
+    def _recover_ledger(self) -> None:
+        """Runs the previous center left in flight are ``lost``; remember handled slots."""
+        lost = []
+        for view in fold_runs(self.ledger.read_runs()):
+            slot = _parse_iso(view.get("scheduled_at"))
+            if slot is not None and isinstance(view.get("job"), str):
+                self.done_slots.add((view["job"], round(slot, 3), str(view.get("agent"))))
+                if view.get("status") == "missed":  # a range: its slots are all handled
+                    end = _parse_iso(view.get("last_scheduled_at")) or slot
+                    self.missed_until[view["job"]] = max(self.missed_until.get(view["job"], end), end)
+            if slot is not None and isinstance(view.get("job"), str) \
+                    and isinstance(view.get("attempt"), int):
+                key = (view["job"], round(slot, 3), str(view.get("agent")))
+                last = self._last_attempts.get(key)
+                if last is None or view["attempt"] >= last[0]:
+                    failed = view.get("status") in (RunStatus.FAILED.value, RunStatus.TIMEOUT.value)
+                    self._last_attempts[key] = (view["attempt"], view if failed else None)
+            if view.get("status") == "succeeded" and isinstance(view.get("job"), str):
+                ended = _parse_iso(view.get("finished_at")) or 0.0
+                self.last_success[view["job"]] = max(self.last_success.get(view["job"], 0.0), ended)
+            if view.get("record") in ("dispatched", "started") and view.get("transport") == "tcp":
+                # Its agent kept running it and will deliver the outcome when it reconnects;
+                # it is recorded lost only if the agent stays away past the lease.
+                self._awaiting_agents[str(view.get("run_id"))] = {
+                    k: view.get(k) for k in ("run_id", "job", "agent", "transport", "scheduled_at",
+                                             "attempt", "revision")}
+            elif view.get("record") in ("dispatched", "started"):
+                lost.append({k: view.get(k) for k in ("run_id", "job", "agent", "transport",
+                                                      "scheduled_at", "attempt", "revision")}
+                            | {"record": "finished", "status": "lost", "exit_code": None,
+                               "signal": None, "started_at": view.get("started_at"),
+                               "finished_at": None, "duration_s": None, "output_tail": "",
+                               "reason": "the center stopped while the run was in flight"})
+        if lost:
+            self.ledger.runs.append(lost)
+
+    def _requeue_pending(self) -> None:
+        """What the previous center had queued but not started when it stopped is queued
+        again, at the time it was due (at once when that has passed):
+
+        * retries: a failed attempt with retries left and no later attempt in the ledger;
+        * triggered starts: a ``triggered`` event whose start (job, due) is not in the ledger.
+
+        Anything older than the slot memory (6 h) is dropped: a retry or a triggered run
+        days late would surprise more than help."""
+        horizon = self.clock.time() - SLOT_MEMORY_S
+        triggered_jobs = self.desired is not None and any(
+            job.trigger is not None for job in self.desired.jobs.values())
+        started = {(job, slot) for job, slot, _agent in self.done_slots} if triggered_jobs else set()
+        # events.jsonl is read whole: only when some job runs on a trigger at all
+        for event in self.ledger.read_events() if triggered_jobs else ():
+            if event.get("event") != "triggered" or not isinstance(event.get("due"), dict):
+                continue
+            for job, when in event["due"].items():
+                due = _parse_iso(when)
+                if due is not None and due >= horizon and (job, round(due, 3)) not in started:
+                    self.scheduler.requeue_trigger(job, due)
+                    started.add((job, round(due, 3)))
+        attempts, self._last_attempts = self._last_attempts, {}
+        for (job, slot, agent), (attempt, view) in attempts.items():
+            ended = _parse_iso(view.get("finished_at")) if view is not None else None
+            if view is None or ended is None or ended < horizon or not self.scheduler.has_job(job):
+                continue
+            exit_code = view.get("exit_code")
+            self.scheduler.finished(job, str(view.get("run_id")), RunStatus(view["status"]),
+                                    exit_code if isinstance(exit_code, int) else None, slot,
+                                    attempt, agent, ended)
+
+    async def _catch_up_after(self, since: float, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._catch_up(since)
+
+    async def _housekeeping(self) -> None:
+        """Once a minute: forget handled slots older than any start can be (the ledger
+        keeps them; memory need not), and give up on agents that never came back."""
+        lease = self.options.lease_s
+        began = self.clock.time()
+        while True:
+            await asyncio.sleep(min(60.0, lease))
+            now = self.clock.time()
+            horizon = now - SLOT_MEMORY_S
+            self.done_slots = {k for k in self.done_slots if k[1] >= horizon}
+            if self._awaiting_agents and now - began >= lease:
+                expired, self._awaiting_agents = self._awaiting_agents, {}
+                for base in expired.values():
+                    self.lost_bases[str(base["run_id"])] = base
+                    record = {**base, "record": "finished", "status": "lost", "exit_code": None,
+                              "signal": None, "started_at": None, "finished_at": None,
+                              "duration_s": None, "output_tail": "",
+                              "reason": f"agent {base.get('agent')} did not report this run within "
+                                        f"{lease:g}s of the center's restart"}
+                    self._record(record)
+                    self._outcome(str(base.get("job")), record)
+
+    def _catch_up(self, since: float) -> None:
+        now = self.clock.time()
+        actions: list[Action] = []
+        done_by_job: dict[str, set[float]] = {}
+        for job_name, slot, _agent in self.done_slots:
+            done_by_job.setdefault(job_name, set()).add(slot)
+        for name in self.scheduler.job_names():
+            done = done_by_job.get(name, set())
+            # a center killed before its first watermark already recorded part of the outage
+            job_since = max(since, self.missed_until.get(name, since))
+            actions.extend(self.scheduler.catch_up(name, job_since, now, done))
+        if actions:
+            self._spawn(self.perform(actions))
+
+    def _read_watermark(self) -> float | None:
+        """How far the previous center got. Without a usable watermark file (first start,
+        or lost in a crash) the last timestamp in the logs is the best lower bound."""
+        try:
+            return float((self.state_dir / WATERMARK_FILE).read_text().strip())
+        except (OSError, ValueError):
+            pass
+        last = None
+        for record in self.ledger.read_events():
+            last = record.get("ts", last)
+        for record in self.ledger.read_runs():
+            ts = record.get("ts")
+            if isinstance(ts, str) and (last is None or ts > last):
+                last = ts
+        return _parse_iso(last)
+
+    def _write_watermark(self, force: bool = False) -> None:
+        now = self.clock.time()
+        if not force and now - self._last_watermark < 1.0:
+            return
+        self._last_watermark = now
+        self._flush()  # queued skipped/missed records must be durable before the mark passes them
+        floor = self.scheduler.pending_start_floor()
+        mark = now if floor is None else min(now, floor - 0.001)
+        path = self.state_dir / WATERMARK_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, f"{mark:.3f}\n".encode())
+            os.fsync(fd)  # an empty watermark after a power cut would hide the outage
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def _write_center_file(self) -> None:
+        info = {"pid": os.getpid(), "started_at": utc_ts(), "listen": self.options.listen,
+                "schedules": str(self.options.schedules)}
+        (self.state_dir / CENTER_FILE).write_text(json.dumps(info) + "\n")
+
+
+class CenterError(Exception):
+    """The center cannot start (the message says why)."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state>/center.lock`` for the life of the process: two centers on one state
+    directory would each dispatch every slot."""
+    import fcntl
+
+    fd = os.open(state_dir / "center.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CenterError(f"another center (pid {other}) is using the state directory "
+                          f"{state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def return_free_memory() -> None:
+    """Ask glibc to return freed heap pages to the system (``malloc_trim``).
+
+    Loading 100,000 jobs allocates and frees hundreds of megabytes of small objects, in a
+    worker thread's malloc arena; without this the freed pages stay in the center's RSS.
+    ctypes releases the GIL for the call, so the event loop keeps running. Elsewhere than
+    glibc this does nothing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def _raise_fd_limit() -> None:
+    """Each run in flight holds a pipe and a pidfd: 10,000 runs due at once need more than
+    the usual soft limit of 1,024 descriptors, so take what the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else 1 << 20, hard))
+
+
+def run_center(options: CenterOptions) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _raise_fd_limit()
+    center = Center(options)
+    try:
+        return asyncio.run(center.run_until_stopped())
+    except CenterError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["Center", "CenterError", "CenterOptions", "Target", "run_center"]

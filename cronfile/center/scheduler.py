@@ -1,0 +1,431 @@
+"""The scheduler: WHEN each job's slots happen and what to do with each, with no I/O.
+
+The center feeds it the desired jobs and the time; it answers with actions (start a run,
+record a slot that will not run, stop runs). Keeping the decisions here, free of processes
+and files, is what lets the tests drive DST days, clock steps and every concurrency policy
+with a fake clock.
+
+Timing is a heap of due times, never a scan of all jobs per tick: with 10,000 jobs a tick
+touches only the jobs that are due. Each job has at most one pending ``fire`` entry (its
+next slot); a reload bumps a job's *generation*, which makes its old entries stale without
+searching the heap for them.
+
+Slots are identified by (job, scheduled time, target). A job's next slot is always computed
+strictly after the last one it handled, so a wall clock that steps BACK never replays a slot;
+a clock that steps FORWARD makes several slots due at once: the latest runs (subject to
+``starting_deadline``) and the earlier ones are recorded ``missed`` as one bounded record.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import heapq
+import itertools
+from dataclasses import dataclass
+
+from cronfile.schedules.firetimes import JobTimer
+from cronfile.schedules.model import CatchUp, Concurrency, Job, JobKind, RunStatus
+
+MAX_ENUMERATED_SLOTS = 10_000
+"""A long outage of a per-second job is counted up to this many slots, then bounded."""
+
+
+@dataclass(frozen=True)
+class StartRun:
+    job: Job
+    scheduled_at: float
+    attempt: int = 1
+    reason: str = "schedule"
+    target: str | None = None  # a retry goes back to the target that failed
+
+
+@dataclass(frozen=True)
+class RecordSlot:
+    """A slot that will not run, and why (one record, even for a range of slots)."""
+
+    job: Job
+    scheduled_at: float
+    status: RunStatus
+    reason: str
+    count: int = 1
+    last_scheduled_at: float | None = None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class StopRuns:
+    job: str
+    reason: str
+
+
+Action = StartRun | RecordSlot | StopRuns
+
+
+@dataclass(slots=True)  # one per job: no __dict__ (25 MB less for 100,000 jobs)
+class _JobState:
+    job: Job
+    timer: JobTimer | None
+    generation: int
+    last_slot: float | None = None
+    armed_at: float | None = None  # slots after this belong to the fire path, not catch-up
+    # Created on first use: most jobs never run concurrently or sit in a chain, and three
+    # empty containers per job are ~50 MB at 100,000 jobs.
+    running: set[str] | None = None
+    deps_done: set[str] | None = None
+    after_seen: dict[tuple[str, float], None] | None = None  # bounded, in order
+
+
+def jitter_for(job: Job, slot: float) -> float:
+    """A delay in [0, jitter) that is the same for a slot on every host and restart."""
+    if job.jitter_s <= 0:
+        return 0.0
+    digest = hashlib.sha256(f"{job.name}\0{slot}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") / 2**64) * job.jitter_s
+
+
+def _timer_for(schedules: tuple[str, ...], zone: str, job: str) -> JobTimer:
+    """A job's timer; jobs with the same schedules and zone share one (a timer is immutable)
+    unless H is used, which seeds the schedule with the job's name."""
+    if any("H" in text for text in schedules):
+        return JobTimer.for_job(schedules, zone, job)
+    return _shared_timer(schedules, zone)
+
+
+@functools.lru_cache(maxsize=65536)
+def _shared_timer(schedules: tuple[str, ...], zone: str) -> JobTimer:
+    return JobTimer.for_job(schedules, zone, "")
+
+
+def latest_two(timer: JobTimer, floor: float, now: float) -> tuple[float | None, float | None]:
+    """The latest slot in (floor, now] and the one before it (None when there is no such
+    slot after ``floor``), found by searching back from ``now`` in doubling windows: cost
+    grows with the log of the range, not with the number of slots in it."""
+    width = 1.0
+    while True:
+        start = max(floor, now - width)
+        t = timer.next_after(start)
+        if t is not None and t <= now:
+            before: float | None = None
+            latest = t
+            n = timer.next_after(t)
+            while n is not None and n <= now:
+                before, latest = latest, n
+                n = timer.next_after(n)
+            if before is not None or start <= floor:
+                return before, latest
+        elif start <= floor:
+            return None, None
+        width *= 2
+
+
+class Scheduler:
+    """Holds the schedule of every job; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _JobState] = {}
+        self._heap: list[tuple[float, int, str, str, int, float, int, str | None]] = []
+        self._seq = itertools.count()
+        self._generations = itertools.count(1)
+        self._dependents: dict[str, set[str]] = {}  # job -> jobs that run `after` it
+        self._delayed: list[tuple[float, int]] = []  # (slot, seq) of delayed starts
+        self._delayed_live: set[int] = set()  # seqs of delayed starts still in the heap
+
+    # ------------------------------------------------------------------ desired state
+
+    @property
+    def jobs(self) -> dict[str, Job]:
+        """A copy, name -> job (O(jobs): for status and tests, not for hot paths)."""
+        return {name: s.job for name, s in self._jobs.items()}
+
+    def has_job(self, name: str) -> bool:
+        return name in self._jobs
+
+    def job_names(self) -> list[str]:
+        return list(self._jobs)
+
+    def job(self, name: str) -> Job | None:
+        state = self._jobs.get(name)
+        return state.job if state else None
+
+    def set_job(self, job: Job, now: float) -> None:
+        """Add or replace a job; its next slot is computed from now (a changed job's
+        pending entries become stale)."""
+        old = self._jobs.get(job.name)
+        timer = None
+        if job.schedules and job.kind is JobKind.CRON:
+            timer = _timer_for(job.schedules, job.timezone, job.name)
+        state = _JobState(job, timer, next(self._generations))
+        same_timing = old is not None and old.job.schedules == job.schedules \
+            and old.job.timezone == job.timezone
+        if old is not None:
+            state.running = old.running
+            state.deps_done = old.deps_done
+            state.after_seen = old.after_seen
+            state.last_slot = old.last_slot if same_timing else None
+            self._unindex(old.job)
+        self._jobs[job.name] = state
+        for dep in job.after:
+            self._dependents.setdefault(dep, set()).add(job.name)
+        if old is not None:
+            self._carry_delayed(old, state)
+        # Unchanged timing continues from the last handled slot, so a slot that was due but
+        # not yet ticked when the reload came is not skipped; new timing starts from now.
+        state.armed_at = max(now, state.last_slot or now)
+        self._schedule_next(state, state.last_slot if same_timing and state.last_slot else now)
+
+    def _carry_delayed(self, old: _JobState, new: _JobState) -> None:
+        """A reload must not drop a slot that already fired but waits to start (jitter,
+        retry backoff, trigger delay): move those entries to the new generation."""
+        if not self._delayed_live:
+            return  # none waits: no scan of a heap of 100,000 entries per changed job
+        for due, _seq, kind, name, generation, slot, attempt, target in list(self._heap):
+            if name == old.job.name and generation == old.generation and kind != "fire":
+                self._push(due, kind, new, slot, attempt, target)
+
+    def remove_job(self, name: str) -> None:
+        state = self._jobs.pop(name, None)  # its heap entries are stale from now on
+        if state is not None:
+            self._unindex(state.job)
+
+    def _unindex(self, job: Job) -> None:
+        for dep in job.after:
+            self._dependents.get(dep, set()).discard(job.name)
+
+    def _schedule_next(self, state: _JobState, after: float) -> None:
+        if state.timer is None:
+            return
+        nxt = state.timer.next_after(after)
+        if nxt is not None:
+            self._push(nxt, "fire", state, nxt)
+
+    def _push(self, due: float, kind: str, state: _JobState, slot: float, attempt: int = 1,
+              target: str | None = None) -> None:
+        seq = next(self._seq)
+        heapq.heappush(self._heap, (due, seq, kind, state.job.name, state.generation,
+                                    slot, attempt, target))
+        if kind != "fire":
+            heapq.heappush(self._delayed, (slot, seq))
+            self._delayed_live.add(seq)
+
+    def next_due(self) -> float | None:
+        while self._heap:
+            due, _, _, name, generation, *_ = self._heap[0]
+            state = self._jobs.get(name)
+            if state is not None and state.generation == generation:
+                return due
+            self._delayed_live.discard(heapq.heappop(self._heap)[1])
+        return None
+
+    def pending_start_floor(self) -> float | None:
+        """The earliest slot whose run is delayed (jitter, retry, trigger delay): the
+        center's watermark must not pass it, or a crash would lose that slot silently."""
+        # A second heap holds only delayed starts; the ones already taken off the main heap
+        # are dropped lazily here, so this is O(1) amortised rather than a scan of all jobs.
+        while self._delayed and self._delayed[0][1] not in self._delayed_live:
+            heapq.heappop(self._delayed)
+        return self._delayed[0][0] if self._delayed else None
+
+    # ------------------------------------------------------------------ time passes
+
+    def tick(self, now: float) -> list[Action]:
+        """Everything due at ``now``, in due order."""
+        actions: list[Action] = []
+        while self._heap and self._heap[0][0] <= now:
+            _, seq, kind, name, generation, slot, attempt, target = heapq.heappop(self._heap)
+            self._delayed_live.discard(seq)
+            state = self._jobs.get(name)
+            if state is None or state.generation != generation:
+                continue
+            if kind == "fire":
+                actions.extend(self._fire(state, slot, now))
+            else:
+                actions.extend(self._start(state, slot, now, attempt, kind, target))
+        return actions
+
+    def _fire(self, state: _JobState, slot: float, now: float) -> list[Action]:
+        assert state.timer is not None
+        actions: list[Action] = []
+        missed_first: float | None = None
+        missed_last = slot
+        missed = 0
+        nxt = state.timer.next_after(slot)
+        bounded = False
+        # Several slots due at once (clock stepped forward, loop stalled): keep the latest.
+        while nxt is not None and nxt <= now:
+            if missed_first is None:
+                missed_first = slot
+            missed += 1
+            missed_last = slot
+            slot = nxt
+            if missed >= MAX_ENUMERATED_SLOTS:
+                # Too many to enumerate: jump to the latest slot (the one that runs) and
+                # count the rest as a lower bound.
+                before, latest = latest_two(state.timer, slot, now)
+                if latest is not None and latest > slot:
+                    missed += 1
+                    missed_last = before if before is not None and before > slot else slot
+                    slot = latest
+                    bounded = True
+                nxt = state.timer.next_after(max(now, slot))
+                break
+            nxt = state.timer.next_after(slot)
+        state.last_slot = slot
+        if nxt is not None:
+            self._push(nxt, "fire", state, nxt)
+        if state.job.suspend:
+            return actions
+        if missed_first is not None:
+            why = "a later slot was already due (clock step or stall)"
+            if bounded:
+                why += f"; at least {missed} slots (too many to count)"
+            actions.append(RecordSlot(state.job, missed_first, RunStatus.MISSED, why,
+                                      missed, missed_last))
+        delay = jitter_for(state.job, slot)
+        if delay > 0:
+            self._push(slot + delay, "start", state, slot)
+            return actions
+        actions.extend(self._start(state, slot, now, 1, "schedule", None))
+        return actions
+
+    def _start(self, state: _JobState, slot: float, now: float, attempt: int, reason: str,
+               target: str | None) -> list[Action]:
+        job = state.job
+        if reason == "start":
+            reason = "schedule"
+        intended = slot + (jitter_for(job, slot) if reason == "schedule" else 0.0)
+        deadline = job.starting_deadline_s
+        if deadline is not None and now - intended > deadline and attempt == 1:
+            return [RecordSlot(job, slot, RunStatus.MISSED,
+                               f"could not start within starting_deadline ({deadline:g}s); "
+                               f"{now - intended:.1f}s late")]
+        if state.running and reason not in ("manual", "on_change"):
+            if job.concurrency is Concurrency.FORBID:
+                return [RecordSlot(job, slot, RunStatus.SKIPPED,
+                                   "previous run still running (concurrency: forbid)")]
+            if job.concurrency is Concurrency.REPLACE:
+                return [StopRuns(job.name, "replaced by a newer slot (concurrency: replace)"),
+                        StartRun(job, slot, attempt, reason, target)]
+        return [StartRun(job, slot, attempt, reason, target)]
+
+    # ------------------------------------------------------------------ other ways to run
+
+    def run_now(self, name: str, now: float, reason: str = "manual") -> list[Action]:
+        """Start the job now whatever its concurrency policy (an operator asked, or
+        ``on_change: restart`` replaces the run it just stopped)."""
+        state = self._jobs[name]
+        return [StartRun(state.job, now, 1, reason)]
+
+    def trigger(self, event: str, now: float) -> list[str]:
+        """Queue every job triggered by ``event``; returns their names."""
+        names = []
+        for state in self._jobs.values():
+            trig = state.job.trigger
+            if trig is not None and trig.event == event and not state.job.suspend:
+                self._push(now + trig.delay_s, "trigger", state, now + trig.delay_s)
+                names.append(state.job.name)
+        return sorted(names)
+
+    def requeue_trigger(self, name: str, due: float) -> bool:
+        """Queue again a triggered start that a previous center had pending (see
+        ``Center._requeue_pending``); False when the job no longer runs on a trigger."""
+        state = self._jobs.get(name)
+        if state is None or state.job.trigger is None or state.job.suspend:
+            return False
+        self._push(due, "trigger", state, due)
+        return True
+
+    def catch_up(self, name: str, since: float, now: float, done: set[float]) -> list[Action]:
+        """Slots in (since, now] while the center was down, minus those in the ledger
+        (``done``): with ``catch_up: latest`` the latest runs once; the rest are one
+        bounded ``missed`` record."""
+        state = self._jobs.get(name)
+        if state is None or state.timer is None or state.job.suspend:
+            return []
+        # Slots after the job was armed are already pending in the heap: covering them
+        # here too would give one slot two outcomes (missed AND run).
+        until = now if state.armed_at is None else min(now, state.armed_at)
+        count = 0
+        first = last = before_last = None
+        t = state.timer.next_after(since)
+        while t is not None and t <= until and count < MAX_ENUMERATED_SLOTS:
+            if t not in done:
+                count += 1
+                first = t if first is None else first
+                before_last, last = last, t
+            t = state.timer.next_after(t)
+        bounded = False
+        if t is not None and t <= until and last is not None:
+            # Too many to enumerate: the range ends at the real latest slot, the count is
+            # a lower bound.
+            before, latest = latest_two(state.timer, last, until)
+            if latest is not None and latest > last:
+                count += 1
+                before_last = before if before is not None and before > last else last
+                last = latest
+                bounded = True
+        if first is None or last is None:
+            return []
+        actions: list[Action] = []
+        run_latest = state.job.catch_up is CatchUp.LATEST
+        missed_last = before_last if run_latest else last
+        missed = count - 1 if run_latest else count
+        if missed and missed_last is not None:
+            why = "the center was not running"
+            if bounded:
+                why += f"; at least {missed} slots (too many to count)"
+            actions.append(RecordSlot(state.job, first, RunStatus.MISSED, why, missed, missed_last))
+        if run_latest:
+            actions.extend(self._start(state, last, now, 1, "catch_up", None))
+        state.last_slot = max(state.last_slot or last, last)
+        return actions
+
+    # ------------------------------------------------------------------ runs report back
+
+    def started(self, name: str, run_id: str) -> None:
+        state = self._jobs.get(name)
+        if state is not None:
+            if state.running is None:
+                state.running = set()
+            state.running.add(run_id)
+
+    def finished(self, name: str, run_id: str, status: RunStatus, exit_code: int | None,
+                 slot: float, attempt: int, target: str | None, now: float) -> list[Action]:
+        """A run ended: maybe retry it, maybe start the jobs that come ``after`` it."""
+        state = self._jobs.get(name)
+        if state is None:
+            return []
+        if state.running:
+            state.running.discard(run_id)
+        job = state.job
+        actions: list[Action] = []
+        if job.retries.wanted_after(status, attempt, exit_code):
+            self._push(now + job.retries.delay_before(attempt + 1), "retry", state, slot,
+                       attempt + 1, target)
+        if status is RunStatus.SUCCEEDED:
+            actions.extend(self._after(name, slot, now))
+        return actions
+
+    def _after(self, done: str, slot: float, now: float) -> list[Action]:
+        """Dependents of ``done`` whose every ``after`` job has now succeeded. One upstream
+        slot counts once, however many of its targets succeed (``strategy: all``)."""
+        actions: list[Action] = []
+        for name in sorted(self._dependents.get(done, ())):
+            state = self._jobs.get(name)
+            if state is None or state.job.suspend:
+                continue
+            key = (done, slot)
+            if state.after_seen is None:
+                state.after_seen = {}
+            if state.deps_done is None:
+                state.deps_done = set()
+            if key in state.after_seen:
+                continue
+            state.after_seen[key] = None
+            while len(state.after_seen) > 1024:
+                del state.after_seen[next(iter(state.after_seen))]
+            state.deps_done.add(done)
+            if state.deps_done >= set(state.job.after):
+                state.deps_done.clear()
+                actions.extend(self._start(state, now, now, 1, "after", None))
+        return actions

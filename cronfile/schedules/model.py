@@ -1,0 +1,337 @@
+"""The desired-state model: what the schedule files say, as frozen values.
+
+Everything here is immutable and hashable, so two desired states can be compared field by
+field (see :mod:`cronfile.schedules.diff`) and shared between the loader, the planner and the center
+without defensive copies. Durations are seconds as ``float``; sizes are bytes as ``int``.
+Source locations (``source``) are carried for messages but never take part in equality
+checks that decide whether a job changed: moving a job to another file is no change.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MAPPING = {"mapping": True}
+"""Field metadata: a tuple of (key, value) pairs that means a mapping (``env``, ``labels``)."""
+
+
+class JobKind(enum.Enum):
+    """What a job is."""
+
+    CRON = "cron"
+    """Runs at scheduled times (or on a trigger, or after other jobs) and then exits."""
+    DAEMON = "daemon"
+    """A long-running process kept alive on each target."""
+
+
+class Concurrency(enum.Enum):
+    """What to do when a slot comes while the previous run of the job is still running."""
+
+    ALLOW = "allow"
+    """Start the new run beside the old one."""
+    FORBID = "forbid"
+    """Skip the new slot and record it as ``skipped`` (the default, as in cron daemons)."""
+    REPLACE = "replace"
+    """Stop the running one (recorded ``killed``) and start the new one."""
+
+
+class CatchUp(enum.Enum):
+    """What to do with slots that passed while the center was down."""
+
+    NONE = "none"
+    """Record them ``missed``; run nothing late."""
+    LATEST = "latest"
+    """Run the most recent missed slot once (systemd ``Persistent=true``)."""
+
+
+class OnChange(enum.Enum):
+    """What a reload does to a run in progress when its job changed."""
+
+    LET_FINISH = "let_finish"
+    """The run finishes under the old definition; new slots use the new one."""
+    RESTART = "restart"
+    """The run is stopped and the job follows its new definition at once."""
+
+
+class Strategy(enum.Enum):
+    """How a job's matching agents are chosen for one slot."""
+
+    ONE = "one"
+    """Round-robin over the connected matches."""
+    ALL = "all"
+    """Every match (broadcast)."""
+    HASH = "hash"
+    """A stable agent per job (rendezvous hashing over the matches)."""
+    FAILOVER = "failover"
+    """The first connected match, in declared order."""
+    SHARD = "shard"
+    """Every match, each told its index and the total."""
+
+
+class Transport(enum.Enum):
+    """How a run reaches its host."""
+
+    AUTO = "auto"
+    """The agent's TCP channel when connected, else SSH when the agent declares ``ssh:``."""
+    TCP = "tcp"
+    """Only the agent's TCP channel."""
+    SSH = "ssh"
+    """Only SSH."""
+
+
+class RestartPolicyKind(enum.Enum):
+    """When a daemon's process is started again after it exits."""
+
+    ALWAYS = "always"
+    """After every exit."""
+    ON_FAILURE = "on-failure"
+    """After a non-zero exit or a signal."""
+
+
+class RunStatus(enum.Enum):
+    """The final outcome of one slot on one target."""
+
+    SUCCEEDED = "succeeded"
+    """Exit code 0."""
+    FAILED = "failed"
+    """A non-zero exit code, a signal, or a command that could not start."""
+    TIMEOUT = "timeout"
+    """Stopped because it ran past ``timeout``."""
+    KILLED = "killed"
+    """Stopped on purpose: ``concurrency: replace``, a reload, or a shutdown."""
+    LOST = "lost"
+    """Dispatched, but its outcome never came back (center crash, agent gone past its lease)."""
+    SKIPPED = "skipped"
+    """Not started because the previous run was still running (``concurrency: forbid``)."""
+    MISSED = "missed"
+    """Not started within ``starting_deadline`` (or while the center was down)."""
+    NO_AGENT = "no_agent"
+    """No connected agent matched the job's targets."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a value was written: file (relative to the schedules directory) and 1-based line."""
+
+    file: str
+    line: int
+    column: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """An environment value resolved on the host that runs the job, never logged."""
+
+    from_file: str | None = None
+    from_env: str | None = None
+
+    def describe(self) -> str:
+        return f"from_file:{self.from_file}" if self.from_file else f"from_env:{self.from_env}"
+
+
+EnvValue = str | SecretRef
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """Re-run a failed run up to ``max`` times, waiting ``backoff * factor**n`` between."""
+
+    max: int = 0
+    backoff_s: float = 30.0
+    factor: float = 2.0
+    retry_on_exit_codes: tuple[int, ...] | None = None
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before ``attempt`` (2 = the first retry)."""
+        return self.backoff_s * self.factor ** max(0, attempt - 2)
+
+    def wanted_after(self, status: RunStatus, attempt: int, exit_code: int | None) -> bool:
+        """Whether a retry follows attempt ``attempt`` ending so (the scheduler queues the
+        retry; notifications wait for the last attempt)."""
+        return (status in (RunStatus.FAILED, RunStatus.TIMEOUT) and attempt <= self.max
+                and (self.retry_on_exit_codes is None or exit_code in self.retry_on_exit_codes))
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """Where a job runs. No agents and no labels means the center's own host (``local``)."""
+
+    agents: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = field(default=(), metadata=MAPPING)
+    strategy: Strategy = Strategy.ONE
+    transport: Transport = Transport.AUTO
+
+    @property
+    def is_local_only(self) -> bool:
+        return not self.labels and self.agents in ((), ("local",))
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How a daemon is kept alive; the backoff doubles per crash up to ``max_backoff_s``."""
+
+    policy: RestartPolicyKind = RestartPolicyKind.ALWAYS
+    backoff_s: float = 5.0
+    max_backoff_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """Run on ``cronfile trigger EVENT``, optionally after a delay."""
+
+    event: str
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Where failures are reported."""
+
+    webhook: str | None = None
+    command: tuple[str, ...] | str | None = None
+    when: tuple[str, ...] = ("failure",)
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What the center alerts on by itself."""
+
+    max_runtime_s: float | None = None
+    min_runtime_s: float | None = None
+    success_within_s: float | None = None
+
+
+DEFAULT_OUTPUT_KEEP = 64 * 1024
+DEFAULT_KILL_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job with its file's ``defaults`` applied."""
+
+    name: str
+    command: tuple[str, ...] | str
+    schedules: tuple[str, ...] = ()
+    trigger: Trigger | None = None
+    after: tuple[str, ...] = ()
+    kind: JobKind = JobKind.CRON
+    replicas: int = 1
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    timezone: str = "UTC"
+    env: tuple[tuple[str, EnvValue], ...] = field(default=(), metadata=MAPPING)
+    workdir: str | None = None
+    run_as: str | None = None
+    timeout_s: float | None = None
+    concurrency: Concurrency = Concurrency.FORBID
+    starting_deadline_s: float | None = None
+    catch_up: CatchUp = CatchUp.NONE
+    jitter_s: float = 0.0
+    retries: Retries = field(default_factory=Retries)
+    targets: Targets = field(default_factory=Targets)
+    suspend: bool = False
+    notify: Notify | None = None
+    output_keep: int = DEFAULT_OUTPUT_KEEP
+    expect: Expect = field(default_factory=Expect)
+    on_change: OnChange = OnChange.LET_FINISH
+    description: str = ""
+    owner: str = ""
+    source: Source = field(default=Source("", 0), compare=False)
+
+    def definition(self) -> dict[str, Any]:
+        """The job's fields as plain data, without its source location (for diffs and JSON)."""
+        return dict(to_plain(self))
+
+
+@dataclass(frozen=True, slots=True)
+class SshConfig:
+    """How the center reaches an agent's host over SSH when the agent is not connected."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+    key: str | None = None
+    known_hosts: str | None = None
+    passphrase_file: str | None = None
+    passphrase_env: str | None = None
+    sudo: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A host in the inventory."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = field(default=(), metadata=MAPPING)
+    ssh: SshConfig | None = None
+    source: Source = field(default=Source("", 0), compare=False)
+
+    def definition(self) -> dict[str, Any]:
+        return dict(to_plain(self))
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """Which schedules a desired state came from."""
+
+    content_hash: str
+    git_commit: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"content_hash": self.content_hash, "git_commit": self.git_commit}
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    """Every job and agent of a schedules directory, by name.
+
+    ``sources`` names the schedule files the state was built from (file as the loader
+    names it -> sha256 of its bytes), when it came from files: the center stores those
+    files as its applied state instead of re-encoding every job (see
+    :mod:`cronfile.state.applied`). They are not part of the value: two states with the same
+    jobs and agents are equal."""
+
+    jobs: dict[str, Job]
+    agents: dict[str, Agent]
+    revision: Revision
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __hash__(self) -> int:  # dicts inside: identity is the revision
+        return hash(self.revision)
+
+
+_FIELD_CACHE: dict[type, tuple[tuple[str, bool], ...]] = {}
+
+
+def _compared_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(name, is a mapping) for the fields that define a value (source locations excluded);
+    cached per class because plans and diffs call this for every job."""
+    names = _FIELD_CACHE.get(cls)
+    if names is None:
+        names = _FIELD_CACHE[cls] = tuple((f.name, bool(f.metadata.get("mapping")))
+                                          for f in fields(cls) if f.compare)
+    return names
+
+
+def to_plain(value: Any) -> Any:
+    """Turn model values into JSON-ready data (enums to values, dataclasses to dicts)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, SecretRef):
+        return {"from_file": value.from_file} if value.from_file else {"from_env": value.from_env}
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _plain_field(getattr(value, name), mapping)
+                for name, mapping in _compared_fields(type(value))}
+    if isinstance(value, tuple):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def _plain_field(value: Any, mapping: bool) -> Any:
+    """A field marked as a mapping (env, labels: stored as sorted pairs) is a dict, even
+    when empty, so diffs and plans compare like with like."""
+    return {k: to_plain(v) for k, v in value} if mapping else to_plain(value)

@@ -1,28 +1,27 @@
 """Telling people: ``notify`` (failure, missed, recovered) and ``expect`` alerts.
 
 A notification is best effort and never blocks scheduling: webhooks are POSTed from a
-thread with a short timeout, commands run through the local executor like any job, and
-every attempt is recorded in ``events.jsonl`` (``notified`` / ``notify_failed``) so a
-silent notifier is itself visible.
+thread with a short timeout (in the body ``notify.format`` asks for, see :mod:`.webhooks`),
+commands run through the local executor like any job, and every attempt is recorded in
+``events.jsonl`` (``notified`` / ``notify_failed``, which ``status`` shows) and a failure is
+logged, so a silent notifier is itself visible.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cronfile.center.webhooks import WebhookRejected, post_webhook, webhook_body
 from cronfile.schedules.model import Job, RunStatus
 from cronfile.transports.executor import Executor, RunRefused, RunRequest
 
 log = logging.getLogger("cronfile.notify")
 
 FAILURE_STATUSES = {RunStatus.FAILED, RunStatus.TIMEOUT, RunStatus.LOST, RunStatus.NO_AGENT}
-WEBHOOK_TIMEOUT_S = 10.0
 
 
 def kind_of(status: RunStatus, previous: RunStatus | None) -> str | None:
@@ -74,12 +73,20 @@ class Notifier:
     async def _deliver(self, job: Job, kind: str, payload: dict[str, Any]) -> None:
         assert job.notify is not None
         if job.notify.webhook:
+            body = webhook_body(job.notify.format, payload)
             try:
-                await asyncio.to_thread(_post, job.notify.webhook, payload)
+                await asyncio.to_thread(post_webhook, job.notify.webhook, body)
                 self.record_event("notified", job=job.name, kind=kind, via="webhook")
-            except Exception as exc:  # best effort, but never silent
+            except WebhookRejected as exc:
+                # the URL itself is left out: chat webhook URLs are secrets
+                log.warning("notify %s for job %s: the webhook answered %s", kind, job.name, exc)
                 self.record_event("notify_failed", job=job.name, kind=kind, via="webhook",
-                                  error=f"{type(exc).__name__}: {exc}")
+                                  status_code=exc.status_code, error=str(exc))
+            except Exception as exc:  # best effort, but never silent
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("notify %s for job %s: the webhook failed: %s", kind, job.name, error)
+                self.record_event("notify_failed", job=job.name, kind=kind, via="webhook",
+                                  error=error)
         if job.notify.command:
             env = tuple((f"CRONFILE_NOTIFY_{k.upper()}", "" if v is None else str(v))
                         for k, v in payload.items())
@@ -93,6 +100,7 @@ class Notifier:
                                   status=outcome.status.value, exit_code=outcome.exit_code)
             except Exception as exc:  # best effort, but never silent
                 error = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
+                log.warning("notify %s for job %s: the command failed: %s", kind, job.name, error)
                 self.record_event("notify_failed", job=job.name, kind=kind, via="command",
                                   error=error)
 
@@ -100,15 +108,6 @@ class Notifier:
         """Let notifications in flight finish (bounded) before the center closes its logs."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
-
-
-def _post(url: str, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "User-Agent": "cronfile"})
-    with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_S) as response:  # noqa: S310
-        response.read(1024)
 
 
 def runtime_alerts(job: Job, duration_s: float | None, status: RunStatus) -> list[tuple[str, str]]:

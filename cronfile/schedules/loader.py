@@ -40,6 +40,7 @@ from cronfile.schedules.model import (
     Job,
     JobKind,
     Notify,
+    NotifyFormat,
     OnChange,
     RestartPolicy,
     RestartPolicyKind,
@@ -597,7 +598,8 @@ def _notify(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, .
     command = raw.get("command")
     return Notify(webhook=raw.get("webhook"),
                   command=tuple(command) if isinstance(command, list) else command,
-                  when=tuple(raw.get("when", ["failure"])))
+                  when=tuple(raw.get("when", ["failure"])),
+                  format=NotifyFormat(raw.get("format", NotifyFormat.JSON.value)))
 
 
 def _output_keep(builder: _FileBuilder, raw: dict[str, Any], path: tuple[str | int, ...]) -> int:

@@ -90,6 +90,17 @@ class RestartPolicyKind(enum.Enum):
     """After a non-zero exit or a signal."""
 
 
+class NotifyFormat(enum.Enum):
+    """The body a ``notify.webhook`` POST carries: each chat service wants its own shape."""
+
+    JSON = "json"
+    """cronfile's own JSON object (kind, job, run fields): for your own receivers."""
+    SLACK = "slack"
+    """A Slack incoming webhook message: ``{"text": ...}`` (Slack refuses a body without it)."""
+    TEAMS = "teams"
+    """A Microsoft Teams incoming webhook MessageCard with ``text`` (and a summary)."""
+
+
 class RunStatus(enum.Enum):
     """The final outcome of one slot on one target."""
 
@@ -195,6 +206,7 @@ class Notify:
     webhook: str | None = None
     command: tuple[str, ...] | str | None = None
     when: tuple[str, ...] = ("failure",)
+    format: NotifyFormat = NotifyFormat.JSON
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,11 +107,15 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
         elif v.get("status"):
             last[name] = v
     rejection = None
+    notify_failures: dict[str, dict[str, Any]] = {}
     for event in read(state_dir / "events.jsonl"):
         if event.get("event") == "revision_rejected":
             rejection = event
         elif event.get("event") == "revision_applied":
             rejection = None
+        elif event.get("event") == "notify_failed" and isinstance(event.get("job"), str):
+            notify_failures[event["job"]] = {k: event.get(k) for k in (
+                "ts", "kind", "via", "status_code", "error")}
     jobs = []
     if applied is not None:
         for name, job in sorted(applied.jobs.items()):
@@ -128,6 +132,7 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
                 "last_reason": lv.get("reason"), "last_route": lv.get("route"),
                 "running": running.get(name, []),
                 "description": job.description, "owner": job.owner,
+                "last_notify_failure": notify_failures.get(name),
             })
     connected: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, ValueError):
@@ -193,6 +198,13 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
         via = f"{j['last_transport'] or '-'}"
         lines.append(f"{j['job']:<28} {nxt:<27} {str(j['last_status'] or '-'):<10} {via:<10} "
                      f"{len(j['running']) or ''}")
+    failed = [j for j in status["jobs"] if j.get("last_notify_failure")]
+    if failed:
+        lines.append("")
+        for j in failed:
+            nf = j["last_notify_failure"]
+            lines.append(f"NOTIFICATION FAILED for {j['job']} at {nf['ts']}: {nf['kind']} via "
+                         f"{nf['via']}: {nf['error']}")
     if status["agents"]:
         lines.append("")
         lines.append(f"{'AGENT':<20} {'CONNECTED SINCE':<27} {'LAST HEARTBEAT':<27} {'LAST VIA':<9} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,13 @@ def test_a_rejected_post_raises_with_the_status_code(receiver: StrictReceiver) -
     assert receiver.rejected == ["/generic"] and len(receiver.accepted["/slack"]) == 1
 
 
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_center_posts_each_format_and_reports_a_rejection(tmp_path: Path,
                                                           receiver: StrictReceiver) -> None:
     jobs = "".join(f"""\
@@ -94,14 +102,20 @@ def test_center_posts_each_format_and_reports_a_rejection(tmp_path: Path,
     owner: billing
     notify: {{webhook: "{receiver.url}/{fmt}", {"format: " + fmt if fmt != "json" else ""}}}
 """ for fmt in ("slack", "teams", "json"))
+    jobs += f"""\
+  to-nowhere:
+    trigger: {{event: boom}}
+    command: "exit 3"
+    notify: {{webhook: "http://127.0.0.1:{_closed_port()}/hook", format: slack}}
+"""
     center = CenterProc(tmp_path)
     center.write("a.yaml", "apiVersion: cronfile/v1\njobs:\n" + jobs)
     try:
         center.start()
         assert center.cli("trigger", "boom").returncode == 0
         center.wait_events(lambda es: len([e for e in es if e.get("event") in
-                                           ("notified", "notify_failed")]) == 3,
-                           20, "three notification attempts")
+                                           ("notified", "notify_failed")]) == 4,
+                           20, "four notification attempts")
         status_text = cli("status", state=center.state)
         status_json = cli("status", "--format", "json", state=center.state)
     finally:
@@ -120,20 +134,28 @@ def test_center_posts_each_format_and_reports_a_rejection(tmp_path: Path,
     events = {e["job"]: e for e in center.events()
               if e.get("event") in ("notified", "notify_failed")}
     assert {job: e["event"] for job, e in events.items()} == {
-        "to-slack": "notified", "to-teams": "notified", "to-json": "notify_failed"}
+        "to-slack": "notified", "to-teams": "notified", "to-json": "notify_failed",
+        "to-nowhere": "notify_failed"}
     assert (events["to-json"]["status_code"], events["to-json"]["error"]) == (400, "HTTP 400 Bad Request")
+    assert "status_code" not in events["to-nowhere"]
+    assert events["to-nowhere"]["error"].startswith("URLError: ")
 
     # the center's log says which job and which status code, and not the (secret) URL
-    log_lines = [line for line in center.log.read_text().splitlines() if "notify failure" in line]
-    assert len(log_lines) == 1
-    assert "for job to-json: the webhook answered HTTP 400 Bad Request" in log_lines[0]
-    assert receiver.url not in log_lines[0]
+    log_lines = {line.split(" for job ", 1)[1].split(":", 1)[0]: line
+                 for line in center.log.read_text().splitlines() if "notify failure" in line}
+    assert sorted(log_lines) == ["to-json", "to-nowhere"]
+    assert log_lines["to-json"].endswith(
+        "WARNING notify failure for job to-json: the webhook answered HTTP 400 Bad Request")
+    assert "notify failure for job to-nowhere: the webhook failed: URLError: " in log_lines["to-nowhere"]
+    assert receiver.url not in log_lines["to-json"]
 
     assert status_text.returncode == 0, status_text.stderr
-    failed = [line for line in status_text.stdout.splitlines() if line.startswith("NOTIFICATION FAILED")]
-    assert len(failed) == 1
+    failed = sorted(line for line in status_text.stdout.splitlines()
+                    if line.startswith("NOTIFICATION FAILED"))
+    assert len(failed) == 2
     assert failed[0].startswith("NOTIFICATION FAILED for to-json at ")
     assert failed[0].endswith(": failure via webhook: HTTP 400 Bad Request")
+    assert failed[1].startswith("NOTIFICATION FAILED for to-nowhere at ")
     by_job = {j["job"]: j for j in json.loads(status_json.stdout)["jobs"]}
     assert by_job["to-slack"]["last_notify_failure"] is None
     nf = by_job["to-json"]["last_notify_failure"]

@@ -16,6 +16,7 @@ import pytest
 from centerlib import cronfile_command
 
 from cronfile.cli.app import cli
+from cronfile.schedules.model import RunStatus
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -166,3 +167,23 @@ def test_the_readme_links_the_docs_and_says_how_to_get_the_schema() -> None:
     assert "cronfile schema > schema/cronfile-v1.json" in readme
     assert '"yaml.yamlVersion": "1.1"' in readme or "`yaml.yamlVersion`" in readme
     assert "../shared" not in readme
+
+
+RECORD_FIELDS = ["v", "ts", "record", "run_id", "job", "agent", "transport", "scheduled_at",
+                 "attempt", "revision", "status", "exit_code", "signal", "started_at",
+                 "finished_at", "duration_s", "output_tail", "reason", "trigger", "route"]
+
+
+def test_records_doc_has_every_field_status_and_event() -> None:
+    doc = (DOCS / "records.md").read_text()
+    for name in RECORD_FIELDS:
+        assert f"`{name}`" in doc, name
+    for status in RunStatus:
+        assert f"`{status.value}`" in doc, status
+    emitted = set()
+    for source in (REPO / "cronfile").rglob("*.py"):
+        emitted |= set(re.findall(r'(?:_event|record_event)\(\s*"([a-z_]+)"', source.read_text()))
+    assert emitted, "no event names found in the sources"
+    events = _sections(doc, "##")["Event records (`events.jsonl`)"]
+    missing = sorted(e for e in emitted if f"`{e}`" not in events)
+    assert not missing, f"events not documented in docs/records.md: {missing}"

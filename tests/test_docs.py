@@ -187,3 +187,13 @@ def test_records_doc_has_every_field_status_and_event() -> None:
     events = _sections(doc, "##")["Event records (`events.jsonl`)"]
     missing = sorted(e for e in emitted if f"`{e}`" not in events)
     assert not missing, f"events not documented in docs/records.md: {missing}"
+
+
+def test_every_schema_modeline_in_the_repository_resolves() -> None:
+    files = [*REPO.glob("schedules/**/*.y*ml"), *REPO.glob("examples/*/schedules/**/*.y*ml")]
+    assert files
+    for path in files:
+        first = path.read_text().splitlines()[0]
+        match = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+        assert match, f"{path}: no schema modeline"
+        assert (path.parent / match.group(1)).resolve() == REPO / "schema/cronfile-v1.json", path

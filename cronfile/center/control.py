@@ -16,12 +16,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from cronfile.state.ledger import iso
-
-if TYPE_CHECKING:
-    from cronfile.center.daemon import Center
+from typing import Any, Protocol
 
 log = logging.getLogger("cronfile.control")
 SOCKET_NAME = "control.sock"
@@ -38,10 +33,26 @@ def socket_path(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"cronfile-{digest}.sock"
 
 
+class ControlTarget(Protocol):
+    """What the control socket asks of the center: the socket only speaks the protocol."""
+
+    def has_job(self, name: str) -> bool: ...
+
+    async def run_job(self, name: str) -> list[dict[str, Any]]:
+        """Start ``name`` now; what became of each start (see ``Center.perform``)."""
+        ...
+
+    def trigger(self, event: str) -> list[str]:
+        """Queue the jobs that run on ``event``; their names."""
+        ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
 class ControlServer:
-    def __init__(self, center: Center) -> None:
+    def __init__(self, state_dir: Path, center: ControlTarget) -> None:
         self.center = center
-        self.path = socket_path(center.state_dir)
+        self.path = socket_path(state_dir)
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -80,12 +91,11 @@ class ControlServer:
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         center = self.center
         op = request.get("op")
-        now = center.clock.time()
         if op == "run":
             name = request.get("job")
-            if not isinstance(name, str) or not center.scheduler.has_job(name):
+            if not isinstance(name, str) or not center.has_job(name):
                 return {"ok": False, "error": f"no job named {name!r}"}
-            results = await center.perform(center.scheduler.run_now(name, now))
+            results = await center.run_job(name)
             started = [r for r in results if r.get("status") == "started"]
             if not started:
                 reasons = "; ".join(str(r.get("reason") or r.get("status")) for r in results)
@@ -94,16 +104,7 @@ class ControlServer:
             return {"ok": True, "job": name, "results": results}
         if op == "trigger":
             event = str(request.get("event"))
-            names = center.scheduler.trigger(event, now)
-            center._wake.set()
-            # When each start is due, exactly as queued: a restarted center re-queues the
-            # ones that never started (see Center._requeue_pending).
-            due = {}
-            for name in names:
-                job = center.scheduler.job(name)
-                if job is not None and job.trigger is not None:
-                    due[name] = iso(now + job.trigger.delay_s)
-            center._event("triggered", trigger_event=event, jobs=names, due=due)
+            names = center.trigger(event)
             return {"ok": True, "event": event, "jobs": names}
         if op == "reload":
             result = await center.reload()

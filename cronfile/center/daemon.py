@@ -28,24 +28,28 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cronfile import gcpause
+from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_file
 from cronfile.center.alerts import Notifier, runtime_alerts
-from cronfile.center.routing import resolve_retry_target, resolve_targets
+from cronfile.center.control import ControlServer
+from cronfile.center.options import CenterOptions
+from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
 from cronfile.clock import Clock, SystemClock
 from cronfile.schedules.diff import StateDiff, diff_states
 from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
-from cronfile.schedules.model import DEFAULT_KILL_GRACE_S, DesiredState, Job, JobKind, OnChange, RunStatus
+from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunStatus
 from cronfile.state.applied import StateFileError, read_applied, write_applied
 from cronfile.state.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields, utc_ts
 from cronfile.transports.daemons import DaemonSupervisor
-from cronfile.transports.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.hub import AgentHub
 from cronfile.transports.local import LocalExecutor
 
 log = logging.getLogger("cronfile.center")
@@ -77,17 +81,6 @@ def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
 
 
 @dataclass
-class Target:
-    """One place a slot runs: an agent name and the executor that reaches it."""
-
-    agent: str
-    executor: Executor | None
-    transport: str
-    env: tuple[tuple[str, str], ...] = ()
-    why: str = ""
-
-
-@dataclass
 class _Running:
     run_id: str
     job: str
@@ -106,23 +99,6 @@ class _Chunk:
 
     runs: list[tuple[StartRun, Target, RunRequest, dict[str, Any]]] = field(default_factory=list)
     data: bytes = b""  # its ``dispatched`` records, encoded for one write
-
-
-@dataclass
-class CenterOptions:
-    schedules: Path
-    state: Path
-    listen: str | None = None
-    token_file: Path | None = None
-    shutdown_grace_s: float = DEFAULT_KILL_GRACE_S
-    watch: bool = True
-    accept_undeclared: bool = False
-    heartbeat_s: float = 10.0
-    lease_s: float = 60.0
-    known_hosts: str | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
 
 
 class Center:
@@ -152,9 +128,8 @@ class Center:
         self._applied_wanted: DesiredState | None = None
         self._applied_writer: asyncio.Task[Any] | None = None
         self.last_rejection: dict[str, Any] | None = None
-        self.hub: Any = None  # the agent hub, when agents are enabled
-        self.ssh_executors: dict[str, tuple[Any, Executor]] = {}  # agent -> (its ssh config, executor)
-        self.round_robin: dict[str, Iterator[int]] = {}  # job -> counter for strategy: one
+        self.hub: AgentHub | None = None  # the agent hub, when agents are enabled
+        self.router = Router(self.local, options.known_hosts, self._spawn)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._reload_requested = asyncio.Event()
@@ -324,17 +299,74 @@ class Center:
             self.request_stop()
 
     async def _start_services(self) -> None:
-        from cronfile.center.control import ControlServer
-
-        self.control = ControlServer(self)
+        self.control = ControlServer(self.state_dir, self)
         await self.control.start()
         if self.options.listen:
-            from cronfile.center.routing import start_hub
+            self.hub = await start_hub(self.options, self.router.inventory, self)
+            self.router.directory = self.hub
+            write_agents_file(self.state_dir, self.hub)
+            if self.desired is not None:
+                await sync_agent_daemons(self.hub, self.desired, self.router)
 
-            self.hub = await start_hub(self)
-            from cronfile.center.routing import sync_agent_daemons
+    # ------------------------------------------------------------------ what agents report
 
-            await sync_agent_daemons(self)
+    def agent_connected(self, name: str) -> None:
+        self._event("agent_connected", agent=name)
+        if self.hub is not None:
+            write_agents_file(self.state_dir, self.hub)
+        self._wake.set()
+
+    def agent_disconnected(self, name: str) -> None:
+        self._event("agent_disconnected", agent=name)
+        if self.hub is not None:
+            write_agents_file(self.state_dir, self.hub)
+
+    def agent_outcome(self, run_id: str, agent: str, outcome: dict[str, Any]) -> None:
+        """An outcome the hub did not resolve a handle with: a run in flight when the
+        center restarted (its one outcome), or one recorded ``lost`` (superseded, once)."""
+        if run_id in self.running:
+            return  # the run's handle resolves and the center records it there
+        waiting = self._awaiting_agents.pop(run_id, None)
+        if waiting is not None:  # in flight when the center restarted: its one outcome
+            record = {**waiting, "record": "finished", **outcome}
+            self._record(record)
+            self._outcome(str(waiting.get("job")), record)
+            self._flush()
+            return
+        # Only a run the center recorded ``lost`` may get a second, superseding record, and
+        # only once. Any other run_id was already recorded (a re-delivery whose ack was lost,
+        # e.g. across a center restart, when the hub's dedupe window is empty): ignore it.
+        base = self.lost_bases.pop(run_id, None)
+        if base is None:
+            log.info("outcome of run %s from %s was already recorded: ignored", run_id, agent)
+            return
+        if outcome.get("status") == "lost":
+            return  # the agent lost it too (it restarted): nothing new to record
+        self._record({**base, "record": "finished", **outcome, "supersedes": "lost",
+                      "reason": "outcome delivered after the run was recorded lost"})
+        self._flush()
+
+    # ------------------------------------------------------------------ what the operator asks
+
+    def has_job(self, name: str) -> bool:
+        return self.scheduler.has_job(name)
+
+    async def run_job(self, name: str) -> list[dict[str, Any]]:
+        return await self.perform(self.scheduler.run_now(name, self.clock.time()))
+
+    def trigger(self, event: str) -> list[str]:
+        now = self.clock.time()
+        names = self.scheduler.trigger(event, now)
+        self._wake.set()
+        # When each start is due, exactly as queued: a restarted center re-queues the
+        # ones that never started (see Center._requeue_pending).
+        due = {}
+        for name in names:
+            job = self.scheduler.job(name)
+            if job is not None and job.trigger is not None:
+                due[name] = iso(now + job.trigger.delay_s)
+        self._event("triggered", trigger_event=event, jobs=names, due=due)
+        return names
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -402,9 +434,7 @@ class Center:
         if self.hub is not None:
             with contextlib.suppress(Exception):
                 await self.hub.close()
-        for _config, ssh in self.ssh_executors.values():
-            with contextlib.suppress(Exception):
-                await ssh.close()
+        await self.router.close()
         with contextlib.suppress(Exception):
             await self.control.close()
         self._flush()
@@ -432,6 +462,7 @@ class Center:
         diff = diff or diff_states(self.desired, state)
         old = self.desired
         self.desired = state
+        self.router.inventory = state.agents
         for name in diff.jobs.removed:
             self._success_watch.discard(name)
             self.scheduler.remove_job(name)
@@ -461,11 +492,9 @@ class Center:
             # collections (e.g. while reloading) do not walk its objects again and again.
             gc.freeze()
         if self.hub is not None:
-            from cronfile.center.routing import sync_agent_daemons
-
             with contextlib.suppress(Exception):
                 self.hub.update_inventory(state.agents)
-            self._spawn(sync_agent_daemons(self))
+            self._spawn(sync_agent_daemons(self.hub, state, self.router))
         self._event("revision_applied", revision=state.revision.to_dict(),
                     initial=initial, diff=diff.summary())
         self._spawn_write_applied(state)
@@ -599,9 +628,7 @@ class Center:
                 self._last_expect_check = now
                 self._check_success_within()
                 if self.hub is not None:
-                    from cronfile.center.routing import write_agents_file
-
-                    write_agents_file(self)
+                    write_agents_file(self.state_dir, self.hub)
             due = self.scheduler.next_due()
             delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
             if delay > 0:
@@ -642,8 +669,8 @@ class Center:
         nowhere else: re-running another shard or another agent would be wrong. (fleet is
         imported with this module: a lazy import cost the first due slot ~3 ms.)"""
         if only is not None:
-            return resolve_retry_target(self, job, only)
-        return resolve_targets(self, job)
+            return self.router.resolve_retry(job, only)
+        return self.router.resolve(job)
 
     def _no_agent_reason(self, job: Job, only: str | None = None) -> str:
         if only is not None:

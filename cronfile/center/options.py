@@ -1,0 +1,25 @@
+"""What ``cronfile center`` is started with (its command-line options, typed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cronfile.schedules.model import DEFAULT_KILL_GRACE_S
+
+
+@dataclass
+class CenterOptions:
+    schedules: Path
+    state: Path
+    listen: str | None = None
+    token_file: Path | None = None
+    shutdown_grace_s: float = DEFAULT_KILL_GRACE_S
+    watch: bool = True
+    accept_undeclared: bool = False
+    heartbeat_s: float = 10.0
+    lease_s: float = 60.0
+    known_hosts: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 SSHD = "/usr/sbin/sshd"
 KEY_PASSPHRASE = "correct horse battery staple"
 START_TIMEOUT_S = 10.0
+PID_NAMESPACE = ["unshare", "--pid", "--kill-child"]  # sshd is the namespace's pid 1
 
 
 def sshd_available() -> bool:
@@ -79,7 +80,10 @@ def _wait_for_banner(host: str, port: int, proc: subprocess.Popen[bytes], log: P
 
 
 @contextlib.contextmanager
-def running_sshd(directory: Path | str) -> Iterator[SshServer]:
+def running_sshd(directory: Path | str, pid_namespace: bool = False) -> Iterator[SshServer]:
+    """``pid_namespace``: run sshd (as root) in a PID namespace of its own, so the process
+    numbers its sessions see are not this host's: a "remote" process group number then
+    names a different group (or none) here, as on a real remote host."""
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
@@ -114,7 +118,8 @@ def running_sshd(directory: Path | str) -> Iterator[SshServer]:
     log = d / "sshd.log"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(config)],
+            [*PID_NAMESPACE, SSHD, "-D", "-e", "-f", str(config)] if pid_namespace
+            else [SSHD, "-D", "-e", "-f", str(config)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
         )
     try:

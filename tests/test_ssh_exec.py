@@ -397,3 +397,64 @@ def test_connection_refused_is_a_clear_refusal(sshd: SshServer) -> None:
     reason = refusal(SshExecutor("web-1", config(sshd, port=port)), request("true"))
     assert f"cannot connect to 127.0.0.1:{port}" in reason
 
+
+
+@pytest.fixture(scope="module")
+def sshd_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """An sshd whose sessions live in a PID namespace of their own: its process group
+    numbers are not this host's, as on a real remote host."""
+    import os
+
+    if not sshd_available() or os.geteuid() != 0:
+        pytest.skip("needs root and /usr/sbin/sshd (a PID namespace for sshd)")
+    with running_sshd(tmp_path_factory.mktemp("sshd-ns"), pid_namespace=True) as server:
+        yield server
+
+
+def _host_pgid(pid: int) -> int:
+    return int(subprocess.run(["ps", "-o", "pgid=", "-p", str(pid)], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_kill_now_kills_the_remote_group_and_signals_nothing_here(
+        sshd_elsewhere: SshServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second SIGTERM's path: ``kill_now`` SIGKILLs the REMOTE process group over SSH.
+    The remote pgid is a number on the remote host; signalling it here (what the center did
+    with ``os.killpg(handle.pgid)``) would kill an unrelated local group and leave the run."""
+    import os
+    import signal
+
+    n = random.randint(100000, 999999)
+    local_signals: list[tuple[str, int, int]] = []
+    real_killpg, real_kill = os.killpg, os.kill
+
+    def killpg(pgid: int, sig: int) -> None:
+        local_signals.append(("killpg", pgid, sig))
+        real_killpg(pgid, sig)
+
+    def kill(pid: int, sig: int) -> None:
+        local_signals.append(("kill", pid, sig))
+        real_kill(pid, sig)
+
+    host_pgids: set[int] = set()
+
+    async def go() -> tuple[int | None, list[str], RunOutcome]:
+        executor = SshExecutor("web-1", config(sshd_elsewhere))
+        handle = await executor.start(request(("sh", "-c", f"sleep {n} & sleep {n}")))
+        running = [line for line in survivors(f"sleep {n}", within_s=0)
+                   if line.split()[1] == "sleep"]
+        host_pgids.update(_host_pgid(int(line.split()[0])) for line in running)
+        monkeypatch.setattr(os, "killpg", killpg)
+        monkeypatch.setattr(os, "kill", kill)
+        handle.kill_now()
+        monkeypatch.undo()
+        outcome = await asyncio.wait_for(handle.wait(), BOUND_S)
+        await executor.close()
+        return getattr(handle, "pgid", None), running, outcome
+
+    remote_pgid, running, outcome = asyncio.run(go())
+    assert len(running) == 2
+    assert remote_pgid is not None and remote_pgid not in host_pgids  # a number from elsewhere
+    assert local_signals == []
+    assert survivors(f"sleep {n}") == []  # killed where it runs
+    assert outcome.signal == signal.SIGKILL or outcome.status is not RunStatus.SUCCEEDED

@@ -591,7 +591,7 @@ class Agent:
                 self._spawn(self._send(known))
             elif handle is not None:
                 self._spawn(self._send(Started(run_id=run_id, started_at=handle.started_at,
-                                               pid=getattr(handle, "pid", None))))
+                                               pid=handle.pid)))
             else:
                 log.info("run %s was already accepted: not running it again", run_id)
             return
@@ -645,7 +645,7 @@ class Agent:
         self.running[msg.run_id] = handle
         try:
             await self._send(Started(run_id=msg.run_id, started_at=handle.started_at,
-                                     pid=getattr(handle, "pid", None)))
+                                     pid=handle.pid))
             late_cancel = self._cancels.pop(msg.run_id, None)
             if late_cancel is not None:
                 self._spawn(handle.stop(late_cancel.reason, late_cancel.grace_s))

@@ -379,12 +379,12 @@ class Center:
             self._signals += 1
             if self._signals > 1:  # a second signal: exit at once, children get SIGKILL
                 log.warning("second signal: exiting now")
-                groups = [getattr(r.handle, "pgid", None) for r in self.running.values()]
-                groups += [replica.pid for d in self.daemons.values() for replica in d.status()]
-                for pgid in groups:
-                    if isinstance(pgid, int) and pgid > 1:
-                        with contextlib.suppress(Exception):
-                            os.killpg(pgid, signal.SIGKILL)
+                for run in self.running.values():
+                    with contextlib.suppress(Exception):
+                        run.handle.kill_now()
+                for supervisor in self.daemons.values():
+                    with contextlib.suppress(Exception):
+                        supervisor.kill_now()
                 self._flush()
                 os._exit(1)
             log.info("stopping: no new runs; waiting up to %gs for running ones",

@@ -115,6 +115,11 @@ class DaemonSupervisor:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def kill_now(self) -> None:
+        """SIGKILL every replica at once (the process is about to exit)."""
+        for handle in list(self._handles.values()):
+            handle.kill_now()
+
     def status(self) -> list[ReplicaStatus]:
         """A snapshot per replica: state, pid, restarts, last outcome."""
         return [replace(s) for s in self._status]
@@ -164,7 +169,7 @@ class DaemonSupervisor:
             )
         self._handles[index] = handle
         status.state, status.run_id = ReplicaState.RUNNING, request.run_id
-        status.pid = getattr(handle, "pid", None)
+        status.pid = handle.pid
         try:
             if self._stopping.is_set():  # stop() came while we were starting
                 await handle.stop(self._stop_reason, self._stop_grace)

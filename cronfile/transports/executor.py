@@ -67,6 +67,10 @@ class RunHandle(abc.ABC):
 
     run_id: str
     started_at: datetime
+    pid: int | None = None
+    """The run's process id on the host where it runs, when known: for reports (``status``,
+    an agent's ``started`` message). Not necessarily a process of THIS host, so never a
+    thing to signal: :meth:`stop` and :meth:`kill_now` do that."""
 
     @abc.abstractmethod
     async def wait(self) -> RunOutcome:
@@ -78,6 +82,13 @@ class RunHandle(abc.ABC):
 
         The outcome then reports ``killed`` (unless the run ended by itself first).
         """
+
+    @abc.abstractmethod
+    def kill_now(self) -> None:
+        """SIGKILL the run at once, without waiting: the caller is about to exit (a second
+        SIGTERM). Synchronous and bounded; best effort. Each handle kills what IT runs, where
+        it runs: a local process group, a remote one over its own connection, nothing for a
+        run an agent owns. Callers never reach for a handle's pid or pgid themselves."""
 
     def on_done(self, callback: Callable[[RunOutcome], None]) -> None:
         """Call ``callback(outcome)`` when the run ends. This default awaits :meth:`wait` in

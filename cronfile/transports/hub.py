@@ -189,6 +189,10 @@ class RemoteRunHandle(RunHandle):
                 await conn.send(self._cancel)
         await self.wait()
 
+    def kill_now(self) -> None:
+        """Nothing: the agent owns the run and keeps it going; it stores the outcome for the
+        next center (the process number it reported is on the agent's host)."""
+
     def _resolve(self, outcome: RunOutcome) -> None:
         self._clear_lease()
         if not self._outcome.done():

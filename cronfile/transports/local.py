@@ -427,6 +427,8 @@ def _signal_name(num: int) -> str:
 class LocalRunHandle(RunHandle):
     """One child process (and its process group) being watched by the event loop."""
 
+    pid: int
+
     def __init__(
         self,
         request: RunRequest,
@@ -463,6 +465,10 @@ class LocalRunHandle(RunHandle):
     async def wait(self) -> RunOutcome:
         # shield: a waiter being cancelled must not cancel the outcome other waiters share.
         return await asyncio.shield(self._done)
+
+    def kill_now(self) -> None:
+        if not self._done.done():
+            _signal_group(self.pgid, signal.SIGKILL)
 
     async def stop(self, reason: str = "stopped", grace_s: float | None = None) -> None:
         grace = self._request.kill_grace_s if grace_s is None else grace_s

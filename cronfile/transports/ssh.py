@@ -363,6 +363,16 @@ class SshRunHandle(RunHandle):
     async def wait(self) -> RunOutcome:
         return await asyncio.shield(self._task)
 
+    def kill_now(self) -> None:
+        """SIGKILL the REMOTE process group over the executor's open connection (blocking,
+        bounded by the connect timeout). The pgid is a number on the remote host: it is
+        never signalled here. Without a live connection the run is left to the remote host
+        (the next center records it ``lost``)."""
+        pgid = self._reader.pgid
+        if self._task.done() or pgid is None:
+            return
+        self._executor.kill_group_now(pgid, self._sudo_user)
+
     async def stop(self, reason: str = "stopped", grace_s: float | None = None) -> None:
         if not self._task.done() and not self._stop_event.is_set():
             self._stop_reason = reason
@@ -672,6 +682,16 @@ class SshExecutor(Executor):
         if code not in (0, 1):  # 1 = the group was already gone
             return f"SIG{sig} to remote process group {pgid} failed (exit {code})"
         return f"sent SIG{sig} to remote process group {pgid}"
+
+    def kill_group_now(self, pgid: int, sudo_user: str | None) -> None:
+        """``kill -KILL -PGID`` on the remote host, from the calling thread, over the
+        connection already open (none is opened: this runs while the process exits)."""
+        transport = self._transport
+        if transport is None or not transport.is_active():
+            return
+        argv = ["/bin/sh", "-c", 'kill -KILL -"$1"', "kill", str(pgid)]
+        with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+            self._run_quick(transport, shlex.join(self._sudo_prefix(sudo_user) + argv))
 
     def _run_quick(self, transport: paramiko.Transport, command: str) -> int | None:
         chan = transport.open_session(timeout=self.connect_timeout_s)

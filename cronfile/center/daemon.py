@@ -39,6 +39,7 @@ from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_f
 from cronfile.center.alerts import Notifier, runtime_alerts
 from cronfile.center.control import ControlServer
 from cronfile.center.options import CenterOptions
+from cronfile.center.recovery import Recovery, RequeueTrigger, parse_iso, pending_starts, recover
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
 from cronfile.clock import Clock, SystemClock
@@ -118,8 +119,7 @@ class Center:
         self.done_slots: set[tuple[str, float, str]] = set()
         self.missed_until: dict[str, float] = {}  # per job: end of the last recorded missed range
         self.lost_bases: dict[str, dict[str, Any]] = {}  # run_id -> record base, for late outcomes
-        # (job, slot, agent) -> (last attempt, its view when it failed), read at start
-        self._last_attempts: dict[tuple[str, float, str], tuple[int, dict[str, Any] | None]] = {}
+        self._recovered = Recovery()  # what the ledger said at start, until requeued
         self.notifier = Notifier(self.local, self._event)
         self.last_success: dict[str, float] = {}
         self._success_alerted: set[str] = set()
@@ -868,71 +868,34 @@ class Center:
 
     def _recover_ledger(self) -> None:
         """Runs the previous center left in flight are ``lost``; remember handled slots."""
-        lost = []
-        for view in fold_runs(self.ledger.read_runs()):
-            slot = _parse_iso(view.get("scheduled_at"))
-            if slot is not None and isinstance(view.get("job"), str):
-                self.done_slots.add((view["job"], round(slot, 3), str(view.get("agent"))))
-                if view.get("status") == "missed":  # a range: its slots are all handled
-                    end = _parse_iso(view.get("last_scheduled_at")) or slot
-                    self.missed_until[view["job"]] = max(self.missed_until.get(view["job"], end), end)
-            if slot is not None and isinstance(view.get("job"), str) \
-                    and isinstance(view.get("attempt"), int):
-                key = (view["job"], round(slot, 3), str(view.get("agent")))
-                last = self._last_attempts.get(key)
-                if last is None or view["attempt"] >= last[0]:
-                    failed = view.get("status") in (RunStatus.FAILED.value, RunStatus.TIMEOUT.value)
-                    self._last_attempts[key] = (view["attempt"], view if failed else None)
-            if view.get("status") == "succeeded" and isinstance(view.get("job"), str):
-                ended = _parse_iso(view.get("finished_at")) or 0.0
-                self.last_success[view["job"]] = max(self.last_success.get(view["job"], 0.0), ended)
-            if view.get("record") in ("dispatched", "started") and view.get("transport") == "tcp":
-                # Its agent kept running it and will deliver the outcome when it reconnects;
-                # it is recorded lost only if the agent stays away past the lease.
-                self._awaiting_agents[str(view.get("run_id"))] = {
-                    k: view.get(k) for k in ("run_id", "job", "agent", "transport", "scheduled_at",
-                                             "attempt", "revision")}
-            elif view.get("record") in ("dispatched", "started"):
-                lost.append({k: view.get(k) for k in ("run_id", "job", "agent", "transport",
-                                                      "scheduled_at", "attempt", "revision")}
-                            | {"record": "finished", "status": "lost", "exit_code": None,
-                               "signal": None, "started_at": view.get("started_at"),
-                               "finished_at": None, "duration_s": None, "output_tail": "",
-                               "reason": "the center stopped while the run was in flight"})
-        if lost:
-            self.ledger.runs.append(lost)
+        found = recover(fold_runs(self.ledger.read_runs()))
+        self.done_slots |= found.done_slots
+        self.missed_until.update(found.missed_until)
+        for job, ended in found.last_success.items():
+            self.last_success[job] = max(self.last_success.get(job, 0.0), ended)
+        self._awaiting_agents.update(found.awaiting_agents)
+        self._recovered = found
+        if found.lost:
+            self.ledger.runs.append(found.lost)
 
     def _requeue_pending(self) -> None:
         """What the previous center had queued but not started when it stopped is queued
-        again, at the time it was due (at once when that has passed):
-
-        * retries: a failed attempt with retries left and no later attempt in the ledger;
-        * triggered starts: a ``triggered`` event whose start (job, due) is not in the ledger.
-
-        Anything older than the slot memory (6 h) is dropped: a retry or a triggered run
-        days late would surprise more than help."""
-        horizon = self.clock.time() - SLOT_MEMORY_S
+        again, at the time it was due (at once when that has passed): see
+        :func:`~cronfile.center.recovery.pending_starts`. Anything older than the slot
+        memory (6 h) is dropped: a retry or a triggered run days late would surprise more
+        than help."""
+        found, self._recovered = self._recovered, Recovery()
         triggered_jobs = self.desired is not None and any(
             job.trigger is not None for job in self.desired.jobs.values())
-        started = {(job, slot) for job, slot, _agent in self.done_slots} if triggered_jobs else set()
         # events.jsonl is read whole: only when some job runs on a trigger at all
-        for event in self.ledger.read_events() if triggered_jobs else ():
-            if event.get("event") != "triggered" or not isinstance(event.get("due"), dict):
-                continue
-            for job, when in event["due"].items():
-                due = _parse_iso(when)
-                if due is not None and due >= horizon and (job, round(due, 3)) not in started:
-                    self.scheduler.requeue_trigger(job, due)
-                    started.add((job, round(due, 3)))
-        attempts, self._last_attempts = self._last_attempts, {}
-        for (job, slot, agent), (attempt, view) in attempts.items():
-            ended = _parse_iso(view.get("finished_at")) if view is not None else None
-            if view is None or ended is None or ended < horizon or not self.scheduler.has_job(job):
-                continue
-            exit_code = view.get("exit_code")
-            self.scheduler.finished(job, str(view.get("run_id")), RunStatus(view["status"]),
-                                    exit_code if isinstance(exit_code, int) else None, slot,
-                                    attempt, agent, ended)
+        events = self.ledger.read_events() if triggered_jobs else ()
+        for start in pending_starts(found, events, self.clock.time() - SLOT_MEMORY_S,
+                                    self.scheduler.has_job):
+            if isinstance(start, RequeueTrigger):
+                self.scheduler.requeue_trigger(start.job, start.due)
+            else:
+                self.scheduler.finished(start.job, start.run_id, start.status, start.exit_code,
+                                        start.slot, start.attempt, start.agent, start.ended)
 
     async def _catch_up_after(self, since: float, delay: float) -> None:
         if delay > 0:
@@ -989,7 +952,7 @@ class Center:
             ts = record.get("ts")
             if isinstance(ts, str) and (last is None or ts > last):
                 last = ts
-        return _parse_iso(last)
+        return parse_iso(last)
 
     def _write_watermark(self, force: bool = False) -> None:
         now = self.clock.time()
@@ -1035,15 +998,6 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
-
-
-def _parse_iso(text: Any) -> float | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def return_free_memory() -> None:

@@ -1,0 +1,134 @@
+"""What a starting center learns from the ledger: pure functions over records, no I/O.
+
+:func:`recover` folds the previous centers' run records (``fold_runs`` views) into what
+the new center must know before it schedules anything: every slot already handled (once
+per slot), the end of each job's recorded ``missed`` range, the last success per job, the
+runs left in flight (``lost`` records to write, or, for runs on agents, a wait for the
+agent's report), and each slot's last attempt.
+
+:func:`pending_starts` then says what was queued but never started, to queue again:
+retries whose failed attempt has no later one, and triggered starts whose (job, due) is
+not in the ledger; nothing older than ``horizon``.
+
+The center applies the result (writes the records, tells the scheduler); tests call these
+with records and a fake clock's time, in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cronfile.schedules.model import RunStatus
+
+BASE_FIELDS = ("run_id", "job", "agent", "transport", "scheduled_at", "attempt", "revision")
+"""A run record's identity, in the §4 order: what a later record of the same run repeats."""
+
+SlotKey = tuple[str, float, str]  # (job, slot rounded to ms, agent)
+
+
+def parse_iso(text: Any) -> float | None:
+    """Epoch seconds of a record's time field; ``None`` for anything else."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class Recovery:
+    done_slots: set[SlotKey] = field(default_factory=set)
+    missed_until: dict[str, float] = field(default_factory=dict)
+    last_success: dict[str, float] = field(default_factory=dict)
+    awaiting_agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """tcp runs in flight: run_id -> record base, until the agent reports or the lease ends."""
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    """``finished``/``lost`` records for runs of this process kind left in flight."""
+    last_attempts: dict[SlotKey, tuple[int, dict[str, Any] | None]] = field(default_factory=dict)
+    """per slot and target: its last attempt, and that attempt's view if it failed."""
+
+
+@dataclass(frozen=True)
+class RequeueTrigger:
+    job: str
+    due: float
+
+
+@dataclass(frozen=True)
+class RequeueRetry:
+    """A failed attempt to report to the scheduler again, so it queues the next one."""
+
+    job: str
+    run_id: str
+    status: RunStatus
+    exit_code: int | None
+    slot: float
+    attempt: int
+    agent: str
+    ended: float
+
+
+def recover(views: Iterable[dict[str, Any]]) -> Recovery:
+    """Fold the ledger's run views (one per run, its latest record) into a :class:`Recovery`."""
+    out = Recovery()
+    for view in views:
+        job = view.get("job")
+        slot = parse_iso(view.get("scheduled_at"))
+        if slot is not None and isinstance(job, str):
+            key = (job, round(slot, 3), str(view.get("agent")))
+            out.done_slots.add(key)
+            if view.get("status") == "missed":  # a range: its slots are all handled
+                end = parse_iso(view.get("last_scheduled_at")) or slot
+                out.missed_until[job] = max(out.missed_until.get(job, end), end)
+            attempt = view.get("attempt")
+            if isinstance(attempt, int):
+                last = out.last_attempts.get(key)
+                if last is None or attempt >= last[0]:
+                    failed = view.get("status") in (RunStatus.FAILED.value, RunStatus.TIMEOUT.value)
+                    out.last_attempts[key] = (attempt, view if failed else None)
+        if view.get("status") == "succeeded" and isinstance(job, str):
+            ended = parse_iso(view.get("finished_at")) or 0.0
+            out.last_success[job] = max(out.last_success.get(job, 0.0), ended)
+        if view.get("record") in ("dispatched", "started") and view.get("transport") == "tcp":
+            # Its agent kept running it and will deliver the outcome when it reconnects;
+            # it is recorded lost only if the agent stays away past the lease.
+            out.awaiting_agents[str(view.get("run_id"))] = {k: view.get(k) for k in BASE_FIELDS}
+        elif view.get("record") in ("dispatched", "started"):
+            out.lost.append({k: view.get(k) for k in BASE_FIELDS}
+                            | {"record": "finished", "status": "lost", "exit_code": None,
+                               "signal": None, "started_at": view.get("started_at"),
+                               "finished_at": None, "duration_s": None, "output_tail": "",
+                               "reason": "the center stopped while the run was in flight"})
+    return out
+
+
+def pending_starts(recovery: Recovery, events: Iterable[dict[str, Any]], horizon: float,
+                   has_job: Callable[[str], bool]) -> list[RequeueTrigger | RequeueRetry]:
+    """What the previous center had queued but not started, oldest decisions first:
+    triggered starts (from ``triggered`` events) not in the ledger, then retries. Pass
+    no ``events`` when no job runs on a trigger (``events.jsonl`` is then not read)."""
+    out: list[RequeueTrigger | RequeueRetry] = []
+    started: set[tuple[str, float]] | None = None  # built on the first trigger event only
+    for event in events:
+        if event.get("event") != "triggered" or not isinstance(event.get("due"), dict):
+            continue
+        if started is None:
+            started = {(job, slot) for job, slot, _agent in recovery.done_slots}
+        for job, when in event["due"].items():
+            due = parse_iso(when)
+            if due is not None and due >= horizon and (job, round(due, 3)) not in started:
+                out.append(RequeueTrigger(job, due))
+                started.add((job, round(due, 3)))
+    for (job, slot, agent), (attempt, view) in recovery.last_attempts.items():
+        ended = parse_iso(view.get("finished_at")) if view is not None else None
+        if view is None or ended is None or ended < horizon or not has_job(job):
+            continue
+        exit_code = view.get("exit_code")
+        out.append(RequeueRetry(job, str(view.get("run_id")), RunStatus(view["status"]),
+                                exit_code if isinstance(exit_code, int) else None, slot,
+                                attempt, agent, ended))
+    return out

@@ -39,6 +39,7 @@ from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_f
 from cronfile.center.alerts import Notifier, runtime_alerts
 from cronfile.center.control import ControlServer
 from cronfile.center.options import CenterOptions
+from cronfile.center.records import NoOutcomeRecord
 from cronfile.center.recovery import Recovery, RequeueTrigger, parse_iso, pending_starts, recover
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
@@ -789,10 +790,8 @@ class Center:
         if not isinstance(exc, RunRefused):
             log.exception("starting run %s of %s failed", request.run_id, request.job)
         reason = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
-        refused = {**base, "record": "finished", "status": "failed", "exit_code": None,
-                   "signal": None, "started_at": None,
-                   "finished_at": iso(datetime.now(UTC).timestamp()),
-                   "duration_s": 0.0, "output_tail": "", "reason": reason}
+        refused = NoOutcomeRecord(base, RunStatus.FAILED, reason,
+                                  finished_at=iso(self.clock.time())).to_json()
         self._record(refused)
         self._outcome(action.job.name, refused)
         follow = self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED,
@@ -853,13 +852,13 @@ class Center:
             wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
             agent, transport = ",".join(wanted), None
         run_id = run_id_for(job.name, action.scheduled_at, agent, 0) + "-" + action.status.value
-        record = {**self._base(job, action.scheduled_at, agent, transport, action.attempt, run_id),
-                  "record": "finished", "status": action.status.value, "exit_code": None,
-                  "signal": None, "started_at": None, "finished_at": None, "duration_s": 0.0,
-                  "output_tail": "", "reason": action.reason}
+        extra: tuple[tuple[str, Any], ...] = ()
         if action.count > 1 or action.last_scheduled_at not in (None, action.scheduled_at):
-            record.update(count=action.count, first_scheduled_at=iso(action.scheduled_at),
-                          last_scheduled_at=iso(action.last_scheduled_at))
+            extra = (("count", action.count), ("first_scheduled_at", iso(action.scheduled_at)),
+                     ("last_scheduled_at", iso(action.last_scheduled_at)))
+        record = NoOutcomeRecord(
+            self._base(job, action.scheduled_at, agent, transport, action.attempt, run_id),
+            action.status, action.reason, extra=extra).to_json()
         self._record(record)
         self._outcome(job.name, record)
         return record
@@ -916,11 +915,10 @@ class Center:
                 expired, self._awaiting_agents = self._awaiting_agents, {}
                 for base in expired.values():
                     self.lost_bases[str(base["run_id"])] = base
-                    record = {**base, "record": "finished", "status": "lost", "exit_code": None,
-                              "signal": None, "started_at": None, "finished_at": None,
-                              "duration_s": None, "output_tail": "",
-                              "reason": f"agent {base.get('agent')} did not report this run within "
-                                        f"{lease:g}s of the center's restart"}
+                    record = NoOutcomeRecord(
+                        base, RunStatus.LOST,
+                        f"agent {base.get('agent')} did not report this run within "
+                        f"{lease:g}s of the center's restart").to_json()
                     self._record(record)
                     self._outcome(str(base.get("job")), record)
 

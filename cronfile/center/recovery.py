@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cronfile.center.records import NoOutcomeRecord
 from cronfile.schedules.model import RunStatus
 
 BASE_FIELDS = ("run_id", "job", "agent", "transport", "scheduled_at", "attempt", "revision")
@@ -98,11 +99,10 @@ def recover(views: Iterable[dict[str, Any]]) -> Recovery:
             # it is recorded lost only if the agent stays away past the lease.
             out.awaiting_agents[str(view.get("run_id"))] = {k: view.get(k) for k in BASE_FIELDS}
         elif view.get("record") in ("dispatched", "started"):
-            out.lost.append({k: view.get(k) for k in BASE_FIELDS}
-                            | {"record": "finished", "status": "lost", "exit_code": None,
-                               "signal": None, "started_at": view.get("started_at"),
-                               "finished_at": None, "duration_s": None, "output_tail": "",
-                               "reason": "the center stopped while the run was in flight"})
+            out.lost.append(NoOutcomeRecord(
+                {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST,
+                "the center stopped while the run was in flight",
+                started_at=view.get("started_at")).to_json())
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import hashlib
 import itertools
@@ -103,6 +104,17 @@ class _Chunk:
     data: bytes = b""  # its ``dispatched`` records, encoded for one write
 
 
+class RunState(enum.Enum):
+    """A center's life: it ends either ``stopped`` (a signal, exit 0) or ``crashed`` (a core
+    task died, exit 1: a center that looks alive but schedules nothing is worse)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
 class Center:
     """The center daemon; :meth:`run_until_stopped` is its whole life."""
 
@@ -140,7 +152,7 @@ class Center:
         self._deferred_ends: list[tuple[_Running, StartRun, RunOutcome]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
-        self._crashed = False
+        self.state = RunState.STARTING
         self._lock: int | None = None
         self._reload_lock = asyncio.Lock()
         self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
@@ -276,9 +288,13 @@ class Center:
         self._spawn(self._housekeeping(), critical=True)
         log.info("center running: %d jobs; state in %s", len(self.scheduler.job_names()),
                  self.state_dir)
+        if not self._stopping.is_set():
+            self.state = RunState.RUNNING
         await self._stopping.wait()
         await self._shutdown()
-        return 1 if self._crashed else 0
+        if self.state is not RunState.CRASHED:
+            self.state = RunState.STOPPED
+        return 1 if self.state is RunState.CRASHED else 0
 
     def _spawn(self, coro: Any, critical: bool = False, name: str | None = None) -> asyncio.Task[Any]:
         """Run ``coro`` as a child task. A *critical* task (the scheduler loop, reloads, the
@@ -296,7 +312,7 @@ class Center:
         log.error("center task failed: %r", task.exception(), exc_info=task.exception())
         if critical and not self._stopping.is_set():
             log.critical("a core task of the center crashed: stopping")
-            self._crashed = True
+            self.state = RunState.CRASHED
             self.request_stop()
 
     async def _start_services(self) -> None:
@@ -370,6 +386,8 @@ class Center:
         return names
 
     def request_stop(self) -> None:
+        if self.state is not RunState.CRASHED:
+            self.state = RunState.STOPPING
         self._stopping.set()
         self._wake.set()
 
@@ -440,7 +458,7 @@ class Center:
             await self.control.close()
         self._flush()
         self._write_watermark(force=True)
-        self._event("center_stopped", reason="crashed" if self._crashed else "signal",
+        self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
                     pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
                                                          if r.base.get("transport") == "tcp"))
         self.ledger.close()
@@ -1040,4 +1058,4 @@ def run_center(options: CenterOptions) -> int:
         return 130
 
 
-__all__ = ["Center", "CenterError", "CenterOptions", "Target", "run_center"]
+__all__ = ["Center", "CenterError", "CenterOptions", "RunState", "Target", "run_center"]

@@ -40,3 +40,29 @@ def test_a_lost_run_has_an_unknown_duration() -> None:
                              started_at="2026-11-22T02:00:00.010Z").to_json()
     assert (record["status"], record["started_at"], record["duration_s"]) == (
         "lost", "2026-11-22T02:00:00.010Z", None)
+
+
+def test_records_queued_together_share_one_write_and_wait_while_busy() -> None:
+    import asyncio
+
+    from cronfile.center.records import RECORD_BATCH_S, RecordWriter
+
+    writes: list[list[str]] = []
+    busy = [False]
+
+    async def go() -> None:
+        writer = RecordWriter(lambda batch: writes.append([r["run_id"] for r in batch]),
+                              lambda: busy[0])
+        writer.add({"run_id": "a"})
+        writer.add({"run_id": "b"})
+        await asyncio.sleep(RECORD_BATCH_S * 4)
+        assert writes == [["a", "b"]]
+        busy[0] = True  # a burst: the timer writes nothing, the burst's end flushes
+        writer.add({"run_id": "c"})
+        await asyncio.sleep(RECORD_BATCH_S * 4)
+        assert writes == [["a", "b"]]
+        busy[0] = False
+        writer.flush()
+        assert writes == [["a", "b"], ["c"]]
+
+    asyncio.run(go())

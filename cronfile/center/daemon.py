@@ -25,14 +25,12 @@ import enum
 import gc
 import hashlib
 import itertools
-import json
 import logging
 import os
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cronfile import gcpause
@@ -40,10 +38,18 @@ from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_f
 from cronfile.center.alerts import Notifier, runtime_alerts
 from cronfile.center.control import ControlServer
 from cronfile.center.options import CenterOptions
-from cronfile.center.records import NoOutcomeRecord
-from cronfile.center.recovery import Recovery, RequeueTrigger, parse_iso, pending_starts, recover
+from cronfile.center.records import NoOutcomeRecord, RecordWriter
+from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
+from cronfile.center.statefiles import (
+    CENTER_FILE,
+    CenterError,
+    lock_state_dir,
+    read_watermark,
+    write_center_file,
+    write_watermark,
+)
 from cronfile.clock import Clock, SystemClock
 from cronfile.schedules.diff import StateDiff, diff_states
 from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
@@ -57,8 +63,6 @@ from cronfile.transports.local import LocalExecutor
 
 log = logging.getLogger("cronfile.center")
 
-WATERMARK_FILE = "watermark"
-CENTER_FILE = "center.json"
 RELOAD_DEBOUNCE_S = 0.2
 SLOT_MEMORY_S = 6 * 3600.0
 """Handled slots are remembered this long for once-per-slot checks in memory (jitter and
@@ -74,7 +78,6 @@ its last spawn; a longer one reaps as it goes, since every run in flight holds d
 (its pipe, its pidfd) and each fork copies the descriptor table: measured here, spawns get
 slower past ~2,000 descriptors (a 10,000-run burst: p99 1.35x the bare burst when reaping
 every 1,024, 1.11x every 512)."""
-RECORD_BATCH_S = 0.005
 
 
 def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
@@ -146,9 +149,8 @@ class Center:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._reload_requested = asyncio.Event()
-        self._pending: list[dict[str, Any]] = []
-        self._flush_scheduled = False
-        self._dispatching = 0  # bursts being dispatched now (see _flush_soon)
+        self._dispatching = 0  # bursts being dispatched now (see _burst_begins)
+        self.records = RecordWriter(self._append_runs, lambda: self._dispatching > 0)
         self._deferred_ends: list[tuple[_Running, StartRun, RunOutcome]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
@@ -169,31 +171,8 @@ class Center:
         return {"run_id": run_id, "job": job.name, "agent": agent, "transport": transport,
                 "scheduled_at": iso(slot), "attempt": attempt, "revision": self._revision()}
 
-    def _record(self, record: dict[str, Any]) -> None:
-        """Queue a run record; records queued within a few milliseconds share one write and
-        one fsync (a burst of 1,000 finishing runs is a handful of fsyncs, not 1,000).
-        ``dispatched`` records do not wait: :meth:`_dispatch` writes them itself."""
-        self._pending.append(record)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(RECORD_BATCH_S, self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        """The batching timer. While a burst is dispatched, nothing but its ``dispatched``
-        records is written: ``started`` and finished records wait for the end of the burst
-        (:meth:`_burst_ends`), their encoding, write and fsync would delay its spawns."""
-        if not self._dispatching:
-            self._flush()
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                self.ledger.runs.append(batch)
-            except Exception:
-                self._pending[:0] = batch  # keep them for the next flush (disk full, ...)
-                raise
+    def _append_runs(self, batch: list[dict[str, Any]]) -> None:
+        self.ledger.runs.append(batch)
 
     def _event(self, name: str, **fields: Any) -> None:
         self.ledger.event(name, **fields)
@@ -256,7 +235,7 @@ class Center:
         since = self._read_watermark()
         if any(dropped.values()):
             self._event("ledger_repaired", dropped_bytes=dropped)
-        self._write_center_file()
+        write_center_file(self.state_dir, self.options)
         self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
                     listen=self.options.listen)
         self._recover_ledger()
@@ -346,9 +325,9 @@ class Center:
         waiting = self._awaiting_agents.pop(run_id, None)
         if waiting is not None:  # in flight when the center restarted: its one outcome
             record = {**waiting, "record": "finished", **outcome}
-            self._record(record)
+            self.records.add(record)
             self._outcome(str(waiting.get("job")), record)
-            self._flush()
+            self.records.flush()
             return
         # Only a run the center recorded ``lost`` may get a second, superseding record, and
         # only once. Any other run_id was already recorded (a re-delivery whose ack was lost,
@@ -359,9 +338,9 @@ class Center:
             return
         if outcome.get("status") == "lost":
             return  # the agent lost it too (it restarted): nothing new to record
-        self._record({**base, "record": "finished", **outcome, "supersedes": "lost",
+        self.records.add({**base, "record": "finished", **outcome, "supersedes": "lost",
                       "reason": "outcome delivered after the run was recorded lost"})
-        self._flush()
+        self.records.flush()
 
     # ------------------------------------------------------------------ what the operator asks
 
@@ -404,7 +383,7 @@ class Center:
                 for supervisor in self.daemons.values():
                     with contextlib.suppress(Exception):
                         supervisor.kill_now()
-                self._flush()
+                self.records.flush()
                 os._exit(1)
             log.info("stopping: no new runs; waiting up to %gs for running ones",
                      self.options.shutdown_grace_s)
@@ -456,7 +435,7 @@ class Center:
         await self.router.close()
         with contextlib.suppress(Exception):
             await self.control.close()
-        self._flush()
+        self.records.flush()
         self._write_watermark(force=True)
         self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
                     pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
@@ -607,7 +586,7 @@ class Center:
             record = {**base, "run_id": run_id or f"{base['run_id']}.{replica}",
                       "attempt": restarts + 1, "record": "finished", "replica": replica,
                       **outcome_fields(outcome)}
-            self._record(record)
+            self.records.add(record)
             self._outcome(job.name, record)
 
         supervisor = DaemonSupervisor(self.local, request, job.replicas, job.restart, on_exit)
@@ -737,7 +716,7 @@ class Center:
         """A burst of starts is under way (a tick and its dispatch, or any dispatch): no
         cyclic GC pass until it ends, since it allocates many small objects per run and a
         collection in the middle of it (up to tens of milliseconds at 10,000 runs) delays
-        every run behind it; and records and outcomes wait (:meth:`_flush_soon`,
+        every run behind it; and records and outcomes wait (:class:`RecordWriter`,
         :meth:`_run_ended_soon`). Bursts can overlap (a manual run during a scheduled
         one): counted."""
         if not self._dispatching:
@@ -750,7 +729,7 @@ class Center:
         if not self._dispatching:
             gcpause.resume()
             self._end_deferred_runs()
-            self._flush()
+            self.records.flush()
 
     def _prepare_chunk(self, starts: list[tuple[StartRun, Target]]) -> _Chunk:
         """Everything a chunk needs before its runs can start: ids, record bases, requests,
@@ -796,7 +775,7 @@ class Center:
                 started.append((action, run))
         for action, run in started:
             run.timer = self._watch_max_runtime(run, action.job)
-            self._record({**run.base, "record": "started",
+            self.records.add({**run.base, "record": "started",
                           "started_at": iso(run.handle.started_at.timestamp())})
             results.append({"run_id": run.run_id, "agent": run.agent, "status": "started"})
             self._watch_run(run, action)
@@ -810,7 +789,7 @@ class Center:
         reason = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
         refused = NoOutcomeRecord(base, RunStatus.FAILED, reason,
                                   finished_at=iso(self.clock.time())).to_json()
-        self._record(refused)
+        self.records.add(refused)
         self._outcome(action.job.name, refused)
         follow = self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED,
                                          None, action.scheduled_at, action.attempt,
@@ -844,7 +823,7 @@ class Center:
         if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
             outcome = replace(outcome, reason=run.stop_reason)
         final = {**run.base, "record": "finished", **outcome_fields(outcome)}
-        self._record(final)
+        self.records.add(final)
         self._outcome(run.job, final)
         if outcome.status is RunStatus.LOST:
             self.lost_bases[run.run_id] = run.base
@@ -877,7 +856,7 @@ class Center:
         record = NoOutcomeRecord(
             self._base(job, action.scheduled_at, agent, transport, action.attempt, run_id),
             action.status, action.reason, extra=extra).to_json()
-        self._record(record)
+        self.records.add(record)
         self._outcome(job.name, record)
         return record
 
@@ -937,7 +916,7 @@ class Center:
                         base, RunStatus.LOST,
                         f"agent {base.get('agent')} did not report this run within "
                         f"{lease:g}s of the center's restart").to_json()
-                    self._record(record)
+                    self.records.add(record)
                     self._outcome(str(base.get("job")), record)
 
     def _catch_up(self, since: float) -> None:
@@ -955,65 +934,17 @@ class Center:
             self._spawn(self.perform(actions))
 
     def _read_watermark(self) -> float | None:
-        """How far the previous center got. Without a usable watermark file (first start,
-        or lost in a crash) the last timestamp in the logs is the best lower bound."""
-        try:
-            return float((self.state_dir / WATERMARK_FILE).read_text().strip())
-        except (OSError, ValueError):
-            pass
-        last = None
-        for record in self.ledger.read_events():
-            last = record.get("ts", last)
-        for record in self.ledger.read_runs():
-            ts = record.get("ts")
-            if isinstance(ts, str) and (last is None or ts > last):
-                last = ts
-        return parse_iso(last)
+        """How far the previous center got (see :func:`~cronfile.center.statefiles.read_watermark`)."""
+        return read_watermark(self.state_dir, self.ledger)
 
     def _write_watermark(self, force: bool = False) -> None:
         now = self.clock.time()
         if not force and now - self._last_watermark < 1.0:
             return
         self._last_watermark = now
-        self._flush()  # queued skipped/missed records must be durable before the mark passes them
+        self.records.flush()  # queued skipped/missed records must be durable before the mark passes them
         floor = self.scheduler.pending_start_floor()
-        mark = now if floor is None else min(now, floor - 0.001)
-        path = self.state_dir / WATERMARK_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, f"{mark:.3f}\n".encode())
-            os.fsync(fd)  # an empty watermark after a power cut would hide the outage
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-
-    def _write_center_file(self) -> None:
-        info = {"pid": os.getpid(), "started_at": utc_ts(), "listen": self.options.listen,
-                "schedules": str(self.options.schedules)}
-        (self.state_dir / CENTER_FILE).write_text(json.dumps(info) + "\n")
-
-
-class CenterError(Exception):
-    """The center cannot start (the message says why)."""
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """Hold ``<state>/center.lock`` for the life of the process: two centers on one state
-    directory would each dispatch every slot."""
-    import fcntl
-
-    fd = os.open(state_dir / "center.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise CenterError(f"another center (pid {other}) is using the state directory "
-                          f"{state_dir}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+        write_watermark(self.state_dir, now if floor is None else min(now, floor - 0.001))
 
 
 def return_free_memory() -> None:

@@ -1,0 +1,77 @@
+"""The center's own files in the state directory, besides the ledger and ``applied.json``.
+
+* ``center.lock``: held for the life of the process (one center per state directory);
+* ``center.json``: who runs (pid, start, listen address), removed on a clean stop;
+* ``watermark``: all slots up to it were handled, which tells the next start how long it
+  was down (fsynced: an empty watermark after a power cut would hide the outage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cronfile.center.options import CenterOptions
+from cronfile.center.recovery import parse_iso
+from cronfile.state.ledger import Ledger, utc_ts
+
+WATERMARK_FILE = "watermark"
+CENTER_FILE = "center.json"
+
+
+def read_watermark(state_dir: Path, ledger: Ledger) -> float | None:
+    """How far the previous center got. Without a usable watermark file (first start,
+    or lost in a crash) the last timestamp in the logs is the best lower bound."""
+    try:
+        return float((state_dir / WATERMARK_FILE).read_text().strip())
+    except (OSError, ValueError):
+        pass
+    last = None
+    for record in ledger.read_events():
+        last = record.get("ts", last)
+    for record in ledger.read_runs():
+        ts = record.get("ts")
+        if isinstance(ts, str) and (last is None or ts > last):
+            last = ts
+    return parse_iso(last)
+
+
+def write_watermark(state_dir: Path, mark: float) -> None:
+    path = state_dir / WATERMARK_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, f"{mark:.3f}\n".encode())
+        os.fsync(fd)  # an empty watermark after a power cut would hide the outage
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_center_file(state_dir: Path, options: CenterOptions) -> None:
+    info = {"pid": os.getpid(), "started_at": utc_ts(), "listen": options.listen,
+            "schedules": str(options.schedules)}
+    (state_dir / CENTER_FILE).write_text(json.dumps(info) + "\n")
+
+
+class CenterError(Exception):
+    """The center cannot start (the message says why)."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold ``<state>/center.lock`` for the life of the process: two centers on one state
+    directory would each dispatch every slot."""
+    import fcntl
+
+    fd = os.open(state_dir / "center.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CenterError(f"another center (pid {other}) is using the state directory "
+                          f"{state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

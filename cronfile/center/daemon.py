@@ -28,7 +28,6 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +39,7 @@ from cronfile.center.control import ControlServer
 from cronfile.center.options import CenterOptions
 from cronfile.center.records import NoOutcomeRecord, RecordWriter
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover
+from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
 from cronfile.center.statefiles import (
@@ -54,8 +54,8 @@ from cronfile.clock import Clock, SystemClock
 from cronfile.schedules.diff import StateDiff, diff_states
 from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunStatus
-from cronfile.state.applied import StateFileError, read_applied, write_applied
-from cronfile.state.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields, utc_ts
+from cronfile.state.applied import StateFileError, read_applied
+from cronfile.state.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.transports.hub import AgentHub
@@ -63,7 +63,6 @@ from cronfile.transports.local import LocalExecutor
 
 log = logging.getLogger("cronfile.center")
 
-RELOAD_DEBOUNCE_S = 0.2
 SLOT_MEMORY_S = 6 * 3600.0
 """Handled slots are remembered this long for once-per-slot checks in memory (jitter and
 deadlines are far shorter); the ledger keeps them for good."""
@@ -141,14 +140,14 @@ class Center:
         self._success_alerted: set[str] = set()
         self._started_at = self.clock.time()
         self._success_watch: set[str] = set()
-        self._applied_wanted: DesiredState | None = None
-        self._applied_writer: asyncio.Task[Any] | None = None
-        self.last_rejection: dict[str, Any] | None = None
         self.hub: AgentHub | None = None  # the agent hub, when agents are enabled
         self.router = Router(self.local, options.known_hosts, self._spawn)
+        # A load or a reload frees most of what it allocated: give it back to the system.
+        self.reloads = Reloader(self.loader, options.state, lambda: self.desired,
+                                lambda state, diff: self._apply(state, diff=diff),
+                                self._event, self._spawn, after_store=return_free_memory)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._reload_requested = asyncio.Event()
         self._dispatching = 0  # bursts being dispatched now (see _burst_begins)
         self.records = RecordWriter(self._append_runs, lambda: self._dispatching > 0)
         self._deferred_ends: list[tuple[_Running, StartRun, RunOutcome]] = []
@@ -156,7 +155,6 @@ class Center:
         self._signals = 0
         self.state = RunState.STARTING
         self._lock: int | None = None
-        self._reload_lock = asyncio.Lock()
         self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
         self._last_watermark = 0.0
         self._last_expect_check = 0.0
@@ -241,7 +239,7 @@ class Center:
         self._recover_ledger()
         first = await asyncio.to_thread(self.loader.load, with_git=True)
         if first.state is None:
-            self._reject(first.problems)
+            self.reloads.reject(first.problems)
             try:
                 previous = read_applied(self.state_dir)
             except StateFileError as exc:
@@ -262,8 +260,8 @@ class Center:
             self._spawn(self._catch_up_after(since, delay), critical=True)
         self._spawn(self._scheduler_loop(), critical=True)
         if self.options.watch:
-            self._spawn(self._watch_files(), critical=True)
-        self._spawn(self._reload_loop(), critical=True)
+            self._spawn(self.reloads.watch(self.options.schedules, self._stopping), critical=True)
+        self._spawn(self.reloads.run(), critical=True)
         self._spawn(self._housekeeping(), critical=True)
         log.info("center running: %d jobs; state in %s", len(self.scheduler.job_names()),
                  self.state_dir)
@@ -393,7 +391,7 @@ class Center:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, on_stop)
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reloads.requested.set)
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
@@ -446,14 +444,6 @@ class Center:
 
     # ------------------------------------------------------------------ desired state
 
-    def _reject(self, problems: Iterable[Any]) -> None:
-        errors = [p.render() for p in problems if p.severity.value == "error"]
-        self.last_rejection = {"ts": utc_ts(), "errors": errors}
-        self._event("revision_rejected", errors=errors,
-                    kept=self.desired.revision.to_dict() if self.desired else None)
-        log.error("schedules rejected (%d errors); keeping the last good revision:\n  %s",
-                  len(errors), "\n  ".join(errors[:20]))
-
     def _apply(self, state: DesiredState, initial: bool = False, diff: StateDiff | None = None) -> None:
         """Apply ONLY the difference: unchanged jobs keep their timing and processes."""
         now = self.clock.time()
@@ -495,76 +485,12 @@ class Center:
             self._spawn(sync_agent_daemons(self.hub, state, self.router))
         self._event("revision_applied", revision=state.revision.to_dict(),
                     initial=initial, diff=diff.summary())
-        self._spawn_write_applied(state)
+        self.reloads.store_applied(state)
         self._wake.set()
 
-    def _spawn_write_applied(self, state: DesiredState) -> None:
-        """Write applied.json in the background; bursts of revisions coalesce (the latest
-        wins) so a writer never queues behind another."""
-        self._applied_wanted = state
-        if self._applied_writer is None or self._applied_writer.done():
-            with contextlib.suppress(RuntimeError):
-                self._applied_writer = self._spawn(self._write_applied_loop())
-
-    async def _write_applied_loop(self) -> None:
-        """Store the applied schedule files (see :mod:`cronfile.state.applied`) in a thread: at
-        100,000 jobs that is one small JSON string per file, so the GIL is never held long,
-        and nothing per job is kept in memory for it."""
-        while self._applied_wanted is not None:
-            state, self._applied_wanted = self._applied_wanted, None
-            try:
-                await asyncio.to_thread(write_applied, self.state_dir, state)
-            except (OSError, StateFileError) as exc:  # the next revision tries again
-                log.error("cannot write %s: %s", self.state_dir / "applied.json", exc)
-            # A load or a reload frees most of what it allocated: give it back to the system.
-            await asyncio.to_thread(return_free_memory)
-
     async def reload(self) -> dict[str, Any]:
-        """Re-read the schedules: apply the difference, or keep the last good revision.
-        Reloads are serialised: a slow load of older content never lands after a newer one."""
-        async with self._reload_lock:
-            return await self._reload()
-
-    async def _reload(self) -> dict[str, Any]:
-        result = await asyncio.to_thread(self.loader.load, with_git=True)
-        if result.state is None:
-            self._reject(result.problems)
-            return {"applied": False, "errors": self.last_rejection["errors"] if self.last_rejection else []}
-        if self.desired is not None and result.state.revision == self.desired.revision:
-            if self.last_rejection is not None:  # the bad change was reverted
-                self.last_rejection = None
-                self._event("revision_restored", revision=result.state.revision.to_dict())
-            return {"applied": False, "unchanged": True, "revision": result.state.revision.to_dict()}
-        self.last_rejection = None
-        # O(jobs) (0.3 s for 100,000): not on the event loop. Reloads are serialised, so
-        # the desired state cannot change meanwhile.
-        diff = await asyncio.to_thread(diff_states, self.desired, result.state)
-        self._apply(result.state, diff=diff)
-        return {"applied": True, "revision": result.state.revision.to_dict(), "diff": diff.summary()}
-
-    async def _reload_loop(self) -> None:
-        while True:
-            await self._reload_requested.wait()
-            await asyncio.sleep(RELOAD_DEBOUNCE_S)  # a checkout touching 50 files = one reload
-            self._reload_requested.clear()
-            try:
-                await self.reload()
-            except Exception:
-                log.exception("reload failed; keeping the current revision")
-
-    async def _watch_files(self) -> None:
-        import watchfiles
-
-        def relevant(change: Any, path: str) -> bool:
-            return path.endswith((".yaml", ".yml")) or os.path.isdir(path)
-
-        # awatch has no "ready" signal: a file written between the first load and the
-        # watcher's start would wait for the next change, so look once more shortly after.
-        asyncio.get_running_loop().call_later(1.0, self._reload_requested.set)
-        async for _ in watchfiles.awatch(self.options.schedules, watch_filter=relevant,
-                                          debounce=int(RELOAD_DEBOUNCE_S * 1000), step=50,
-                                          stop_event=self._stopping, recursive=True):
-            self._reload_requested.set()
+        """Re-read the schedules: apply the difference, or keep the last good revision."""
+        return await self.reloads.reload()
 
     # ------------------------------------------------------------------ daemons
 

@@ -171,7 +171,9 @@ def _parse_fields(text: str, parts: list[str], seed: str) -> CronSpec:
 
 
 _RANGE = re.compile(r"^([0-9]+|[A-Za-z]{3})(?:-([0-9]+|[A-Za-z]{3}))?$")
-_QUARTZ = re.compile(r"^(?:L|LW|L-[0-9]+|[0-9]+[LW]|[0-9]+#[0-9]+)$")  # Quartz-only syntax
+# Quartz-only syntax (last day, nearest weekday, nth weekday), in any case and with names.
+_QUARTZ = re.compile(r"^(?:L|LW|L-[0-9]+|(?:[0-9]+|[A-Z]{3})[LW]|(?:[0-9]+|[A-Z]{3})#[0-9]+)$",
+                     re.IGNORECASE)
 _HASH = re.compile(r"^H(?:\((\w+)-(\w+)\))?$")
 
 
@@ -229,6 +231,8 @@ def _parse_item(item: str, spec: _Field, seed: str) -> range | list[int]:
             high = 6
     else:
         high = _value(match.group(2), spec)
+        if spec is _DOW and high == 0 and low > 0:
+            high = 7  # cronie: Sunday as 0 at the end of a range (Sat-Sun, 5-0) is 7
     if low > high:
         raise ScheduleError(f"range {item!r} is backwards in the {spec.name} field")
     return range(low, high + 1, step)

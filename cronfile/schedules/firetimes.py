@@ -9,7 +9,8 @@ times is exact. At a segment boundary:
 * spring forward (offset grows): local times inside the gap never happen. A *fixed-time*
   job (``30 2 * * *``) that matched inside the gap fires ONCE at the first valid instant
   after it (the transition itself); an *interval* job (``*/15``) simply skips the gap,
-  since its next slot by real elapsed time is after it.
+  since its next slot by real elapsed time is after it. A jump of more than 3 hours is a
+  clock correction, not daylight saving (cronie's rule): its slots are skipped by every job.
 * fall back (offset shrinks): local times repeat. A fixed-time job fired during the first
   pass, so the search resumes after the repeated range (it fires ONCE); an interval job
   follows real time and fires in both passes.
@@ -264,7 +265,8 @@ def _next_cron(spec: CronSpec, zone: str, after: float) -> float | None:
         boundary = seg.end
         nxt = line.segment(boundary)
         if nxt.offset > seg.offset:  # spring forward: [boundary+old, boundary+new) is a gap
-            if local < boundary + nxt.offset and spec.fixed_time:
+            if (local < boundary + nxt.offset and spec.fixed_time
+                    and not is_correction(nxt.offset - seg.offset)):
                 return float(boundary)
             naive_from = boundary + nxt.offset
         else:  # fall back: a fixed-time job does not revisit the repeated range
@@ -272,6 +274,16 @@ def _next_cron(spec: CronSpec, zone: str, after: float) -> float | None:
         inclusive = True
         seg = nxt
     return None
+
+
+# cronie's rule: a change of the clock by more than 3 hours is a correction (Pacific/Apia
+# skipping 2011-12-30), not daylight saving: the skipped slots are not run after it.
+CORRECTION_S = 3 * 3600
+
+
+def is_correction(delta_s: int) -> bool:
+    """True when an offset change of ``delta_s`` seconds is a clock correction, not DST."""
+    return abs(delta_s) > CORRECTION_S
 
 
 def _next_every(spec: EverySpec, after: float) -> float:

@@ -165,8 +165,13 @@ def load_yaml(file: str, raw: bytes) -> YamlDoc:
 
         where = Mark(m.line + 1, m.column + 1) if m else Mark(1, 1)
         problem = exc.problem or exc.context or "cannot parse"
-        doc.error((), f"YAML syntax: {problem}" + (f" ({exc.context})" if exc.context and
-                                                   exc.problem else ""), at=where)
+        message = f"YAML syntax: {problem}" + (f" ({exc.context})" if exc.context and
+                                               exc.problem else "")
+        unquoted = _unquoted_expression(text, where.line)
+        if unquoted is not None:
+            where, hint = unquoted
+            message += hint
+        doc.error((), message, at=where)
         doc.data = None
     except yaml.YAMLError as exc:  # a reader error: a character YAML does not allow
         bad = _FORBIDDEN.search(text.removeprefix("\ufeff"))
@@ -180,6 +185,28 @@ def load_yaml(file: str, raw: bytes) -> YamlDoc:
     finally:
         parser.dispose()
     return doc
+
+
+# ``key: VALUE`` or ``- VALUE`` on one line of block YAML, VALUE starting with a character
+# that YAML reserves (``*`` an alias, ``@`` nothing): the most common mistake in schedule
+# files is an unquoted ``*/5 * * * *`` or ``@daily``, which the scanner reports in its terms.
+_RESERVED_START = re.compile(r"^(?P<lead>\s*(?:[-A-Za-z0-9_]+:[ \t]+|-[ \t]+))(?P<value>[*@].*)$")
+
+
+def _unquoted_expression(text: str, line: int) -> tuple[Mark, str] | None:
+    """Where an unquoted cron expression or nickname starts on ``line`` (1-based) and the
+    exact fix, when the scanner error there is caused by one; else None."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    match = _RESERVED_START.match(lines[line - 1].rstrip("\r"))
+    if match is None:
+        return None
+    value = re.sub(r"\s+#.*$", "", match.group("value")).rstrip()
+    quoted = f"'{value}'" if '"' in value else f'"{value}"'
+    hint = (f"; a schedule starting with {value[0]!r} must be quoted: "
+            f"write {match.group('lead').strip()} {quoted}")
+    return Mark(line, match.start("value") + 1), hint
 
 
 def _nesting_mark(text: str, last_open: tuple[int, Any] | None) -> Mark | None:

@@ -117,17 +117,19 @@ def check_document(doc: YamlDoc) -> set[tuple[str | int, ...]]:
     """Append a problem to ``doc`` for every schema violation; return the paths that failed.
 
     A wrong ``apiVersion`` is reported alone: the rest of the file may follow another format.
+    A missing one (or a misspelled key, ``apiversion:``) is reported, and the rest of the
+    file is checked as the current version: a typo in the first line hides nothing else.
     """
     data = doc.data
     version = data.get("apiVersion") if isinstance(data, dict) else None
-    if version not in SUPPORTED_VERSIONS:
-        supported = ", ".join(SUPPORTED_VERSIONS)
-        if version is None:
-            doc.error((), f"missing apiVersion (supported: {supported})")
-        else:
-            doc.error(("apiVersion",), f"{version!r} is not supported (supported: {supported})")
-        return {()}
     failed: set[tuple[str | int, ...]] = set()
+    if version is None and isinstance(data, dict):
+        data = _as_current_version(doc, data)
+        failed.add(("apiVersion",))
+    elif version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(SUPPORTED_VERSIONS)
+        doc.error(("apiVersion",), f"{version!r} is not supported (supported: {supported})")
+        return {()}
     if is_valid(data):
         return failed
     for error in _validator().iter_errors(data):
@@ -139,6 +141,22 @@ def check_document(doc: YamlDoc) -> set[tuple[str | int, ...]]:
             doc.error(where, message)
             failed.add(where)
     return failed
+
+
+def _as_current_version(doc: YamlDoc, data: dict[str, Any]) -> dict[str, Any]:
+    """Report the missing ``apiVersion`` (at a key that looks like a misspelling of it,
+    with a did-you-mean) and return the data to check the rest with: that key left out,
+    the current version put in."""
+    spelled = [k for k in data if isinstance(k, str) and
+               (k.lower() == "apiversion" or did_you_mean(k, ["apiVersion"]))]
+    if spelled:
+        for key in spelled:
+            doc.error((key,), f"unknown key {key!r} (did you mean 'apiVersion'?)")
+    else:
+        doc.error((), f"missing apiVersion (supported: {', '.join(SUPPORTED_VERSIONS)})")
+    rest = {k: v for k, v in data.items() if k not in spelled}
+    rest["apiVersion"] = SUPPORTED_VERSIONS[-1]
+    return rest
 
 
 def _describe(error: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
@@ -172,7 +190,8 @@ def _describe(error: ValidationError) -> list[tuple[tuple[str | int, ...], str]]
     if kind == "type":
         wanted_list = value if isinstance(value, list) else [value]
         expected = " or ".join(_TYPE_NAMES.get(str(w), str(w)) for w in wanted_list)
-        return [(path, f"must be {expected}, not {_type_name(error.instance)}")]
+        return [(path, f"must be {expected}, not {_type_name(error.instance)}"
+                 f"{_mapping_hint(path, error.instance)}")]
     if kind == "enum":
         choices = [str(c) for c in value]
         return [(path, f"{error.instance!r} is not one of {', '.join(choices)}"
@@ -180,6 +199,8 @@ def _describe(error: ValidationError) -> list[tuple[tuple[str | int, ...], str]]
     if kind == "const":
         return [(path, f"must be {value!r}")]
     if kind == "pattern":
+        if error.validator_value == "\\S":
+            return [(path, "must not be blank")]
         return [(path, f"{error.instance!r} {_pattern_hint(error)}")]
     if kind in ("minItems", "minLength", "minProperties") and value == 1:
         return [(path, "must not be empty")]
@@ -198,6 +219,18 @@ def _describe(error: ValidationError) -> list[tuple[tuple[str | int, ...], str]]
     return [(path, error.message)]
 
 
+# A mapping given as its one most common field: ``retries: 3`` means ``retries: {max: 3}``.
+_SHORT_FORMS = {"retries": "max", "output": "keep", "trigger": "event"}
+
+
+def _mapping_hint(path: tuple[str | int, ...], value: Any) -> str:
+    key = path[-1] if path else None
+    inner = _SHORT_FORMS.get(key) if isinstance(key, str) else None
+    if inner is None or isinstance(value, dict | list | bool) or value is None:
+        return ""
+    return f" (write {key}: {{{inner}: {value}}})"
+
+
 def _type_name(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
@@ -214,7 +247,21 @@ def _pattern_hint(error: ValidationError) -> str:
                 "with a letter or digit, at most 63 characters")
     if "A-Za-z_" in pattern:
         return "is not a valid environment variable name"
-    return f"does not match {pattern}" + (f" ({description})" if description else "")
+    if pattern == "^https?://":
+        return "is not an http:// or https:// URL"
+    if pattern == "^[^\\s:]+$":
+        return "is not a user name (no spaces or ':')"
+    if "A-Za-z0-9]([-A-Za-z0-9_./]" in pattern:
+        return ("is not a valid label name: letters, digits, '-', '_', '.' and '/', starting "
+                "and ending with a letter or digit")
+    # A pattern this function does not know yet: say what the field is for, never the
+    # regular expression itself (a test checks that every pattern in the schema is known).
+    return "is not in the expected form" + (f" ({description})" if description else "")
+
+
+# The schema's patterns that get a message in words (see _pattern_hint).
+KNOWN_PATTERN_MARKERS = ("ms|s|m|h|d|w", "KiB", "[-a-z0-9]", "A-Za-z_", "^https?://",
+                         "^[^\\s:]+$", "A-Za-z0-9]([-A-Za-z0-9_./]", "\\S")
 
 
 def _alternatives(error: ValidationError) -> str:

@@ -156,7 +156,8 @@ def test_detailed_exitcode(repo: Path) -> None:
     assert code == 0, out
     assert lines(out)[-1] == "No changes. The schedules match the baseline."
     head = git(repo, "rev-parse", "HEAD")
-    assert f"git commit {head[:12]}" in lines(out)[1]  # a clean tree names its commit
+    revision = next(line for line in lines(out) if line.startswith("Revision:"))
+    assert f"git commit {head[:12]}" in revision  # a clean tree names its commit
     change_work_tree(repo)
     out, code = run_plan(schedules, against="HEAD", now=NOW, detailed_exitcode=True)
     assert code == 2, out

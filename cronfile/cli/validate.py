@@ -106,13 +106,12 @@ def render(report: ValidateReport, fmt: str) -> tuple[str, str]:
     lines = []
     for p in report.problems:
         p = _strict(p, report.strict)
-        message = f"{p.path}: {p.message}" if p.path and not p.message.startswith(p.path) else p.message
         if fmt == "github":
             level = "error" if p.severity is Severity.ERROR else "warning"
             lines.append(f"::{level} file={_gh_property(p.file)},line={p.line},col={p.column},"
-                         f"title=cronfile::{_gh_data(message)}")
+                         f"title=cronfile::{_gh_data(p.text())}")
         else:
-            lines.append(f"{p.file}:{p.line}:{p.column}: {p.severity.value}: {message}")
+            lines.append(p.render())
     return "".join(line + "\n" for line in lines), summary + "\n"
 
 

@@ -27,7 +27,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronfile import gcpause
+from cronfile.schedules import lint
 from cronfile.schedules.cronexpr import ScheduleError
+from cronfile.schedules.dst import fixed_time_warnings
 from cronfile.schedules.durations import parse_duration, parse_size
 from cronfile.schedules.firetimes import spec_for
 from cronfile.schedules.model import (
@@ -379,6 +381,7 @@ class _FileBuilder:
         self.failed_agents = {p[1] for p in failed if len(p) > 1 and p[0] == "agents"}
         self._base: dict[str, Any] | None = None
         self._base_bad = False
+        self.now = time.time()  # validate warns about the daylight-saving changes ahead
 
     def build(self) -> None:
         data = self.doc.data
@@ -482,6 +485,9 @@ class _FileBuilder:
                     bad = True
         if "env" in raw or "env" in self.defaults:
             fields["env"] = self.env(raw)
+        if schedules:
+            self.dst_warnings(name, schedules, fields["timezone"], (*path, "schedule"),
+                              isinstance(raw.get("schedule"), str))
         command = raw.get("command")
         if check_only or command is None or not ok or bad:
             return None
@@ -503,18 +509,35 @@ class _FileBuilder:
         items = [value] if isinstance(value, str) else value
         ok = True
         for i, text in enumerate(items):
+            where = path if isinstance(value, str) else (*path, i)
             try:
                 spec_for(text, name)
             except ScheduleError as exc:
-                self.doc.error(path if isinstance(value, str) else (*path, i), str(exc))
+                self.doc.error(where, str(exc) + lint.error_hint(text))
                 ok = False
+                continue
+            for warning in lint.expression_warnings(text):
+                self.doc.warn(where, warning)
         return items if ok else _BAD
+
+    def dst_warnings(self, name: str, schedules: tuple[str, ...], zone: Any,
+                     path: tuple[str | int, ...], single: bool) -> None:
+        """Warn about fixed local times that a daylight-saving change of ``zone`` skips or
+        repeats in the coming year (what that day does is in the message)."""
+        if zone is _BAD or zone == "UTC" or not schedules:
+            return
+        for i, text in enumerate(schedules):
+            warning = fixed_time_warnings(spec_for(text, name), zone, self.now)
+            if warning:
+                self.doc.warn(path if single else (*path, i), warning)
 
     def zone(self, name: str, path: tuple[str | int, ...]) -> Any:
         if _zone_exists(name):
+            warning = lint.zone_warning(name)
+            if warning:
+                self.doc.warn(path, warning)
             return sys.intern(name)  # one string per zone, not one per job
-        self.doc.error(path, f"unknown time zone {name!r} (use an IANA name such as "
-                       "Europe/Berlin or UTC)")
+        self.doc.error(path, f"unknown time zone {name!r} {lint.unknown_zone_hint(name)}")
         return _BAD
 
     def duration(self, value: Any, path: tuple[str | int, ...]) -> Any:

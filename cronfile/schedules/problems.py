@@ -26,8 +26,14 @@ class Problem:
     severity: Severity = Severity.ERROR
 
     def render(self) -> str:
-        where = f" [{self.path}]" if self.path else ""
-        return f"{self.file}:{self.line}:{self.column}: {self.severity.value}: {self.message}{where}"
+        """``file:line:col: severity: path: message``, the one format every command prints."""
+        return f"{self.file}:{self.line}:{self.column}: {self.severity.value}: {self.text()}"
+
+    def text(self) -> str:
+        """``path: message`` (the message alone when it has no path or already names it)."""
+        if self.path and not self.message.startswith(self.path):
+            return f"{self.path}: {self.message}"
+        return self.message
 
     def to_dict(self) -> dict[str, object]:
         return {

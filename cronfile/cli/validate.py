@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cronfile.schedules.loader import LoadResult, load_schedules
+from cronfile.schedules.loader import LoadResult, dangling_link, load_schedules, load_single_file
 from cronfile.schedules.problems import Problem, Severity, has_errors
 
 
@@ -26,19 +27,25 @@ class ValidateReport:
         return 1 if has_errors(self.problems, self.strict) else 0
 
 
-def _root_for(file: Path, schedules: Path) -> Path:
+def _real(path: Path | str) -> Path:
+    """The path with symlinks resolved; never raises (a symlink loop stays as written)."""
+    return Path(os.path.realpath(path))
+
+
+def _root_for(file: Path, schedules: Path) -> Path | None:
     """The schedules directory a single file belongs to: cross-file checks need all of it.
 
     ``--schedules`` when the file is inside it, else the nearest enclosing directory named
-    ``schedules``, else the file's own directory.
+    ``schedules``; None when there is none: the file is then checked alone (its directory
+    may be any directory, the system's temporary one, whose other files are not ours).
     """
-    resolved = file.resolve()
-    if schedules.is_dir() and schedules.resolve() in resolved.parents:
+    resolved = _real(file)
+    if schedules.is_dir() and _real(schedules) in resolved.parents:
         return schedules
     for parent in resolved.parents:
         if parent.name == "schedules":
             return parent
-    return file.parent
+    return None
 
 
 def run_validate(paths: list[Path], schedules: Path, strict: bool = False) -> ValidateReport:
@@ -58,14 +65,27 @@ def run_validate(paths: list[Path], schedules: Path, strict: bool = False) -> Va
 
     for target in targets:
         if not target.exists():
+            link = dangling_link(target) if target.is_symlink() else None
+            if link is not None:
+                add([link])
+                continue
             what = "schedules directory" if target == schedules and not paths else "path"
             add([Problem(str(target), 1, 1, f"no such {what} (see cronfile validate --help)")])
             missing = True
             continue
         root = target if target.is_dir() else _root_for(target, schedules)
-        key = root.resolve()
-        if key not in loaded:
-            loaded[key] = load_schedules(root)
+        if root is None and not target.name.endswith((".yaml", ".yml")):
+            add([Problem(str(target), 1, 1, "not a schedule file: only *.yaml and *.yml files "
+                         "are read")])
+            continue
+        if root is None:
+            key = _real(target)
+            if key not in loaded:
+                loaded[key] = load_single_file(target)
+        else:
+            key = _real(root)
+            if key not in loaded:
+                loaded[key] = load_schedules(root)
         result = loaded[key]
         if target.is_dir():
             add(result.problems)
@@ -73,15 +93,15 @@ def run_validate(paths: list[Path], schedules: Path, strict: bool = False) -> Va
             jobs += sum(j for j, _ in result.counts.values())
             agents += sum(a for _, a in result.counts.values())
             continue
-        name = target.resolve()
-        if not any(Path(f).resolve() == name for f in result.files):
+        name = _real(target)
+        if not any(_real(f) == name for f in result.files):
             add([Problem(str(target), 1, 1, "not a schedule file: only *.yaml and *.yml files "
                          "(not hidden, not outside the schedules directory) are read")])
             continue
-        add([p for p in result.problems if Path(p.file).resolve() == name])
+        add([p for p in result.problems if _real(p.file) == name])
         files += 1
         for file, (n_jobs, n_agents) in result.counts.items():
-            if Path(file).resolve() == name:
+            if _real(file) == name:
                 jobs, agents = jobs + n_jobs, agents + n_agents
     return ValidateReport(problems, files, jobs, agents, strict, usage_error=missing)
 

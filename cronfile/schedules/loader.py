@@ -114,8 +114,11 @@ def _zone_exists(name: str) -> bool:
 class ScheduleLoader:
     """Loads one schedules directory, remembering per-file results between loads."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, only: str | None = None) -> None:
+        """``only``: the name of one file in ``root`` to load alone (a file outside any
+        schedules tree), instead of walking ``root``."""
         self.root = Path(root)
+        self.only = only
         self._cache: dict[str, FileResult] = {}
 
     def load(self, *, with_git: bool = False) -> LoadResult:
@@ -132,7 +135,11 @@ class ScheduleLoader:
             problems.append(Problem(str(self.root), 1, 1,
                                     f"schedules directory {what} (use --schedules DIR)"))
             return LoadResult(None, problems, [])
-        paths, walk_problems = find_schedule_files(self.root)
+        walk_problems: list[Problem] = []
+        if self.only is not None:
+            paths = [(self.only, os.path.join(self.root, self.only))]
+        else:
+            paths, walk_problems = find_schedule_files(self.root)
         problems.extend(walk_problems)
         results: list[FileResult] = []
         seen: set[str] = set()
@@ -221,6 +228,11 @@ def load_schedules(root: Path | str, *, with_git: bool = False) -> LoadResult:
     return ScheduleLoader(root).load(with_git=with_git)
 
 
+def load_single_file(path: Path) -> LoadResult:
+    """Load one file on its own, with the checks across files applied to it alone."""
+    return ScheduleLoader(path.parent, only=path.name).load()
+
+
 def _content_hash(results: Iterable[FileResult], root: Path) -> str:
     """Hash of (path relative to the root, bytes) of every file: the same directory gives
     the same hash however its path is spelled, here or in a temporary git checkout. Each
@@ -303,15 +315,25 @@ def _by_name(entry: os.DirEntry[str]) -> str:
     return entry.name
 
 
-def _outside(link: Path, real_root: Path) -> Problem | None:
-    """A problem when the symlink ``link`` leads out of the schedules directory (or nowhere)."""
+def dangling_link(link: Path) -> Problem | None:
+    """A problem when the symlink ``link`` leads nowhere (broken) or in a circle, else None."""
     shown = os.path.normpath(link)
     try:
-        target = link.resolve(strict=True)
+        link.resolve(strict=True)
     except FileNotFoundError:
         return Problem(shown, 1, 1, f"broken symlink (to {os.readlink(link)})")
     except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13
         return Problem(shown, 1, 1, "symlink loop")
+    return None
+
+
+def _outside(link: Path, real_root: Path) -> Problem | None:
+    """A problem when the symlink ``link`` leads out of the schedules directory (or nowhere)."""
+    shown = os.path.normpath(link)
+    problem = dangling_link(link)
+    if problem is not None:
+        return problem
+    target = Path(os.path.realpath(link))
     if target == real_root or real_root in target.parents:
         return None
     return Problem(shown, 1, 1, f"symlink points outside the schedules directory (to {target}): "

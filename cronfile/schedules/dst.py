@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cronfile.schedules.cronexpr import CronSpec, Spec
 from cronfile.schedules.durations import format_duration
@@ -127,6 +127,8 @@ def effect_on(spec: Spec, transition: Transition) -> SlotEffect | None:
     t = transition
     low, high = sorted((t.offset_before, t.offset_after))
     start, end = t.wall(low), t.wall(high)  # the local range that is skipped or repeated
+    if not _may_match(spec, start, end):
+        return None
     times: list[datetime] = []
     found = next_local(spec, start, inclusive=True)
     while found is not None and found < end and len(times) <= _COUNTED:
@@ -142,6 +144,19 @@ def effect_on(spec: Spec, transition: Transition) -> SlotEffect | None:
         fires_at = JobTimer((spec,), t.zone).next_after(t.instant - 1)
         return SlotEffect(t, Effect.MOVED, shown, more, fires_at)
     return SlotEffect(t, Effect.ONCE if spec.fixed_time else Effect.TWICE, shown, more)
+
+
+def _may_match(spec: CronSpec, start: datetime, end: datetime) -> bool:
+    """False when no hour of [start, end) is one of the spec's (the usual answer: most jobs
+    run at other hours than the one that changes), before searching for matches."""
+    if end - start >= timedelta(hours=23):
+        return True
+    hour, last = start.replace(minute=0, second=0), end - timedelta(microseconds=1)
+    while hour <= last:
+        if hour.hour in spec.hours and hour.month in spec.months:
+            return True
+        hour += timedelta(hours=1)
+    return False
 
 
 def transitions(zone: str, start: float, end: float) -> list[Transition]:

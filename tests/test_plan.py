@@ -276,7 +276,8 @@ def test_json(repo: Path) -> None:
     assert changed["dst_transitions"] == [{
         "at": "2026-10-25T01:00:00Z", "zone": "Europe/Berlin", "offset_before": 7200,
         "offset_after": 3600,
-        "text": "2026-10-25 03:00 CEST → 02:00 CET (clocks go back 1h)"}]
+        "text": "2026-10-25 03:00 CEST → 02:00 CET (clocks go back 1h)",
+        "affected_slot": None}]  # 03:00 is after the repeated hour
     assert changed["agents"] == ["local"]
     assert jobs["new-job"]["fire_times"]["before"] == []
     assert jobs["new-job"]["agents"] == ["web-1", "web-2"]

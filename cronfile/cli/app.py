@@ -90,7 +90,23 @@ def next_(job: str | None, count: int, after: str | None, schedules: Path, fmt: 
     _echo(render(fires, job is not None, fmt))
 
 
+def _window(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """``--window 7d`` as seconds; a bad duration is a usage error (exit 2)."""
+    from cronfile.schedules.durations import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be longer than 0s")
+    return seconds
+
+
 def _plan_options(f: Any) -> Any:
+    f = click.option("--window", "window_s", default="7d", show_default=True,
+                     callback=_window, metavar="DURATION",
+                     help="How far ahead fire times' daylight-saving transitions are listed.")(f)
     f = click.option("--detailed-exitcode", is_flag=True,
                      help="Exit 0 when nothing changes, 2 when something does.")(f)
     f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
@@ -103,14 +119,14 @@ def _plan_options(f: Any) -> Any:
 
 
 def _run_plan(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
-              fmt: str, detailed_exitcode: bool) -> None:
+              fmt: str, detailed_exitcode: bool, window_s: float) -> None:
     from cronfile.cli.plan import run_plan
 
     given = [x for x in (against, state_dir, center) if x]
     if len(given) > 1:
         raise click.UsageError("use only one of --against, --state, --center")
     out, code = run_plan(schedules, against=against, state_dir=state_dir, center=center,
-                         fmt=fmt, detailed_exitcode=detailed_exitcode)
+                         fmt=fmt, detailed_exitcode=detailed_exitcode, window_s=window_s)
     _echo(out)
     sys.exit(code)
 
@@ -118,19 +134,19 @@ def _run_plan(schedules: Path, against: str | None, state_dir: Path | None, cent
 @cli.command()
 @_plan_options
 def plan(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
-         fmt: str, detailed_exitcode: bool) -> None:
+         fmt: str, detailed_exitcode: bool, window_s: float) -> None:
     """What would change, terraform-style, and what it does in time and place."""
-    _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode)
+    _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode, window_s)
 
 
 @cli.command()
 @_plan_options
 @click.option("--dry-run", is_flag=True, help="Only show the plan (same as `cronfile plan`).")
 def apply(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
-          fmt: str, detailed_exitcode: bool, dry_run: bool) -> None:
+          fmt: str, detailed_exitcode: bool, window_s: float, dry_run: bool) -> None:
     """Push the validated desired state to a running center (--dry-run: plan only)."""
     if dry_run:
-        _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode)
+        _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode, window_s)
         return
     if against or detailed_exitcode:
         raise click.UsageError("--against and --detailed-exitcode go with --dry-run (or use plan)")

@@ -29,8 +29,9 @@ from typing import Any
 from zoneinfo import ZoneInfoNotFoundError
 
 from cronfile.schedules.diff import FieldChange, StateDiff, diff_states, field_changes
+from cronfile.schedules.dst import effect_on, transitions
 from cronfile.schedules.durations import format_duration
-from cronfile.schedules.firetimes import JobTimer, timeline, to_datetime
+from cronfile.schedules.firetimes import JobTimer, spec_for, to_datetime
 from cronfile.schedules.loader import LOCAL_AGENT, load_schedules
 from cronfile.schedules.model import (
     Agent,
@@ -230,12 +231,14 @@ class Timing:
 
 @dataclass(frozen=True)
 class DstTransition:
-    """A change of UTC offset in a job's zone inside the plan's window."""
+    """A change of UTC offset in a job's zone inside the plan's window, and what it does
+    to the job's slots (``affected_slot``: "02:30 → 03:00 that day", "" when none is)."""
 
     zone: str
     instant: float
     offset_before: int
     offset_after: int
+    affected_slot: str = ""
 
     def text(self) -> str:
         before = to_datetime(self.instant - 1, self.zone)
@@ -248,10 +251,19 @@ class DstTransition:
                 f"{wall_after:%H:%M} {after.tzname()} "
                 f"(clocks go {direction} {format_duration(abs(delta))})")
 
+    def slot_text(self) -> str:
+        """What the job does at this transition, for a reviewer."""
+        if self.affected_slot:
+            return self.affected_slot
+        low, high = sorted((self.offset_before, self.offset_after))
+        start = datetime.fromtimestamp(self.instant + low, UTC)
+        end = datetime.fromtimestamp(self.instant + high, UTC)
+        return f"not affected (no slot from {start:%H:%M} to {end:%H:%M})"
+
     def to_dict(self) -> dict[str, Any]:
         return {"at": _iso_utc(self.instant), "zone": self.zone,
                 "offset_before": self.offset_before, "offset_after": self.offset_after,
-                "text": self.text()}
+                "text": self.text(), "affected_slot": self.affected_slot or None}
 
 
 @dataclass(frozen=True)
@@ -294,11 +306,16 @@ class Plan:
         return self.diff.is_empty
 
 
+DEFAULT_WINDOW_S = 7 * 86400
+
+
 def build_plan(old: DesiredState | None, new: DesiredState, now: float, *,
-               window_days: int = 7, fire_count: int = 3) -> Plan:
-    """The diff from ``old`` to ``new`` and what it does in time and place (pure)."""
+               window_days: int = 7, fire_count: int = 3,
+               window_s: float | None = None) -> Plan:
+    """The diff from ``old`` to ``new`` and what it does in time and place (pure); the
+    window is ``window_s`` seconds (``window_days`` days when not given)."""
     diff = diff_states(old, new)
-    end = now + window_days * 86400
+    end = now + (window_days * 86400 if window_s is None else window_s)
     old_jobs = old.jobs if old is not None else {}
     jobs: list[JobPlan] = []
     for name in diff.jobs.added:
@@ -393,10 +410,16 @@ def dst_transitions(job: Job, start: float, end: float) -> tuple[DstTransition, 
     if not job.schedules or job.suspend or job.kind is JobKind.DAEMON:
         return ()
     try:
-        found = timeline(job.timezone).transitions_between(start, end)
+        found = transitions(job.timezone, start, end)
+        specs = [spec_for(text, job.name) for text in job.schedules]
     except (ValueError, ZoneInfoNotFoundError):
         return ()
-    return tuple(DstTransition(job.timezone, float(t), a, b) for t, a, b in found)
+    out = []
+    for t in found:
+        effects = [e for e in (effect_on(spec, t) for spec in specs) if e is not None]
+        slot = "; ".join(dict.fromkeys(e.text() for e in effects))
+        out.append(DstTransition(t.zone, t.instant, t.offset_before, t.offset_after, slot))
+    return tuple(out)
 
 
 def matching_agents(job: Job, agents: dict[str, Agent]) -> tuple[str, ...]:
@@ -598,7 +621,8 @@ def _when_where_lines(job: JobPlan) -> list[str]:
     lines = [f"  when ({f' {ARROW} '.join(dict.fromkeys(zones))}):"]
     lines.extend(_timing_lines("before: ", job.before))
     lines.extend(_timing_lines("after:  ", job.after))
-    lines.extend(f"    daylight saving: {d.text()}" for d in job.dst)
+    for d in job.dst:
+        lines += [f"    daylight saving: {d.text()}", f"      this job: {d.slot_text()}"]
     if job.placement is not None:
         lines += ["  where:", f"    {job.placement.text}"]
     return lines
@@ -728,22 +752,40 @@ _RENDERERS = {"text": render_text, "json": render_json, "markdown": render_markd
 # --------------------------------------------------------------------------- entry point
 
 
+def _failure(fmt: str, message: str, problems: list[Problem] | None = None) -> str:
+    """Why no plan was made, in the format asked for: ``--format json`` is JSON on stdout
+    whatever happens (a pipeline into ``jq`` never reads text)."""
+    found = problems or []
+    if fmt == "json":
+        errors = sum(1 for p in found if p.severity is Severity.ERROR)
+        return json.dumps({"ok": False, "error": message, "errors": errors,
+                           "warnings": len(found) - errors,
+                           "problems": [p.to_dict() for p in found]},
+                          indent=2, ensure_ascii=False) + "\n"
+    lines = [p.render() for p in found]
+    if fmt == "markdown":
+        body = [f"**{_html(message[0].upper() + message[1:])}**", ""]
+        if lines:
+            body.append(_fence("\n".join(lines)))
+        return "\n".join(["## cronfile plan", "", *body]) + "\n"
+    return "\n".join([*lines, f"error: {message}"]) + "\n"
+
+
 def run_plan(schedules: Path, *, against: str | None = None, state_dir: Path | None = None,
              center: str | None = None, fmt: str = "text", detailed_exitcode: bool = False,
              now: float | None = None, window_days: int = 7,
-             fire_count: int = 3) -> tuple[str, int]:
+             fire_count: int = 3, window_s: float | None = None) -> tuple[str, int]:
     """Compare ``schedules`` with a baseline; (output, exit code)."""
     if fmt not in _RENDERERS:
         return f"error: --format must be one of {', '.join(FORMATS)}\n", 2
     if sum(x is not None for x in (against, state_dir, center)) > 1:
-        return "error: use only one of --against, --state, --center\n", 2
+        return _failure(fmt, "use only one of --against, --state, --center"), 2
     schedules = Path(schedules)
     result = load_schedules(schedules, with_git=True)
     if result.state is None:
-        lines = [p.render() for p in result.problems]
         errors = sum(1 for p in result.problems if p.severity is Severity.ERROR)
-        lines.append(f"error: {schedules} has {errors} error(s); no plan was made")
-        return "\n".join(lines) + "\n", 1
+        return _failure(fmt, f"{schedules} has {errors} error(s); no plan was made",
+                        result.problems), 1
     try:
         if center is not None:
             raise PlanError("plan --center is not supported yet: use --state DIR (the center's "
@@ -755,9 +797,9 @@ def run_plan(schedules: Path, *, against: str | None = None, state_dir: Path | N
         else:
             baseline = empty_baseline()
     except PlanError as exc:
-        return f"error: {exc}\n", 1
+        return _failure(fmt, str(exc)), 1
     warnings = [p for p in result.problems if p.severity is not Severity.ERROR]
     plan = build_plan(baseline.state, result.state, time.time() if now is None else now,
-                      window_days=window_days, fire_count=fire_count)
+                      window_days=window_days, fire_count=fire_count, window_s=window_s)
     output = _RENDERERS[fmt](plan, baseline, warnings)
     return output, (2 if detailed_exitcode and not plan.is_empty else 0)

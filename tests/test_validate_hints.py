@@ -249,3 +249,11 @@ def test_the_warnings_of_a_list_of_schedules_name_the_item(tmp_path: Path) -> No
     assert len(lines) == 1 and lines[0].startswith(
         "schedules/a.yaml:8:9: warning: jobs.a.schedule[1]: daylight saving in "
         "America/New_York: on "), lines
+
+
+def test_another_unquoted_value_gets_the_fix_in_general_words(tmp_path: Path) -> None:
+    code, lines = validate(tmp_path, one_job("schedule: \"@daily\"\ndescription: @team-ops  # who"))
+    assert code == 1
+    assert lines[0].startswith("schedules/a.yaml:6:18: error: YAML syntax: "), lines
+    assert lines[0].endswith("; a value starting with '@' must be quoted: write "
+                             "description: \"@team-ops\"")

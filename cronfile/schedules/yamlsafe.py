@@ -204,8 +204,9 @@ def _unquoted_expression(text: str, line: int) -> tuple[Mark, str] | None:
         return None
     value = re.sub(r"\s+#.*$", "", match.group("value")).rstrip()
     quoted = f"'{value}'" if '"' in value else f'"{value}"'
-    hint = (f"; a schedule starting with {value[0]!r} must be quoted: "
-            f"write {match.group('lead').strip()} {quoted}")
+    lead = match.group("lead").strip()
+    what = "a schedule" if lead in ("schedule:", "-") else "a value"
+    hint = f"; {what} starting with {value[0]!r} must be quoted: write {lead} {quoted}"
     return Mark(line, match.start("value") + 1), hint
 
 

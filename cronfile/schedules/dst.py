@@ -3,8 +3,10 @@
 :mod:`cronfile.schedules.firetimes` decides when a job fires; this module only explains it
 around one transition, for ``plan`` (the affected slot of each transition in the window)
 and ``validate`` (a warning for fixed local times that fall into a gap or an overlap).
-Every instant it names is asked of :class:`~cronfile.schedules.firetimes.JobTimer`, so the
-explanation cannot drift from what the center does.
+The local times it names are the expression's own matches in the skipped or repeated
+range, and the instant a moved slot fires at is asked of
+:class:`~cronfile.schedules.firetimes.JobTimer`, so the explanation cannot drift from what
+the center does (the tests compare both).
 """
 
 from __future__ import annotations

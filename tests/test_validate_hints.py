@@ -257,3 +257,36 @@ def test_another_unquoted_value_gets_the_fix_in_general_words(tmp_path: Path) ->
     assert lines[0].startswith("schedules/a.yaml:6:18: error: YAML syntax: "), lines
     assert lines[0].endswith("; a value starting with '@' must be quoted: write "
                              "description: \"@team-ops\"")
+
+
+@pytest.mark.parametrize(("text", "hint"), [
+    ("0 12 ? * 2-6 *", "; this looks like an AWS cron expression (minute hour day month weekday "
+     "year): in cronfile write \"0 12 * * 1-5\""),  # AWS numbers weekdays from 1 = Sunday
+    ("0 12 ? * MON-FRI 2027", "; this looks like an AWS cron expression (minute hour day "
+     "month weekday year): in cronfile write \"0 12 * * MON-FRI\""),
+    ("0 0 12 * * 2026", "; 6 fields are read seconds first (second minute hour day month "
+     "weekday), and years are not supported: for 5 fields drop the last one: \"0 0 12 * *\""),
+    ("0 0 12 31 2 *", ""),  # never fires, and not another system's syntax
+    ("0 0 25 * * * *", ""),  # 7 fields: the field count error says it all
+])
+def test_error_hints_for_other_systems(text: str, hint: str) -> None:
+    from cronfile.schedules.lint import error_hint
+
+    assert error_hint(text) == hint
+
+
+@pytest.mark.parametrize(("text", "warnings"), [
+    ("30/30 * * * *", ("a step of 30 is larger than the minute field (0-59): '30/30' means "
+                       "only minute 30, so this fires once an hour",)),
+    ("10-20/15 9 * * *", ("a step of 15 is larger than the range 10-20: '10-20/15' means "
+                          "only minute 10",)),
+    ("0 0 * * */7", ("a step of 7 is larger than the day-of-week field (0-6): '*/7' means "
+                     "only day-of-week 0",)),
+    ("*/30 * * * *", ()),
+    ("0 0 12 * * ?", ()),  # Quartz, seconds first, as meant
+    ("H/15 * * * *", ()),
+])
+def test_expression_warnings(text: str, warnings: tuple[str, ...]) -> None:
+    from cronfile.schedules.lint import expression_warnings
+
+    assert expression_warnings(text) == warnings

@@ -306,16 +306,15 @@ class Plan:
         return self.diff.is_empty
 
 
-DEFAULT_WINDOW_S = 7 * 86400
+DEFAULT_WINDOW_S = 7 * 86400  # plan --window's default
 
 
 def build_plan(old: DesiredState | None, new: DesiredState, now: float, *,
-               window_days: int = 7, fire_count: int = 3,
-               window_s: float | None = None) -> Plan:
-    """The diff from ``old`` to ``new`` and what it does in time and place (pure); the
-    window is ``window_s`` seconds (``window_days`` days when not given)."""
+               window_s: float = DEFAULT_WINDOW_S, fire_count: int = 3) -> Plan:
+    """The diff from ``old`` to ``new`` and what it does in time and place, with the
+    daylight-saving transitions of the next ``window_s`` seconds (pure)."""
     diff = diff_states(old, new)
-    end = now + (window_days * 86400 if window_s is None else window_s)
+    end = now + window_s
     old_jobs = old.jobs if old is not None else {}
     jobs: list[JobPlan] = []
     for name in diff.jobs.added:
@@ -773,8 +772,8 @@ def _failure(fmt: str, message: str, problems: list[Problem] | None = None) -> s
 
 def run_plan(schedules: Path, *, against: str | None = None, state_dir: Path | None = None,
              center: str | None = None, fmt: str = "text", detailed_exitcode: bool = False,
-             now: float | None = None, window_days: int = 7,
-             fire_count: int = 3, window_s: float | None = None) -> tuple[str, int]:
+             now: float | None = None, window_s: float = DEFAULT_WINDOW_S,
+             fire_count: int = 3) -> tuple[str, int]:
     """Compare ``schedules`` with a baseline; (output, exit code)."""
     if fmt not in _RENDERERS:
         return f"error: --format must be one of {', '.join(FORMATS)}\n", 2
@@ -800,6 +799,6 @@ def run_plan(schedules: Path, *, against: str | None = None, state_dir: Path | N
         return _failure(fmt, str(exc)), 1
     warnings = [p for p in result.problems if p.severity is not Severity.ERROR]
     plan = build_plan(baseline.state, result.state, time.time() if now is None else now,
-                      window_days=window_days, fire_count=fire_count, window_s=window_s)
+                      window_s=window_s, fire_count=fire_count)
     output = _RENDERERS[fmt](plan, baseline, warnings)
     return output, (2 if detailed_exitcode and not plan.is_empty else 0)

@@ -106,7 +106,7 @@ def _window(ctx: click.Context, param: click.Parameter, value: str) -> float:
 def _plan_options(f: Any) -> Any:
     f = click.option("--window", "window_s", default="7d", show_default=True,
                      callback=_window, metavar="DURATION",
-                     help="How far ahead fire times' daylight-saving transitions are listed.")(f)
+                     help="How far ahead daylight-saving transitions are listed (e.g. 7d, 90d).")(f)
     f = click.option("--detailed-exitcode", is_flag=True,
                      help="Exit 0 when nothing changes, 2 when something does.")(f)
     f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),

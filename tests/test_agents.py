@@ -114,7 +114,7 @@ class Fleet:
 
     def agent(self, name: str, *extra: str, token: str | None = SECRET,
               tls_ca: Path | None = None) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "cronfile.agent.daemon", "--center", f"127.0.0.1:{self.port}",
+        args = [sys.executable, "-m", "cronfile", "agent", "--center", f"127.0.0.1:{self.port}",
                 "--name", name, "--state", str(self.tmp / f"state-{name}"),
                 "--backoff-max", "0.3", *extra]
         if token is not None:

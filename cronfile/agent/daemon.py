@@ -28,7 +28,6 @@ a center restart).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -39,7 +38,6 @@ import os
 import random
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -858,50 +856,4 @@ async def run_agent(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def _labels(values: Sequence[str]) -> dict[str, str]:
-    labels = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"--label must be KEY=VALUE, got {item!r}")
-        labels[key] = value
-    return labels
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cronfile.agent.daemon``: the same options as ``cronfile agent``."""
-    parser = argparse.ArgumentParser(prog="cronfile agent",
-                                     description="Run jobs sent by a cronfile center.")
-    parser.add_argument("--center", required=True, help="HOST:PORT of the center")
-    parser.add_argument("--name", required=True, help="this agent's name in the inventory")
-    parser.add_argument("--token-file", type=Path, help="file holding the agent's secret")
-    parser.add_argument("--state", type=Path, required=True, help="state directory")
-    parser.add_argument("--tls-ca", type=Path, help="CA file to verify the center with (TLS)")
-    parser.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
-    parser.add_argument("--allow-run-as", default="",
-                        help="comma-separated users jobs may run as (default: this user)")
-    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--backoff-max", type=float, default=BACKOFF_MAX_S,
-                        help="longest wait between reconnects, seconds")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        labels = _labels(args.label)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
-    allow = [u.strip() for u in args.allow_run_as.split(",") if u.strip()] or None
-    return asyncio.run(
-        run_agent(args.center, args.name, args.token_file, args.state, args.tls_ca, allow,
-                  labels, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                  backoff_max_s=args.backoff_max)
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 

@@ -214,7 +214,9 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
 @cli.command()
 @click.option("--center", "center_addr", required=True, help="HOST:PORT of the center.")
 @click.option("--name", required=True, help="This agent's name, as declared in the inventory.")
-@click.option("--token-file", type=click.Path(path_type=Path), required=True)
+@click.option("--token-file", type=click.Path(path_type=Path),
+              help="This agent's secret. Without it the agent only takes runs from a center "
+                   "on loopback that runs as its own user or root.")
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--tls-ca", type=click.Path(path_type=Path), help="CA to verify the center with.")
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="Client certificate (mutual TLS).")
@@ -222,27 +224,30 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
 @click.option("--allow-run-as", default="", help="Users jobs may run as (comma-separated).")
 @click.option("--label", "labels", multiple=True, help="K=V label (for --accept-undeclared centers).")
 @click.option("--backoff-max", type=float, help="Longest wait between reconnects, seconds.")
-def agent(center_addr: str, name: str, token_file: Path, state_dir: Path, tls_ca: Path | None,
-          tls_cert: Path | None, tls_key: Path | None, allow_run_as: str,
-          labels: tuple[str, ...], backoff_max: float | None) -> None:
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def agent(center_addr: str, name: str, token_file: Path | None, state_dir: Path,
+          tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, allow_run_as: str,
+          labels: tuple[str, ...], backoff_max: float | None, log_level: str) -> None:
     """Run an agent: one persistent, authenticated connection to the center."""
-    from cronfile.agent.daemon import main as agent_main
+    import asyncio
+    import logging
 
-    args = ["--center", center_addr, "--name", name, "--token-file", str(token_file),
-            "--state", str(state_dir)]
-    if tls_ca:
-        args += ["--tls-ca", str(tls_ca)]
-    if tls_cert:
-        args += ["--tls-cert", str(tls_cert)]
-    if tls_key:
-        args += ["--tls-key", str(tls_key)]
-    if allow_run_as:
-        args += ["--allow-run-as", allow_run_as]
-    for label in labels:
-        args += ["--label", label]
-    if backoff_max is not None:
-        args += ["--backoff-max", str(backoff_max)]
-    sys.exit(agent_main(args))
+    from cronfile.agent.daemon import BACKOFF_MAX_S, run_agent
+
+    label_map: dict[str, str] = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
+        label_map[key] = value
+    allow = [u.strip() for u in allow_run_as.split(",") if u.strip()] or None
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(run_agent(
+        center_addr, name, token_file, state_dir, tls_ca, allow, label_map,
+        tls_cert=tls_cert, tls_key=tls_key,
+        backoff_max_s=BACKOFF_MAX_S if backoff_max is None else backoff_max)))
 
 
 def _check_listen(listen: str, token_file: Path | None) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -237,3 +238,56 @@ def kill_marked(marker: str) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
 
+
+def check_ledger(records: list[dict[str, Any]], jobs: set[str]) -> dict[str, int]:
+    """Once per slot, one outcome per run, nothing lost silently. Returns some counts."""
+    runs = [r for r in records if r.get("job") in jobs]
+    # (1) at most ONE dispatched record per (job, scheduled_at, agent) for scheduled runs
+    keys = Counter((r["job"], r["scheduled_at"], r["agent"]) for r in runs
+                   if r.get("record") == "dispatched" and r.get("attempt") == 1)
+    dup = {k: n for k, n in keys.items() if n > 1}
+    assert not dup, f"slots dispatched twice: {dup}"
+    # (2) no run_id has two finished records
+    fin = Counter(r["run_id"] for r in runs if r.get("record") == "finished")
+    twice = {k: n for k, n in fin.items() if n > 1}
+    assert not twice, f"run_ids finished twice: {twice}"
+    # (3) every dispatched run has exactly one final outcome
+    disp_ids = {r["run_id"] for r in runs if r.get("record") == "dispatched"}
+    open_ids = disp_ids - set(fin)
+    assert not open_ids, f"dispatched runs without an outcome: {sorted(open_ids)[:5]}"
+    # dispatched precedes finished for each run_id
+    first_line: dict[str, str] = {}
+    for r in runs:
+        first_line.setdefault(r["run_id"], r["record"])
+    assert all(first_line[i] == "dispatched" for i in disp_ids)
+    # (4) every slot second is accounted for: a run, a skip, or inside a missed range,
+    # and no slot has two outcomes (run AND missed/skipped)
+    outcome: dict[tuple[str, float], list[str]] = defaultdict(list)
+    for r in runs:
+        slot = parse_ts(r.get("scheduled_at"))
+        if slot is None:
+            continue
+        if r.get("record") == "dispatched":
+            outcome[(r["job"], slot)].append("run")
+        elif r.get("record") == "finished" and r.get("status") in ("missed", "skipped", "no_agent"):
+            first = parse_ts(r.get("first_scheduled_at")) or slot
+            last = parse_ts(r.get("last_scheduled_at")) or slot
+            count = int(r.get("count", 1))
+            assert count >= 1 and last >= first
+            assert count <= last - first + 1
+            s = first
+            while s <= last:
+                outcome[(r["job"], s)].append(r["status"])
+                s += 1
+    counts = Counter()
+    for job in jobs:
+        slots = sorted(s for (j, s) in outcome if j == job)
+        assert slots, f"{job}: no slots at all"
+        s = slots[0]
+        while s <= slots[-1]:
+            got = outcome.get((job, s), [])
+            assert got, f"{job}: slot {s} has no record (lost silently)"
+            assert len(got) == 1, f"{job}: slot {s} has several outcomes: {got}"
+            counts[got[0]] += 1
+            s += 1
+    return dict(counts)

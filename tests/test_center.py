@@ -15,13 +15,14 @@ import secrets
 import signal
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 from centerlib import (
     CenterProc,
+    check_ledger,
     dispatched,
     finished,
     parse_ts,
@@ -273,31 +274,6 @@ def test_restart_with_broken_schedules_runs_the_last_applied_state(center: Any) 
     assert rejected and any("a.yaml:3" in e for e in rejected[-1]["errors"]), rejected
     assert _applied(events)[-1]["initial"] is True
     assert _applied(events)[-1]["revision"] == _applied(events)[0]["revision"]
-
-
-def test_a_retry_pending_at_a_crash_runs_after_the_restart(center: Any, tmp_path: Path) -> None:
-    """The first attempt fails, the center is killed while the retry waits for its backoff;
-    the restarted center runs that retry (attempt 2, same slot) once, and nothing else."""
-    c = center()
-    marker = tmp_path / "second-time"
-    second = (int(time.time()) + 4) % 60
-    c.write("a.yaml", _yaml(f"""\
-  flaky:
-    schedule: "{second} * * * * *"
-    command: "test -e {marker} || {{ touch {marker}; exit 3; }}"
-    retries: {{max: 2, backoff: 4s}}
-"""))
-    c.start()
-    failed = c.wait_runs(lambda rs: finished(rs, "flaky", "failed"), 15, "the first attempt")[0]
-    assert failed["attempt"] == 1 and failed["exit_code"] == 3
-    c.kill()
-    c.start()
-    retry = c.wait_runs(lambda rs: finished(rs, "flaky", "succeeded"), 15, "the retry")[0]
-    assert (retry["attempt"], retry["scheduled_at"]) == (2, failed["scheduled_at"])
-    time.sleep(1.0)  # a second copy of the retry would have been dispatched by now
-    outcomes = [(r["attempt"], r["status"]) for r in finished(c.runs(), "flaky")]
-    assert outcomes == [(1, "failed"), (2, "succeeded")]
-    assert len(dispatched(c.runs(), "flaky")) == 2
 
 
 def test_a_triggered_start_pending_at_a_crash_runs_after_the_restart(center: Any) -> None:
@@ -562,102 +538,6 @@ def test_runs_filters_and_json(center: Any) -> None:
     sj = json.loads(c.cli("status", "--format", "json").stdout)
     assert {j["job"]: j["last_status"] for j in sj["jobs"]} == {"bad": "failed", "ok": "succeeded"}
     assert all(j["next"] for j in sj["jobs"])
-
-
-def test_restart_catch_up_latest_runs_once_and_records_missed_range(center: Any) -> None:
-    c = center()
-    c.write("a.yaml", _yaml(f"""\
-  cu:
-    schedule: {EVERY_SECOND}
-    command: "true"
-    catch_up: latest
-  plain:
-    schedule: {EVERY_SECOND}
-    command: "true"
-"""))
-    c.start()
-    c.wait_runs(lambda rs: finished(rs, "cu") and finished(rs, "plain"), 10, "runs")
-    assert c.stop() == 0
-    stopped = time.time()
-    time.sleep(3.2)  # the center is down for a few slots
-    c.start()
-    rs = c.wait_runs(lambda rs: [r for r in finished(rs, "cu") if r.get("trigger") == "catch_up"]
-                     and finished(rs, "plain", "missed") and rs, 10, "the catch-up")
-    catch = [r for r in finished(rs, "cu") if r.get("trigger") == "catch_up"]
-    assert len(catch) == 1 and catch[0]["status"] == "succeeded"
-    for job in ("cu", "plain"):
-        missed = finished(rs, job, "missed")
-        assert len(missed) == 1, missed  # one bounded record, not one per second
-        m = missed[0]
-        first = parse_ts(m.get("first_scheduled_at") or m["scheduled_at"])
-        last = parse_ts(m.get("last_scheduled_at") or m["scheduled_at"])
-        assert first is not None and last is not None
-        assert m.get("count", 1) == last - first + 1
-        assert first >= stopped - 1.5 and m.get("count", 1) >= 2
-    # plain (catch_up: none) never runs a slot from the outage
-    plain_missed = finished(rs, "plain", "missed")[0]
-    plain_last = parse_ts(plain_missed.get("last_scheduled_at") or plain_missed["scheduled_at"])
-    cu_last = parse_ts(catch[0]["scheduled_at"])
-    assert cu_last is not None and plain_last is not None and cu_last == plain_last
-    c.stop()
-    check_ledger(c.runs(), {"cu", "plain"})
-
-
-# ---------------------------------------------------------------------- the SIGKILL checker
-
-
-def check_ledger(records: list[dict[str, Any]], jobs: set[str]) -> dict[str, int]:
-    """Once per slot, one outcome per run, nothing lost silently. Returns some counts."""
-    runs = [r for r in records if r.get("job") in jobs]
-    # (1) at most ONE dispatched record per (job, scheduled_at, agent) for scheduled runs
-    keys = Counter((r["job"], r["scheduled_at"], r["agent"]) for r in runs
-                   if r.get("record") == "dispatched" and r.get("attempt") == 1)
-    dup = {k: n for k, n in keys.items() if n > 1}
-    assert not dup, f"slots dispatched twice: {dup}"
-    # (2) no run_id has two finished records
-    fin = Counter(r["run_id"] for r in runs if r.get("record") == "finished")
-    twice = {k: n for k, n in fin.items() if n > 1}
-    assert not twice, f"run_ids finished twice: {twice}"
-    # (3) every dispatched run has exactly one final outcome
-    disp_ids = {r["run_id"] for r in runs if r.get("record") == "dispatched"}
-    open_ids = disp_ids - set(fin)
-    assert not open_ids, f"dispatched runs without an outcome: {sorted(open_ids)[:5]}"
-    # dispatched precedes finished for each run_id
-    first_line: dict[str, str] = {}
-    for r in runs:
-        first_line.setdefault(r["run_id"], r["record"])
-    assert all(first_line[i] == "dispatched" for i in disp_ids)
-    # (4) every slot second is accounted for: a run, a skip, or inside a missed range,
-    # and no slot has two outcomes (run AND missed/skipped)
-    outcome: dict[tuple[str, float], list[str]] = defaultdict(list)
-    for r in runs:
-        slot = parse_ts(r.get("scheduled_at"))
-        if slot is None:
-            continue
-        if r.get("record") == "dispatched":
-            outcome[(r["job"], slot)].append("run")
-        elif r.get("record") == "finished" and r.get("status") in ("missed", "skipped", "no_agent"):
-            first = parse_ts(r.get("first_scheduled_at")) or slot
-            last = parse_ts(r.get("last_scheduled_at")) or slot
-            count = int(r.get("count", 1))
-            assert count >= 1 and last >= first
-            assert count <= last - first + 1
-            s = first
-            while s <= last:
-                outcome[(r["job"], s)].append(r["status"])
-                s += 1
-    counts = Counter()
-    for job in jobs:
-        slots = sorted(s for (j, s) in outcome if j == job)
-        assert slots, f"{job}: no slots at all"
-        s = slots[0]
-        while s <= slots[-1]:
-            got = outcome.get((job, s), [])
-            assert got, f"{job}: slot {s} has no record (lost silently)"
-            assert len(got) == 1, f"{job}: slot {s} has several outcomes: {got}"
-            counts[got[0]] += 1
-            s += 1
-    return dict(counts)
 
 
 @pytest.mark.slow

@@ -269,6 +269,9 @@ class Center:
             self.state = RunState.RUNNING
         await self._stopping.wait()
         await self._shutdown()
+        if self._lock is not None:  # free for the next center (in this process, too)
+            os.close(self._lock)
+            self._lock = None
         if self.state is not RunState.CRASHED:
             self.state = RunState.STOPPED
         return 1 if self.state is RunState.CRASHED else 0

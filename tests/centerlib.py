@@ -210,6 +210,28 @@ class CenterProc(ChildProc):
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- center log ---\n{self.log_text()}") from None
 
+    def watermark(self) -> float | None:
+        """How far the center got: it writes the mark after each tick, never past a start
+        still queued (a retry, a triggered start), so a mark at T means nothing due before T
+        is still waiting to be dispatched."""
+        try:
+            return float((self.state / "watermark").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def wait_ticked_past(self, when: float, timeout: float = 10.0) -> None:
+        """Until this process has ticked past ``when`` with nothing due before it queued."""
+        pid = self.pid
+
+        def past() -> bool:
+            assert self.proc is not None and self.proc.pid == pid
+            if self.proc.poll() is not None:
+                raise AssertionError(f"center exited {self.proc.returncode}:\n{self.log_text()}")
+            mark = self.watermark()
+            return mark is not None and mark > when
+
+        wait_for(past, timeout, f"the watermark to pass {when:.3f}")
+
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return cli(*args, state=self.state, timeout=timeout)
 

@@ -19,7 +19,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from centerlib import dispatched, finished, kill_marked, parse_ts, pgrep, wait_for  # noqa: E402
+from centerlib import (  # noqa: E402
+    dispatched,
+    finished,
+    kill_marked,
+    parse_ts,
+    pgrep,
+    read_jsonl,
+    wait_for,
+)
 from fleetlib import AgentProc, FleetCenter  # noqa: E402
 from sshd import SSHD, running_sshd, sshd_available  # noqa: E402
 
@@ -355,7 +363,12 @@ def _cut_mid_run(fleet: Fleet, lease: float, wait_lost: bool) -> tuple[str, list
     slot = records[0]["scheduled_at"]
     assert len([r for r in dispatched(runs, "cut") if r["scheduled_at"] == slot]) == 1
     assert_once_per_slot(runs, "cut")
-    time.sleep(1.0)  # give a duplicate delivery (reconnect replay) the time to show up
+    # The agent re-sends an outcome until the center acks it; once the ack is in its outbox
+    # (and it did not reconnect again) no further copy can come.
+    outbox = fleet.agents["a1"].state / "outbox.jsonl"
+    wait_for(lambda: any(r.get("acked") == run_id for r in read_jsonl(outbox)), 10,
+             "the agent to record the center's ack")
+    assert c.connects("a1") == 2
     return run_id, mine(c.runs())
 
 

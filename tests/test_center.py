@@ -6,14 +6,12 @@ Every wait is bounded polling of the ledger (50 ms steps); schedules use 6 field
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pwd
 import random
 import secrets
 import signal
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -297,52 +295,6 @@ def test_a_triggered_start_pending_at_a_crash_runs_after_the_restart(center: Any
     # a start queued again would be due at once, and would hold the watermark below its due
     c.wait_ticked_past(max(restarted, parse_ts(run["scheduled_at"]) or 0.0))
     assert len(dispatched(c.runs(), "hook")) == 1
-
-
-def test_failure_is_notified_once_after_the_last_attempt(center: Any, tmp_path: Path) -> None:
-    """notify: a webhook POST and a command, for the failure of the LAST attempt only (the
-    first one is retried), each recorded as a ``notified`` event."""
-    posts: list[dict[str, Any]] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the handler's name
-            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    notes = tmp_path / "notes"
-    second = (int(time.time()) + 4) % 60
-    c = center()
-    c.write("a.yaml", _yaml(f"""\
-  always-fails:
-    schedule: "{second} * * * * *"
-    command: "exit 2"
-    retries: {{max: 1, backoff: 1s}}
-    notify:
-      webhook: http://127.0.0.1:{server.server_port}/hook
-      command: "echo $CRONFILE_NOTIFY_KIND $CRONFILE_NOTIFY_STATUS >> {notes}"
-"""))
-    try:
-        c.start()
-        c.wait_events(lambda es: len([e for e in es if e.get("event") == "notified"]) >= 2, 20,
-                      "both notifications")
-        assert c.stop() == 0  # a stopping center drains its notifications: all are in now
-    finally:
-        server.shutdown()
-    runs = finished(c.runs(), "always-fails")
-    assert [(r["attempt"], r["status"]) for r in runs] == [(1, "failed"), (2, "failed")]
-    assert notes.read_text() == "failure failed\n"
-    assert len(posts) == 1
-    assert {k: posts[0][k] for k in ("kind", "job", "status", "exit_code", "run_id")} == {
-        "kind": "failure", "job": "always-fails", "status": "failed", "exit_code": 2,
-        "run_id": runs[1]["run_id"]}
-    notified = [e for e in c.events() if e.get("event") == "notified"]
-    assert sorted(e["via"] for e in notified) == ["command", "webhook"]
 
 
 def test_moving_a_job_is_no_change_and_keeps_timing(center: Any) -> None:

@@ -58,6 +58,13 @@ class Fleet:
         self.agents[name] = agent
         return agent.start(wait=wait)
 
+    def start_agents(self, *names: str) -> None:
+        """Start every agent at once, then wait for each to connect (their start-ups overlap)."""
+        assert self.center is not None
+        started = [self.agent(name, wait=False) for name in names]
+        for agent in started:
+            self.center.wait_connected(agent.name, 1, agent=agent)
+
     def jobs(self, body: str, name: str = "jobs.yaml") -> None:
         """Write (or replace) a jobs file and wait until the center applied it."""
         assert self.center is not None
@@ -152,8 +159,7 @@ def test_job_targeting_labels_runs_on_the_connected_agent(fleet: Fleet) -> None:
 
 def test_strategies_all_one_hash_shard(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1", "a2", "a3"))
-    for name in ("a1", "a2", "a3"):
-        fleet.agent(name)
+    fleet.start_agents("a1", "a2", "a3")
     target = "{labels: {team: t}, strategy: %s}"
     fleet.jobs(f"""  bcast:
     schedule: {EVERY_SECOND}
@@ -214,8 +220,7 @@ def test_strategies_all_one_hash_shard(fleet: Fleet) -> None:
 
 def test_failover_moves_to_the_next_agent_when_the_first_stops(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1", "a2", "a3"))
-    for name in ("a1", "a2", "a3"):
-        fleet.agent(name)
+    fleet.start_agents("a1", "a2", "a3")
     fleet.jobs(f"""  primary:
     schedule: {EVERY_SECOND}
     command: 'echo "$FLEET_AGENT"'
@@ -273,8 +278,7 @@ def test_no_matching_agent_is_recorded_then_runs_when_it_connects(fleet: Fleet) 
 
 def test_sigkilled_agent_mid_run_is_lost_after_the_lease(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1", "a2"), lease=2.0)
-    fleet.agent("a1")
-    fleet.agent("a2")
+    fleet.start_agents("a1", "a2")
     m = fleet.marker()
     fleet.jobs(f"""  long:
     schedule: '*/2 * * * * *'

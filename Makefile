@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-latest lock lint typecheck unit bench sshd clean
+.PHONY: demo test test-quick test-latest lock lint typecheck unit bench sshd clean
 
 # Installs take the exact versions in requirements.lock, so a new upstream release cannot
 # turn main red for an unrelated change; `make test-latest` resolves the newest instead.
@@ -56,6 +56,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: $(STAMP) sshd lint typecheck unit
+
+# While editing: everything but the tests marked slow (CI and `make test` run those too).
+test-quick: $(STAMP) sshd lint typecheck
+	$(BIN)/pytest -q -m 'not slow'
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -173,6 +173,7 @@ def _applied(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") == "revision_applied"]
 
 
+@pytest.mark.slow
 def test_hot_reload_add_job_and_reject_invalid_edit(center: Any) -> None:
     c = center()
     c.write("a.yaml", _yaml(f"""\
@@ -274,6 +275,7 @@ def test_restart_with_broken_schedules_runs_the_last_applied_state(center: Any) 
     assert _applied(events)[-1]["revision"] == _applied(events)[0]["revision"]
 
 
+@pytest.mark.slow
 def test_a_triggered_start_pending_at_a_crash_runs_after_the_restart(center: Any) -> None:
     c = center()
     c.write("a.yaml", _yaml("""\
@@ -297,6 +299,7 @@ def test_a_triggered_start_pending_at_a_crash_runs_after_the_restart(center: Any
     assert len(dispatched(c.runs(), "hook")) == 1
 
 
+@pytest.mark.slow
 def test_moving_a_job_is_no_change_and_keeps_timing(center: Any) -> None:
     c = center()
     job = f"""\

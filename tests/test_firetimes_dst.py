@@ -282,6 +282,7 @@ def oracle_fires(o: dict[str, object], zone: str, start: float, end: float) -> l
     return expected
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_fire_times_match_the_oracle(case: tuple[str, float, str, dict[str, object]]) -> None:
@@ -300,6 +301,7 @@ def test_fire_times_match_the_oracle(case: tuple[str, float, str, dict[str, obje
     assert got == oracle_fires(o, zone, after, after + window), text
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_fire_time_properties(case: tuple[str, float, str, dict[str, object]]) -> None:

@@ -157,6 +157,7 @@ def test_job_targeting_labels_runs_on_the_connected_agent(fleet: Fleet) -> None:
 # ---------------------------------------------------------------------- 2. strategies
 
 
+@pytest.mark.slow
 def test_strategies_all_one_hash_shard(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1", "a2", "a3"))
     fleet.start_agents("a1", "a2", "a3")
@@ -218,6 +219,7 @@ def test_strategies_all_one_hash_shard(fleet: Fleet) -> None:
         assert not finished(runs, job, "no_agent")
 
 
+@pytest.mark.slow
 def test_failover_moves_to_the_next_agent_when_the_first_stops(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1", "a2", "a3"))
     fleet.start_agents("a1", "a2", "a3")
@@ -250,6 +252,7 @@ def test_failover_moves_to_the_next_agent_when_the_first_stops(fleet: Fleet) -> 
 # ---------------------------------------------------------------------- 3. no agent
 
 
+@pytest.mark.slow
 def test_no_matching_agent_is_recorded_then_runs_when_it_connects(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1"), jobs=f"""  lonely:
     schedule: {EVERY_SECOND}
@@ -276,6 +279,7 @@ def test_no_matching_agent_is_recorded_then_runs_when_it_connects(fleet: Fleet) 
 # ---------------------------------------------------------------------- 4. lost
 
 
+@pytest.mark.slow
 def test_sigkilled_agent_mid_run_is_lost_after_the_lease(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1", "a2"), lease=2.0)
     fleet.start_agents("a1", "a2")
@@ -376,6 +380,7 @@ def _cut_mid_run(fleet: Fleet, lease: float, wait_lost: bool) -> tuple[str, list
     return run_id, mine(c.runs())
 
 
+@pytest.mark.slow
 def test_connection_cut_mid_run_delivers_the_outcome_once(fleet: Fleet) -> None:
     _, records = _cut_mid_run(fleet, lease=10.0, wait_lost=False)
     assert [r["record"] for r in records] == ["dispatched", "started", "finished"], records
@@ -386,6 +391,7 @@ def test_connection_cut_mid_run_delivers_the_outcome_once(fleet: Fleet) -> None:
     assert "supersedes" not in end
 
 
+@pytest.mark.slow
 def test_outcome_after_the_lease_supersedes_lost_once(fleet: Fleet) -> None:
     _, records = _cut_mid_run(fleet, lease=0.5, wait_lost=True)
     assert [(r["record"], r.get("status")) for r in records] == \
@@ -466,6 +472,7 @@ def _ancestor(pid: int, ancestor: int) -> bool:
 # ---------------------------------------------------------------------- 8. SSH fallback
 
 
+@pytest.mark.slow
 def test_ssh_fallback_host_keys_transport_and_status(fleet: Fleet, tmp_path: Path) -> None:
     if not sshd_available():
         pytest.skip(f"!!! {SSHD} is not installed: the SSH fallback fleet test is SKIPPED. "

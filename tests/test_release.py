@@ -12,6 +12,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 import cronfile
@@ -46,6 +47,7 @@ def test_example_readmes_call_the_installed_command() -> None:
         assert not bare, f"{readme}: {bare} (cronfile is in .venv/bin/, not on PATH)"
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_the_schema_itself(tmp_path: Path) -> None:
     """In the repository the packaged schema is a symlink to ``schema/``: the wheel must hold
     the file's bytes, not a link (``.ci/check-wheel`` then installs and runs it)."""

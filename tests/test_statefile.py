@@ -269,6 +269,7 @@ states = st.builds(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(states)
 def test_round_trip_property(state: DesiredState) -> None:

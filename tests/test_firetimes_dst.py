@@ -209,16 +209,19 @@ def expressions(draw: st.DrawFn, hours: tuple[int, ...] = ()) -> tuple[str, dict
 
 def matches(o: dict[str, object], wall: datetime) -> bool:
     """Vixie cron's rule, written out: a day matches on both day fields when either starts
-    with ``*``, on either of them otherwise."""
+    with ``*``, on either of them otherwise. ``wall`` is a local date and time (an aware
+    datetime's fields are its local wall time, so either kind works). The oracle calls
+    this for every second of its windows: the cheap, usually failing fields come first."""
     def has(key: str, value: int) -> bool:
         values = o[key]
         assert isinstance(values, frozenset)
         return value in values
 
+    if not (has("seconds", wall.second) and has("minutes", wall.minute)
+            and has("hours", wall.hour) and has("months", wall.month)):
+        return False
     dom_ok, dow_ok = has("days", wall.day), has("weekdays", (wall.weekday() + 1) % 7)
-    day_ok = (dom_ok and dow_ok) if o["day_and"] else (dom_ok or dow_ok)
-    return (day_ok and has("months", wall.month) and has("hours", wall.hour)
-            and has("minutes", wall.minute) and has("seconds", wall.second))
+    return (dom_ok and dow_ok) if o["day_and"] else (dom_ok or dow_ok)
 
 
 def _transitions() -> list[tuple[str, float]]:
@@ -267,10 +270,10 @@ def oracle_fires(o: dict[str, object], zone: str, start: float, end: float) -> l
     before = datetime.fromtimestamp(u - step, tz)
     while u < end:
         now = datetime.fromtimestamp(u, tz)
-        wall = now.replace(tzinfo=None)
-        hit = matches(o, wall) and not (o["fixed"] and now.fold == 1)  # repeated: once
+        hit = matches(o, now) and not (o["fixed"] and now.fold == 1)  # repeated: once
         if not hit and o["fixed"] and now.utcoffset() > before.utcoffset():  # type: ignore[operator]
             # u is the first instant after a spring-forward gap: does the job match inside it?
+            wall = now.replace(tzinfo=None)
             gap = before.replace(tzinfo=None) + timedelta(seconds=step)
             while gap < wall and not hit:
                 hit = matches(o, gap)

@@ -436,8 +436,12 @@ def test_connection_cut_mid_run_outcome_delivered_after_reconnect_once(tmp_path:
             connects = fleet.connects.count("a1")
             await fleet.hub.disconnect("a1")
             await fleet.connected("a1", times=connects + 1)
-            await asyncio.sleep(0.3)  # room for a (wrong) redelivery to show up
-            assert [o[0] for o in fleet.outcomes] == ["r-cut"]
+            # The agent re-sends its unacked outcomes first thing in a session, before it
+            # reads a run: a (wrong) redelivery of r-cut would arrive before r-after's outcome.
+            after = await fleet.start("a1", req("r-after", ("true",)))
+            assert (await asyncio.wait_for(after.wait(), 6)).status is RunStatus.SUCCEEDED
+            await until(lambda: len(fleet.outcomes) >= 2, "on_outcome of r-after")
+            assert [o[0] for o in fleet.outcomes] == ["r-cut", "r-after"]
 
     run(go())
 

@@ -350,6 +350,28 @@ def trigger(event: str, state_dir: Path) -> None:
     sys.exit(0 if jobs else 1)
 
 
+@cli.group("import")
+def import_() -> None:
+    """Turn other schedulers' files into schedule files."""
+
+
+@import_.command("crontab")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--system", is_flag=True,
+              help="The files are /etc/crontab or /etc/cron.d/* (a user column before the command).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write one schedule file per crontab into DIR (default: one document on stdout).")
+def import_crontab(files: tuple[Path, ...], system: bool, out: Path | None) -> None:
+    """Import crontab FILEs: one job per entry; every line that cannot be translated
+    faithfully is reported (exit 1 when a line was not imported)."""
+    from cronfile.cli.importer import run_import_crontab
+
+    code, stdout, stderr = run_import_crontab(list(files), system, out)
+    _echo(stdout, stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; maps every failure to an exit code and never shows a traceback for
     bad input (an unexpected crash is reported in one line with a hint)."""

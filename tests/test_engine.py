@@ -126,6 +126,49 @@ def test_concurrency_replace_stops_then_starts() -> None:
     assert acts[1].scheduled_at == utc(2026, 5, 1, 10) + 2  # type: ignore[union-attr]
 
 
+def test_concurrency_queue_holds_one_slot_and_skips_the_next() -> None:
+    t0 = utc(2026, 5, 1, 10)
+    acts, sched = _second_tick(Concurrency.QUEUE)
+    assert acts == []  # the slot at t0+2 waits behind run-1
+    assert sched.pending_start_floor() == t0 + 2  # the watermark must not pass it
+    third = sched.tick(t0 + 3)
+    assert [(type(a), a.scheduled_at, a.status) for a in records(third)] == [
+        (RecordSlot, t0 + 3, RunStatus.SKIPPED)]
+    assert records(third)[0].reason == ("previous run still running and the slot of "
+                                        "2026-05-01T10:00:02Z already waits (concurrency: queue)")
+    assert len(third) == 1
+    # run-1 ends: the waiting slot starts at once, with its own scheduled time
+    after = sched.finished("c", "run-1", RunStatus.SUCCEEDED, 0, t0 + 1, 1, None, t0 + 3.5)
+    assert [(type(a), a.scheduled_at) for a in after] == [(StartRun, t0 + 2)]
+    assert sched.pending_start_floor() is None
+    sched.started("c", "run-2")
+    assert sched.tick(t0 + 4) == []  # t0+4 waits behind run-2 now
+    assert sched.finished("c", "run-2", RunStatus.FAILED, 1, t0 + 2, 1, None, t0 + 4.5) != []
+
+
+def test_concurrency_queue_waiting_past_starting_deadline_is_missed() -> None:
+    t0 = utc(2026, 5, 1, 10)
+    sched = Scheduler()
+    sched.set_job(job("c", concurrency=Concurrency.QUEUE, starting_deadline_s=5.0), t0)
+    assert [type(a) for a in sched.tick(t0 + 1)] == [StartRun]
+    sched.started("c", "run-1")
+    assert sched.tick(t0 + 2) == []
+    late = sched.finished("c", "run-1", RunStatus.SUCCEEDED, 0, t0 + 1, 1, None, t0 + 9)
+    assert [(type(a), a.scheduled_at, a.status) for a in records(late)] == [
+        (RecordSlot, t0 + 2, RunStatus.MISSED)]
+    assert "starting_deadline" in records(late)[0].reason
+
+
+def test_concurrency_queue_survives_a_reload() -> None:
+    t0 = utc(2026, 5, 1, 10)
+    acts, sched = _second_tick(Concurrency.QUEUE)
+    assert acts == []
+    sched.set_job(job("c", concurrency=Concurrency.QUEUE, description="changed"), t0 + 2.5)
+    after = sched.finished("c", "run-1", RunStatus.SUCCEEDED, 0, t0 + 1, 1, None, t0 + 2.7)
+    assert [(type(a), a.scheduled_at) for a in after] == [(StartRun, t0 + 2)]
+    assert starts(after)[0].job.description == "changed"
+
+
 def test_manual_run_ignores_forbid() -> None:
     t0 = utc(2026, 5, 1, 10)
     sched = Scheduler()

@@ -200,7 +200,7 @@ SCHEMA_CASES = [
          [Expect("a.yaml", 3, 3, "is longer than 100 years")]),
     Case("bad-enum",
          {"a.yaml": job('schedule: "@daily"\nconcurrency: forbit')},
-         [Expect("a.yaml", 6, 5, "'forbit' is not one of allow, forbid, replace (did you mean "
+         [Expect("a.yaml", 6, 5, "'forbit' is not one of allow, forbid, replace, queue (did you mean "
                                  "'forbid'?)")]),
     Case("bad-strategy",
          {"a.yaml": job('schedule: "@daily"\ntargets: {strategy: random}')},

@@ -23,6 +23,7 @@ import hashlib
 import heapq
 import itertools
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cronfile.schedules.firetimes import JobTimer
 from cronfile.schedules.model import CatchUp, Concurrency, Job, JobKind, RunStatus
@@ -74,6 +75,21 @@ class _JobState:
     running: set[str] | None = None
     deps_done: set[str] | None = None
     after_seen: dict[tuple[str, float], None] | None = None  # bounded, in order
+    queued: _Queued | None = None  # concurrency: queue, the one start that waits
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A start held back by ``concurrency: queue`` until the job's running run ends."""
+
+    slot: float
+    attempt: int
+    reason: str
+    target: str | None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def jitter_for(job: Job, slot: float) -> float:
@@ -130,6 +146,7 @@ class Scheduler:
         self._dependents: dict[str, set[str]] = {}  # job -> jobs that run `after` it
         self._delayed: list[tuple[float, int]] = []  # (slot, seq) of delayed starts
         self._delayed_live: set[int] = set()  # seqs of delayed starts still in the heap
+        self._queued: dict[str, float] = {}  # job -> slot of its queued start (few jobs)
 
     # ------------------------------------------------------------------ desired state
 
@@ -162,6 +179,7 @@ class Scheduler:
             state.running = old.running
             state.deps_done = old.deps_done
             state.after_seen = old.after_seen
+            state.queued = old.queued  # it starts when the run ends, by the new definition
             state.last_slot = old.last_slot if same_timing else None
             self._unindex(old.job)
         self._jobs[job.name] = state
@@ -185,6 +203,7 @@ class Scheduler:
 
     def remove_job(self, name: str) -> None:
         state = self._jobs.pop(name, None)  # its heap entries are stale from now on
+        self._queued.pop(name, None)
         if state is not None:
             self._unindex(state.job)
 
@@ -224,7 +243,11 @@ class Scheduler:
         # are dropped lazily here, so this is O(1) amortised rather than a scan of all jobs.
         while self._delayed and self._delayed[0][1] not in self._delayed_live:
             heapq.heappop(self._delayed)
-        return self._delayed[0][0] if self._delayed else None
+        floor = self._delayed[0][0] if self._delayed else None
+        if self._queued:  # a start waiting behind a run (concurrency: queue) is pending too
+            queued = min(self._queued.values())
+            floor = queued if floor is None else min(floor, queued)
+        return floor
 
     # ------------------------------------------------------------------ time passes
 
@@ -306,7 +329,34 @@ class Scheduler:
             if job.concurrency is Concurrency.REPLACE:
                 return [StopRuns(job.name, "replaced by a newer slot (concurrency: replace)"),
                         StartRun(job, slot, attempt, reason, target)]
+            if job.concurrency is Concurrency.QUEUE:
+                return self._enqueue(state, slot, attempt, reason, target)
         return [StartRun(job, slot, attempt, reason, target)]
+
+    def _enqueue(self, state: _JobState, slot: float, attempt: int, reason: str,
+                 target: str | None) -> list[Action]:
+        """Hold the start until the running run ends; one waits at most, so a backlog
+        never builds up behind a run that hangs (the wait is bounded by one slot)."""
+        waiting = state.queued
+        if waiting is not None:
+            return [RecordSlot(state.job, slot, RunStatus.SKIPPED,
+                               "previous run still running and the slot of "
+                               f"{_iso(waiting.slot)} already waits (concurrency: queue)",
+                               attempt=attempt)]
+        state.queued = _Queued(slot, attempt, reason, target)
+        self._queued[state.job.name] = slot
+        return []
+
+    def _start_queued(self, state: _JobState, now: float) -> list[Action]:
+        """The run the queued start waited for ended: start it now, unless it waited past
+        its ``starting_deadline`` (then it is ``missed``, as any late start)."""
+        waiting = state.queued
+        if waiting is None or state.running:
+            return []
+        state.queued = None
+        self._queued.pop(state.job.name, None)
+        return self._start(state, waiting.slot, now, waiting.attempt, waiting.reason,
+                           waiting.target)
 
     # ------------------------------------------------------------------ other ways to run
 
@@ -398,7 +448,7 @@ class Scheduler:
         if state.running:
             state.running.discard(run_id)
         job = state.job
-        actions: list[Action] = []
+        actions: list[Action] = self._start_queued(state, now)
         if job.retries.wanted_after(status, attempt, exit_code):
             self._push(now + job.retries.delay_before(attempt + 1), "retry", state, slot,
                        attempt + 1, target)

@@ -35,6 +35,9 @@ class Concurrency(enum.Enum):
     """Skip the new slot and record it as ``skipped`` (the default, as in cron daemons)."""
     REPLACE = "replace"
     """Stop the running one (recorded ``killed``) and start the new one."""
+    QUEUE = "queue"
+    """Keep the new slot waiting and start it when the running one ends; at most one waits,
+    a further slot meanwhile is recorded ``skipped`` (Temporal's BufferOne)."""
 
 
 class CatchUp(enum.Enum):
@@ -115,7 +118,8 @@ class RunStatus(enum.Enum):
     LOST = "lost"
     """Dispatched, but its outcome never came back (center crash, agent gone past its lease)."""
     SKIPPED = "skipped"
-    """Not started because the previous run was still running (``concurrency: forbid``)."""
+    """Not started because the previous run was still running (``concurrency: forbid``, or
+    ``queue`` with a slot already waiting)."""
     MISSED = "missed"
     """Not started within ``starting_deadline`` (or while the center was down)."""
     NO_AGENT = "no_agent"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from cronfile.schedules.loader import load_schedules
 from cronfile.schedules.model import (
+    Active,
     Agent,
     CatchUp,
     Concurrency,
@@ -94,6 +95,8 @@ FULL_JOB = Job(
     output_keep=1024 * 1024,
     expect=Expect(max_runtime_s=3600.0, min_runtime_s=5.0, success_within_s=93600.0),
     on_change=OnChange.RESTART,
+    run_at=1798124400.0,
+    active=Active(1796079600.0, 1799276400.0),
     description="Every field set — ünïcode too",
     owner="team-data",
     source=Source("schedules/data.yaml", 12, 3),

@@ -271,11 +271,11 @@ SEMANTIC_CASES = [
          [Expect("a.yaml", 3, 3, "'local' is the center's own host")]),
     Case("schedule-and-trigger",
          {"a.yaml": job('schedule: "@daily"\ntrigger: {event: deploy}')},
-         [Expect("a.yaml", 6, 5, "exactly one of schedule, trigger, after (this one has "
+         [Expect("a.yaml", 6, 5, "exactly one of schedule, trigger, after, run_at (this one has "
                                  "schedule and trigger)")]),
     Case("none-of-schedule-trigger-after",
          {"a.yaml": job("description: forgot the schedule")},
-         [Expect("a.yaml", 3, 3, "needs one of schedule, trigger or after")]),
+         [Expect("a.yaml", 3, 3, "needs one of schedule, trigger, after or run_at")]),
     Case("daemon-with-schedule",
          {"a.yaml": job('kind: daemon\nschedule: "@daily"')},
          [Expect("a.yaml", 6, 5, "a daemon runs all the time: remove 'schedule'")]),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cronfile.schedules.firetimes import JobTimer
+from cronfile.schedules.jobtimes import Timer, job_timer
 from cronfile.schedules.model import CatchUp, Concurrency, Job, JobKind, RunStatus
 
 MAX_ENUMERATED_SLOTS = 10_000
@@ -66,7 +67,7 @@ Action = StartRun | RecordSlot | StopRuns
 @dataclass(slots=True)  # one per job: no __dict__ (25 MB less for 100,000 jobs)
 class _JobState:
     job: Job
-    timer: JobTimer | None
+    timer: Timer | None
     generation: int
     last_slot: float | None = None
     armed_at: float | None = None  # slots after this belong to the fire path, not catch-up
@@ -113,7 +114,7 @@ def _shared_timer(schedules: tuple[str, ...], zone: str) -> JobTimer:
     return JobTimer.for_job(schedules, zone, "")
 
 
-def latest_two(timer: JobTimer, floor: float, now: float) -> tuple[float | None, float | None]:
+def latest_two(timer: Timer, floor: float, now: float) -> tuple[float | None, float | None]:
     """The latest slot in (floor, now] and the one before it (None when there is no such
     slot after ``floor``), found by searching back from ``now`` in doubling windows: cost
     grows with the log of the range, not with the number of slots in it."""
@@ -170,11 +171,13 @@ class Scheduler:
         pending entries become stale)."""
         old = self._jobs.get(job.name)
         timer = None
-        if job.schedules and job.kind is JobKind.CRON:
-            timer = _timer_for(job.schedules, job.timezone, job.name)
+        if job.kind is JobKind.CRON and (job.schedules or job.run_at is not None):
+            shared = _timer_for(job.schedules, job.timezone, job.name) if job.schedules else None
+            timer = job_timer(job, shared)  # the shared timer itself unless run_at/active
         state = _JobState(job, timer, next(self._generations))
         same_timing = old is not None and old.job.schedules == job.schedules \
-            and old.job.timezone == job.timezone
+            and old.job.timezone == job.timezone and old.job.run_at == job.run_at \
+            and old.job.active == job.active
         if old is not None:
             state.running = old.running
             state.deps_done = old.deps_done
@@ -371,7 +374,8 @@ class Scheduler:
         names = []
         for state in self._jobs.values():
             trig = state.job.trigger
-            if trig is not None and trig.event == event and not state.job.suspend:
+            if trig is not None and trig.event == event and not state.job.suspend \
+                    and (state.job.active is None or state.job.active.allows(now)):
                 self._push(now + trig.delay_s, "trigger", state, now + trig.delay_s)
                 names.append(state.job.name)
         return sorted(names)
@@ -462,7 +466,8 @@ class Scheduler:
         actions: list[Action] = []
         for name in sorted(self._dependents.get(done, ())):
             state = self._jobs.get(name)
-            if state is None or state.job.suspend:
+            if state is None or state.job.suspend or (
+                    state.job.active is not None and not state.job.active.allows(now)):
                 continue
             key = (done, slot)
             if state.after_seen is None:

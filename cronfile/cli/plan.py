@@ -28,10 +28,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from zoneinfo import ZoneInfoNotFoundError
 
+from cronfile.schedules import jobtimes
 from cronfile.schedules.diff import FieldChange, StateDiff, diff_states, field_changes
 from cronfile.schedules.dst import effect_on, transitions
 from cronfile.schedules.durations import format_duration
-from cronfile.schedules.firetimes import JobTimer, spec_for, to_datetime
+from cronfile.schedules.firetimes import spec_for, to_datetime
+from cronfile.schedules.jobtimes import job_timer
 from cronfile.schedules.loader import LOCAL_AGENT, load_schedules
 from cronfile.schedules.model import (
     Agent,
@@ -398,15 +400,18 @@ def timing(job: Job, after: float, count: int) -> Timing:
     if job.after:
         return Timing(job.timezone, note=f"after {', '.join(job.after)} succeed")
     try:
-        times = JobTimer.for_job(job.schedules, job.timezone, job.name).times(after, count)
+        timer = job_timer(job)
+        found = jobtimes.times(timer, after, count) if timer is not None else []
     except (ValueError, ZoneInfoNotFoundError) as exc:
         return Timing(job.timezone, note=f"cannot evaluate the schedule: {exc}")
-    return Timing(job.timezone, tuple(times), "" if times else "never fires")
+    if not found and job.run_at is not None:
+        return Timing(job.timezone, note="one-shot: its time has passed, it will not fire")
+    return Timing(job.timezone, tuple(found), "" if found else "never fires")
 
 
 def dst_transitions(job: Job, start: float, end: float) -> tuple[DstTransition, ...]:
     """Offset changes in the job's zone inside [start, end), for jobs that fire on a clock."""
-    if not job.schedules or job.suspend or job.kind is JobKind.DAEMON:
+    if not (job.schedules or job.run_at) or job.suspend or job.kind is JobKind.DAEMON:
         return ()
     try:
         found = transitions(job.timezone, start, end)
@@ -478,6 +483,8 @@ def _jobs_by_agent(state: DesiredState) -> dict[str, list[str]]:
 
 # Model field names that differ from what users write in the YAML.
 _YAML_NAMES = {"schedules": "schedule", "output_keep": "output.keep"}
+# Fields that hold an instant (epoch seconds), not a duration, although they end in _s.
+_INSTANTS = {"run_at", "active.from_s", "active.until_s"}
 
 
 def display_field(path: str) -> str:
@@ -492,6 +499,8 @@ def display_value(path: str, value: Any) -> str:
     if value is None:
         return "(none)"
     last = path.split(".")[-1]
+    if path in _INSTANTS and isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
     if last.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
         return format_duration(value)
     if path == "output_keep" and isinstance(value, int):

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -34,6 +35,7 @@ from cronfile.schedules.durations import parse_duration, parse_size
 from cronfile.schedules.firetimes import spec_for
 from cronfile.schedules.model import (
     DEFAULT_OUTPUT_KEEP,
+    Active,
     Agent,
     CatchUp,
     Concurrency,
@@ -461,7 +463,7 @@ class _FileBuilder:
         """The job ``name``, or None when it is wrong (and reported). With ``check_only``
         (the schema found errors), the keys in ``wrong`` are skipped and no job is built."""
         doc = self.doc
-        given = [k for k in ("schedule", "trigger", "after") if k in raw]
+        given = [k for k in ("schedule", "trigger", "after", "run_at") if k in raw]
         if wrong:
             raw = {k: v for k, v in raw.items() if k not in wrong}
         kind = JobKind.DAEMON if raw.get("kind") == "daemon" else JobKind.CRON
@@ -487,10 +489,10 @@ class _FileBuilder:
             ok = False
         elif kind is JobKind.CRON and len(given) != 1:
             if given:
-                doc.error((*path, given[1]), "a job has exactly one of schedule, trigger, after "
-                          f"(this one has {' and '.join(given)})")
+                doc.error((*path, given[1]), "a job has exactly one of schedule, trigger, after, "
+                          f"run_at (this one has {' and '.join(given)})")
             else:
-                doc.error(path, f"job {name!r} needs one of schedule, trigger or after "
+                doc.error(path, f"job {name!r} needs one of schedule, trigger, after or run_at "
                           "(or kind: daemon)")
             ok = False
         if kind is JobKind.CRON:
@@ -510,6 +512,18 @@ class _FileBuilder:
         if schedules:
             self.dst_warnings(name, schedules, fields["timezone"], (*path, "schedule"),
                               isinstance(raw.get("schedule"), str))
+        zone = fields["timezone"] if fields["timezone"] is not _BAD else "UTC"
+        run_at = None
+        if "run_at" in raw:
+            run_at = self.instant(raw["run_at"], zone, (*path, "run_at"))
+            if run_at is _BAD:
+                bad = True
+            elif run_at <= self.now:
+                doc.warn((*path, "run_at"), f"run_at {raw['run_at']} is in the past: this "
+                         "one-shot job will not fire (again)")
+        if "active" in raw:
+            fields["active"] = self.active(raw["active"], zone, (*path, "active"))
+            bad = bad or fields["active"] is _BAD
         command = raw.get("command")
         if check_only or command is None or not ok or bad:
             return None
@@ -518,6 +532,7 @@ class _FileBuilder:
             # argv words repeat across jobs ("/usr/bin/env", "--all"): interned, shared
             command=tuple(_interned(command)) if isinstance(command, list) else command,
             schedules=schedules,
+            run_at=run_at,
             trigger=trigger,
             after=after,
             kind=kind,
@@ -552,6 +567,38 @@ class _FileBuilder:
             warning = fixed_time_warnings(spec_for(text, name), zone, self.now)
             if warning:
                 self.doc.warn(path if single else (*path, i), warning)
+
+    def instant(self, text: str, zone: str, path: tuple[str | int, ...]) -> Any:
+        """An ISO-8601 time as epoch seconds; without an offset, in the job's zone (a
+        wall-clock time in a DST gap or repeat is refused: it names no one instant)."""
+        try:
+            if not isinstance(text, str) or len(text) < 16:  # a date and an hh:mm at least
+                raise ValueError(text)
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            self.doc.error(path, f"{text!r} is not an ISO-8601 time (e.g. 2026-12-24T18:00:00+01:00)")
+            return _BAD
+        if parsed.tzinfo is not None:
+            return parsed.timestamp()
+        local = [parsed.replace(tzinfo=ZoneInfo(zone), fold=f) for f in (0, 1)]
+        real = {t.timestamp() for t in local
+                if t.astimezone(UTC).astimezone(ZoneInfo(zone)).replace(tzinfo=None) == parsed}
+        if len(real) != 1:
+            what = "does not exist" if not real else "happens twice"
+            self.doc.error(path, f"{text} {what} in {zone} (daylight saving): give an offset")
+            return _BAD
+        return real.pop()
+
+    def active(self, raw: dict[str, Any], zone: str, path: tuple[str | int, ...]) -> Any:
+        ends = {key: self.instant(raw[key], zone, (*path, key)) if key in raw else None
+                for key in ("from", "until")}
+        if any(v is _BAD for v in ends.values()):
+            return _BAD
+        start, until = ends["from"], ends["until"]
+        if start is not None and until is not None and until <= start:
+            self.doc.error((*path, "until"), "active.until must be after active.from")
+            return _BAD
+        return Active(start, until)
 
     def zone(self, name: str, path: tuple[str | int, ...]) -> Any:
         if _zone_exists(name):

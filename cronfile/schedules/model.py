@@ -222,6 +222,18 @@ class Expect:
     success_within_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Active:
+    """``active: {from, until}``: the job fires only at or after ``from_s`` and before
+    ``until_s`` (epoch seconds; either may be open)."""
+
+    from_s: float | None = None
+    until_s: float | None = None
+
+    def allows(self, ts: float) -> bool:
+        return (self.from_s is None or ts >= self.from_s) and (self.until_s is None or ts < self.until_s)
+
+
 DEFAULT_OUTPUT_KEEP = 64 * 1024
 DEFAULT_KILL_GRACE_S = 10.0
 
@@ -233,6 +245,7 @@ class Job:
     name: str
     command: tuple[str, ...] | str
     schedules: tuple[str, ...] = ()
+    run_at: float | None = None  # a one-shot job: fires once, at this instant
     trigger: Trigger | None = None
     after: tuple[str, ...] = ()
     kind: JobKind = JobKind.CRON
@@ -254,6 +267,7 @@ class Job:
     output_keep: int = DEFAULT_OUTPUT_KEEP
     expect: Expect = field(default_factory=Expect)
     on_change: OnChange = OnChange.LET_FINISH
+    active: Active | None = None
     description: str = ""
     owner: str = ""
     source: Source = field(default=Source("", 0), compare=False)

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cronfile.schedules.firetimes import JobTimer, to_datetime
+from cronfile.schedules.firetimes import to_datetime
+from cronfile.schedules.jobtimes import job_timer, times
 from cronfile.schedules.model import DesiredState, Job, JobKind
 
 
@@ -52,8 +53,10 @@ def next_fires(state: DesiredState, job: str | None, count: int, after: float) -
         elif j.after:
             out.append(JobFires(j, [], f"runs after {', '.join(j.after)} succeed"))
         else:
-            timer = JobTimer.for_job(j.schedules, j.timezone, j.name)
-            out.append(JobFires(j, timer.times(after, count)))
+            timer = job_timer(j)
+            found = times(timer, after, count) if timer is not None else []
+            note = "one-shot: its time has passed" if j.run_at is not None and not found else ""
+            out.append(JobFires(j, found, note))
     return out
 
 
@@ -73,7 +76,8 @@ def render(fires: list[JobFires], single: bool, fmt: str) -> str:
         ], indent=2) + "\n"
     lines = []
     for f in fires:
-        schedule = " | ".join(f.job.schedules) or "-"
+        schedule = " | ".join(f.job.schedules) or (
+            f"run_at {iso(f.job.run_at, f.job.timezone)}" if f.job.run_at is not None else "-")
         lines.append(f"{f.job.name}  {schedule}  ({f.job.timezone})")
         if f.note:
             lines.append(f"  {f.note}")

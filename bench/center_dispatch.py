@@ -14,7 +14,10 @@ Beside it, in the same run (2 shared cores, noisy: medians of repeats are printe
 * APScheduler 3.x (BackgroundScheduler, default executor and misfire grace), a CronTrigger at
   the same second, each job doing ``Popen(["/bin/true"])``; misfired/never-run jobs are counted.
 
-Usage: python bench/center_dispatch.py [--quick] [--ns 1,100,1000,10000] [--repeat R]
+Usage: python bench/center_dispatch.py [--quick] [--ns 1,100,1000,10000] [--repeat R] [--features]
+
+``--features`` gives every job ``concurrency: queue`` and an ``active`` window around now:
+the ratios must not move with them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def six_field(ts: float) -> str:
     return f"{d.second} {d.minute} {d.hour} * * *"
 
 
+FEATURES: list[str] = []  # extra job lines (--features): the scheduling options in play
+
+
 def write_schedules(root: Path, n: int, slot: float) -> None:
     sched = six_field(slot)
     for f in range(math.ceil(n / JOBS_PER_FILE)):
@@ -59,6 +65,7 @@ def write_schedules(root: Path, n: int, slot: float) -> None:
             else:
                 lines.append('    command: ["/bin/true"]')
             lines.append("    timeout: 30s")
+            lines.extend(FEATURES)
         (root / f"f{f:04d}.yaml").write_text("\n".join(lines) + "\n")
 
 
@@ -226,7 +233,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="N = 1, 100, 1000; one repeat")
     ap.add_argument("--ns", help="comma-separated N values")
     ap.add_argument("--repeat", type=int, help="repeats per N (medians are printed)")
+    ap.add_argument("--features", action="store_true",
+                    help="every job with concurrency: queue and an active window around now")
     args = ap.parse_args()
+    if args.features:
+        since, until = (datetime.fromtimestamp(time.time() + d, UTC).isoformat() for d in (-86400, 86400))
+        FEATURES.extend(["    concurrency: queue", f'    active: {{from: "{since}", until: "{until}"}}'])
     ns = [int(x) for x in args.ns.split(",")] if args.ns else ([1, 100, 1000] if args.quick
                                                                else [1, 100, 1000, 10000])
     repeat = args.repeat or (1 if args.quick else 2)

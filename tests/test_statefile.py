@@ -16,6 +16,7 @@ from cronfile.schedules.loader import load_schedules
 from cronfile.schedules.model import (
     Active,
     Agent,
+    Calendar,
     CatchUp,
     Concurrency,
     DesiredState,
@@ -97,6 +98,7 @@ FULL_JOB = Job(
     on_change=OnChange.RESTART,
     run_at=1798124400.0,
     active=Active(1796079600.0, 1799276400.0),
+    skip=(Calendar("holidays", ("2026-12-25",), ((1798153200.0, 1798182000.0),)),),
     description="Every field set — ünïcode too",
     owner="team-data",
     source=Source("schedules/data.yaml", 12, 3),

@@ -319,6 +319,10 @@ class Scheduler:
         job = state.job
         if reason == "start":
             reason = "schedule"
+        if job.skip and attempt == 1 and reason in ("schedule", "catch_up"):
+            why = job.skipped_because(slot)  # a holiday or a freeze: the slot does not run
+            if why is not None:
+                return [RecordSlot(job, slot, RunStatus.SKIPPED, why)]
         intended = slot + (jitter_for(job, slot) if reason == "schedule" else 0.0)
         deadline = job.starting_deadline_s
         if deadline is not None and now - intended > deadline and attempt == 1:

@@ -229,6 +229,7 @@ class Timing:
     zone: str
     times: tuple[float, ...] = ()
     note: str = ""
+    skipped: tuple[tuple[float, str], ...] = ()  # (time, why): slots a calendar skips
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,8 @@ def timing(job: Job, after: float, count: int) -> Timing:
         return Timing(job.timezone, note=f"cannot evaluate the schedule: {exc}")
     if not found and job.run_at is not None:
         return Timing(job.timezone, note="one-shot: its time has passed, it will not fire")
-    return Timing(job.timezone, tuple(found), "" if found else "never fires")
+    skipped = tuple((t, why) for t in found if (why := job.skipped_because(t)) is not None)
+    return Timing(job.timezone, tuple(found), "" if found else "never fires", skipped)
 
 
 def dst_transitions(job: Job, start: float, end: float) -> tuple[DstTransition, ...]:
@@ -499,6 +501,8 @@ def display_value(path: str, value: Any) -> str:
     if value is None:
         return "(none)"
     last = path.split(".")[-1]
+    if path == "skip" and isinstance(value, list):
+        return "[" + ", ".join(_calendar_text(c) for c in value) + "]"
     if path in _INSTANTS and isinstance(value, int | float):
         return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
     if last.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
@@ -508,6 +512,23 @@ def display_value(path: str, value: Any) -> str:
     if path == "schedules" and isinstance(value, list) and len(value) == 1:
         value = value[0]
     return json.dumps(value, ensure_ascii=False)
+
+
+def _calendar_text(calendar: Any) -> str:
+    """A calendar a job skips, with what is in it (a changed calendar changes the job)."""
+    if not isinstance(calendar, dict):
+        return json.dumps(calendar)
+    parts = []
+    if calendar.get("dates"):
+        parts.append("dates " + ", ".join(calendar["dates"]))
+    if calendar.get("windows"):
+        parts.append("windows " + ", ".join(
+            f"{_utc_text(a)}..{_utc_text(b)}" for a, b in calendar["windows"]))
+    return f"{calendar.get('name')} ({'; '.join(parts)})"
+
+
+def _utc_text(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _format_size(n: int) -> str:
@@ -609,7 +630,9 @@ def _timing_lines(label: str, t: Timing | None) -> list[str]:
     if t.note:
         return [f"    {label}{t.note}"]
     pad = " " * len(label)
+    skipped = dict(t.skipped)
     return [f"    {label if i == 0 else pad}{fire_text(ts, t.zone)}"
+            + (f"  (skipped: {skipped[ts]})" if ts in skipped else "")
             for i, ts in enumerate(t.times)]
 
 

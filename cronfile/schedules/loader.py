@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -37,6 +37,7 @@ from cronfile.schedules.model import (
     DEFAULT_OUTPUT_KEEP,
     Active,
     Agent,
+    Calendar,
     CatchUp,
     Concurrency,
     DesiredState,
@@ -74,6 +75,7 @@ class FileResult:
     digest: str
     jobs: list[Job] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
+    calendars: list[Calendar] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     # What the checks across files need, not the whole parsed file (its data and every
     # key's mark would cost memory per job): the declared names (their marks are in
@@ -193,7 +195,7 @@ class ScheduleLoader:
         if has_errors(problems):
             return LoadResult(None, problems, files, counts)
         state = DesiredState(
-            jobs={j.name: j for r in results for j in r.jobs},
+            jobs=_with_calendars(results),
             agents={a.name: a for r in results for a in r.agents},
             revision=Revision(_content_hash(results, self.root),
                               git_commit(self.root) if with_git else None),
@@ -203,6 +205,19 @@ class ScheduleLoader:
 
 
 _RACY_NS = 2_000_000_000
+
+
+def _with_calendars(results: list[FileResult]) -> dict[str, Job]:
+    """Every job by name, its ``skip`` names resolved to the calendars (declared in any
+    file): a changed calendar then changes the jobs that skip it, as a plan should show."""
+    calendars = {c.name: c for r in results for c in r.calendars}
+    jobs = {}
+    for r in results:
+        for j in r.jobs:
+            if j.skip:
+                j = replace(j, skip=tuple(calendars[c.name] for c in j.skip))
+            jobs[j.name] = j
+    return jobs
 
 
 def _read(shown: str, path: str) -> tuple[bytes | None, Problem | None]:
@@ -356,7 +371,7 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     result.problems = doc.problems
     data = doc.data
     if isinstance(data, dict):
-        for section in ("jobs", "agents"):
+        for section in ("jobs", "agents", "calendars"):
             names = data.get(section)
             if isinstance(names, dict):
                 result.names[section] = tuple(names)
@@ -368,7 +383,7 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     return result
 
 
-_KEPT_MARKS = frozenset(("after", "targets"))
+_KEPT_MARKS = frozenset(("after", "targets", "skip"))
 
 
 Failed = set[tuple[str | int, ...]]
@@ -403,12 +418,18 @@ class _FileBuilder:
             if len(p) > 1 and p[0] == "jobs":
                 self.failed_jobs.setdefault(str(p[1]), set()).update(p[2:3])
         self.failed_agents = {p[1] for p in failed if len(p) > 1 and p[0] == "agents"}
+        self.failed_calendars = {p[1] for p in failed if len(p) > 1 and p[0] == "calendars"}
         self._base: dict[str, Any] | None = None
         self._base_bad = False
         self.now = time.time()  # validate warns about the daylight-saving changes ahead
 
     def build(self) -> None:
         data = self.doc.data
+        for name, raw in (data.get("calendars") or {}).items():
+            if isinstance(raw, dict) and name not in self.failed_calendars:
+                calendar = self.calendar(name, raw)
+                if calendar is not None:
+                    self.result.calendars.append(calendar)
         for name, raw in (data.get("agents") or {}).items():
             if name not in self.failed_agents:
                 agent = self.agent(name, raw)
@@ -426,6 +447,42 @@ class _FileBuilder:
                 # A job with schema errors still gets every other check, with the keys that
                 # are right: all of a job's problems are reported in one run.
                 self.job(name, raw, wrong or set(), check_only=True)
+
+    # ----------------------------------------------------------------- calendars
+
+    def calendar(self, name: str, raw: dict[str, Any]) -> Calendar | None:
+        path = ("calendars", name)
+        ok = True
+        dates = []
+        for i, text in enumerate(raw.get("dates") or ()):
+            try:
+                dates.append(date.fromisoformat(text).isoformat())
+            except (TypeError, ValueError):
+                self.doc.error((*path, "dates", i), f"{text!r} is not a date (YYYY-MM-DD)")
+                ok = False
+        windows = []
+        for i, window in enumerate(raw.get("windows") or ()):
+            where = (*path, "windows", i)
+            ends = []
+            for key in ("from", "to"):
+                text = window.get(key)
+                if isinstance(text, str) and not _has_offset(text):
+                    self.doc.error((*where, key), f"{text} needs an offset (Z or +01:00): a "
+                                   "calendar is shared by jobs in different zones")
+                    ok = False
+                    continue
+                ends.append(self.instant(text, "UTC", (*where, key)))
+            if len(ends) != 2 or _BAD in ends:
+                ok = False
+                continue
+            if ends[1] <= ends[0]:
+                self.doc.error((*where, "to"), "a window's `to` must be after its `from`")
+                ok = False
+                continue
+            windows.append((ends[0], ends[1]))
+        if not ok:
+            return None
+        return Calendar(name, tuple(sorted(set(dates))), tuple(sorted(windows)))
 
     # ----------------------------------------------------------------- agents
 
@@ -659,6 +716,13 @@ _RESTART = RestartPolicy()
 _LOCAL = Targets()
 
 
+def _has_offset(text: str) -> bool:
+    try:
+        return datetime.fromisoformat(text).tzinfo is not None
+    except ValueError:
+        return True  # not a time at all: instant() says so
+
+
 def _interned(words: Iterable[Any]) -> Iterator[Any]:
     return (sys.intern(w) if w.__class__ is str else w for w in words)
 
@@ -719,6 +783,8 @@ _CONVERTERS: dict[str, tuple[str, Any, Any]] = {
     "on_change": ("on_change", _enum(OnChange), OnChange.LET_FINISH),
     "restart": ("restart", _FileBuilder.restart, _RESTART),
     "owner": ("owner", _text, ""),
+    # names only here; the loader puts the calendars in once every file is read
+    "skip": ("skip", lambda _b, v, _p: tuple(Calendar(n) for n in v), ()),
 }
 
 
@@ -733,7 +799,7 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
     """
     problems: list[Problem] = []
     declared: dict[str, dict[str, Any]] = {}  # section -> every name declared there
-    for section in ("jobs", "agents"):
+    for section in ("jobs", "agents", "calendars"):
         # Merged with dict operations; the names defined twice (rare) are then looked for.
         seen: dict[str, Any] = {}
         total = 0
@@ -750,7 +816,7 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
             for name in r.names.get(section, ()):
                 mark = r.doc.mark((section, name)) if r.doc is not None else Mark(1, 1)
                 everywhere.setdefault(name, []).append((r.file, mark))
-        kind = "job" if section == "jobs" else "agent"
+        kind = section[:-1]  # job, agent, calendar
         for name, places in everywhere.items():
             if len(places) < 2:
                 continue
@@ -764,9 +830,14 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
     docs = {r.file: r.doc for r in results}
     matched: dict[tuple[tuple[str, str], ...], bool] = {}  # labels -> some agent has them
     for job in jobs.values():
-        if not job.after and not job.targets.agents and not job.targets.labels:
+        if not job.after and not job.targets.agents and not job.targets.labels and not job.skip:
             continue
         doc = docs.get(job.source.file)
+        for i, calendar in enumerate(job.skip):
+            if calendar.name not in declared["calendars"]:
+                hint = did_you_mean(calendar.name, declared["calendars"])
+                problems.append(_located(doc, job, ("skip", i), f"no calendar named "
+                                         f"{calendar.name!r} in the calendars: of any file{hint}"))
         for i, target in enumerate(job.after):
             if target not in declared["jobs"]:
                 hint = did_you_mean(target, declared["jobs"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 MAPPING = {"mapping": True}
 """Field metadata: a tuple of (key, value) pairs that means a mapping (``env``, ``labels``)."""
@@ -234,6 +236,33 @@ class Active:
         return (self.from_s is None or ts >= self.from_s) and (self.until_s is None or ts < self.until_s)
 
 
+@dataclass(frozen=True, slots=True)
+class Calendar:
+    """A named set of days and time windows on which the jobs that ``skip`` it do not run.
+
+    ``dates`` are calendar days read in each job's own zone (a holiday is a local day);
+    ``windows`` are ``[from, to)`` instants, the same for every job (they carry offsets)."""
+
+    name: str
+    dates: tuple[str, ...] = ()  # YYYY-MM-DD, sorted
+    windows: tuple[tuple[float, float], ...] = ()
+
+    def why_skipped(self, ts: float, zone: str) -> str | None:
+        """Why the slot at ``ts`` falls in this calendar, or None."""
+        if self.dates:
+            day = datetime.fromtimestamp(ts, ZoneInfo(zone)).date().isoformat()
+            if day in self.dates:
+                return f"calendar {self.name}: {day} is one of its dates"
+        for start, end in self.windows:
+            if start <= ts < end:
+                return f"calendar {self.name}: inside its window {_iso(start)} - {_iso(end)}"
+        return None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
 DEFAULT_OUTPUT_KEEP = 64 * 1024
 DEFAULT_KILL_GRACE_S = 10.0
 
@@ -268,6 +297,7 @@ class Job:
     expect: Expect = field(default_factory=Expect)
     on_change: OnChange = OnChange.LET_FINISH
     active: Active | None = None
+    skip: tuple[Calendar, ...] = ()  # resolved by the loader from the names written
     description: str = ""
     owner: str = ""
     source: Source = field(default=Source("", 0), compare=False)
@@ -275,6 +305,14 @@ class Job:
     def definition(self) -> dict[str, Any]:
         """The job's fields as plain data, without its source location (for diffs and JSON)."""
         return dict(to_plain(self))
+
+    def skipped_because(self, ts: float) -> str | None:
+        """Why the slot at ``ts`` is skipped by one of the job's calendars, or None."""
+        for calendar in self.skip:
+            why = calendar.why_skipped(ts, self.timezone)
+            if why is not None:
+                return why
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +367,6 @@ class DesiredState:
     agents: dict[str, Agent]
     revision: Revision
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
     def __hash__(self) -> int:  # dicts inside: identity is the revision
         return hash(self.revision)
 

@@ -35,6 +35,12 @@ class JobFires:
     times: list[float]
     note: str = ""
 
+    def skipped(self) -> dict[float, str]:
+        """The times a calendar of the job skips, with the reason."""
+        if not self.job.skip:
+            return {}
+        return {t: why for t in self.times if (why := self.job.skipped_because(t)) is not None}
+
 
 def next_fires(state: DesiredState, job: str | None, count: int, after: float) -> list[JobFires]:
     if job is not None and job not in state.jobs:
@@ -64,16 +70,22 @@ def iso(ts: float, zone: str) -> str:
     return to_datetime(ts, zone).isoformat()
 
 
+def _fires_json(f: JobFires) -> dict[str, object]:
+    out: dict[str, object] = {
+        "job": f.job.name, "timezone": f.job.timezone, "note": f.note or None,
+        "times": [iso(t, f.job.timezone) for t in f.times],
+        "utc": [iso(t, "UTC").replace("+00:00", "Z") for t in f.times]}
+    if f.job.skip:  # only for jobs with calendars: the other jobs' output stays as it was
+        out["skipped"] = [{"time": iso(t, f.job.timezone), "reason": why}
+                          for t, why in f.skipped().items()]
+    return out
+
+
 def render(fires: list[JobFires], single: bool, fmt: str) -> str:
     if fmt == "json":
         if single:
             return json.dumps([iso(t, fires[0].job.timezone) for t in fires[0].times]) + "\n"
-        return json.dumps([
-            {"job": f.job.name, "timezone": f.job.timezone, "note": f.note or None,
-             "times": [iso(t, f.job.timezone) for t in f.times],
-             "utc": [iso(t, "UTC").replace("+00:00", "Z") for t in f.times]}
-            for f in fires
-        ], indent=2) + "\n"
+        return json.dumps([_fires_json(f) for f in fires], indent=2) + "\n"
     lines = []
     for f in fires:
         schedule = " | ".join(f.job.schedules) or (
@@ -81,9 +93,11 @@ def render(fires: list[JobFires], single: bool, fmt: str) -> str:
         lines.append(f"{f.job.name}  {schedule}  ({f.job.timezone})")
         if f.note:
             lines.append(f"  {f.note}")
+        skipped = f.skipped()
         for t in f.times:
             local = to_datetime(t, f.job.timezone)
             utc = to_datetime(t, "UTC")
+            mark = f"   skipped: {skipped[t]}" if t in skipped else ""
             lines.append(f"  {local:%Y-%m-%d %H:%M:%S} {local.tzname():<6} ({local:%z})   "
-                         f"{utc:%Y-%m-%dT%H:%M:%S}Z")
+                         f"{utc:%Y-%m-%dT%H:%M:%S}Z{mark}")
     return "\n".join(lines) + "\n"

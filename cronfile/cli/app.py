@@ -356,7 +356,7 @@ def import_() -> None:
 
 
 @import_.command("crontab")
-@click.argument("files", nargs=-1, required=True,
+@click.argument("files", nargs=-1, required=True, metavar="FILE...",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--system", is_flag=True,
               help="The files are /etc/crontab or /etc/cron.d/* (a user column before the command).")

@@ -16,8 +16,8 @@ Beside it, in the same run (2 shared cores, noisy: medians of repeats are printe
 
 Usage: python bench/center_dispatch.py [--quick] [--ns 1,100,1000,10000] [--repeat R] [--features]
 
-``--features`` gives every job ``concurrency: queue`` and an ``active`` window around now:
-the ratios must not move with them.
+``--features`` gives every job ``concurrency: queue``, an ``active`` window around now and
+``skip:`` a calendar (whose day and window are not today): the ratios must not move with them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ FEATURES: list[str] = []  # extra job lines (--features): the scheduling options
 def write_schedules(root: Path, n: int, slot: float) -> None:
     sched = six_field(slot)
     for f in range(math.ceil(n / JOBS_PER_FILE)):
-        lines = ["apiVersion: cronfile/v1", "jobs:"]
+        lines = ["apiVersion: cronfile/v1"]
+        if FEATURES and f == 0:  # one calendar for every job: a day and a window not today
+            lines += ["calendars:", "  holidays:", "    dates: [2000-01-01]",
+                      '    windows: [{from: "2000-01-02T00:00:00Z", to: "2000-01-03T00:00:00Z"}]']
+        lines.append("jobs:")
         for k in range(f * JOBS_PER_FILE, min(n, (f + 1) * JOBS_PER_FILE)):
             lines.append(f"  j{k:05d}:")
             lines.append(f'    schedule: "{sched}"')
@@ -234,11 +238,12 @@ def main() -> int:
     ap.add_argument("--ns", help="comma-separated N values")
     ap.add_argument("--repeat", type=int, help="repeats per N (medians are printed)")
     ap.add_argument("--features", action="store_true",
-                    help="every job with concurrency: queue and an active window around now")
+                    help="every job with concurrency: queue, an active window around now and a calendar")
     args = ap.parse_args()
     if args.features:
         since, until = (datetime.fromtimestamp(time.time() + d, UTC).isoformat() for d in (-86400, 86400))
-        FEATURES.extend(["    concurrency: queue", f'    active: {{from: "{since}", until: "{until}"}}'])
+        FEATURES.extend(["    concurrency: queue", f'    active: {{from: "{since}", until: "{until}"}}',
+                         "    skip: [holidays]"])
     ns = [int(x) for x in args.ns.split(",")] if args.ns else ([1, 100, 1000] if args.quick
                                                                else [1, 100, 1000, 10000])
     repeat = args.repeat or (1 if args.quick else 2)

@@ -346,6 +346,13 @@ def test_unknown_cron_tz_is_reported_and_blocks_the_lines_after_it() -> None:
     assert [(n.line, n.severity.value) for n in result.notes] == [(1, "error"), (2, "error")]
 
 
+def test_variable_names_env_cannot_hold_are_reported() -> None:
+    result = parse_crontab("MY-VAR=1\nOK_2=x\n0 1 * * * echo\n", "t")
+    assert [(n.line, n.severity.value) for n in result.notes] == [(1, "error")]
+    assert "'MY-VAR' is not a name cronfile's env takes" in result.notes[0].message
+    assert [j.env for j in result.jobs] == [(("OK_2", "x"),)]
+
+
 def test_escaped_percent_is_a_literal_percent() -> None:
     [job] = parse_crontab(r"0 0 * * * printf '\%s\n' a\\b" + "\n", "t").jobs
     assert job.command == r"printf '%s\n' a\\b"

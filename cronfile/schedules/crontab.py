@@ -93,6 +93,7 @@ class CrontabImport:
 _ENV_LINE = re.compile(r"""^\s*(?P<q>['"]?)(?P<name>[^=\s'"]+)(?P=q)\s*=\s*(?P<value>.*?)\s*$""")
 # One item of a cron field: *, a number or a three-letter name, a range, and a step.
 _CRON_ITEM = re.compile(r"^(?:\*|(?:[0-9]+|[A-Za-z]{3})(?:-(?:[0-9]+|[A-Za-z]{3}))?)(?:/[0-9]+)?$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR_REFERENCE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{)")
 _NAMED_FIELDS = (3, 4)  # month and day-of-week take names; the others take numbers only
 _SPECIAL_VARIABLES = {"MAILTO", "MAILFROM", "CRON_TZ", "RANDOM_DELAY"}
@@ -127,6 +128,10 @@ def parse_crontab(text: str, file: str, *, system: bool = False) -> CrontabImpor
                 note(number, Severity.APPROXIMATED, "cron mails any output of a job to "
                      f"{value}; the jobs after this line get a notify command that mails "
                      "it (mail(1)) when a run fails", raw)
+            elif not _ENV_NAME.fullmatch(name):
+                note(number, Severity.NOT_IMPORTED, f"{name!r} is not a name cronfile's env "
+                     "takes (letters, digits and _): the variable is left out of the jobs "
+                     "after this line", raw)
             elif name == "RANDOM_DELAY" and not value.isdigit():
                 note(number, Severity.APPROXIMATED, "RANDOM_DELAY is not a number of minutes "
                      "(cronie ignores it): no jitter", raw)

@@ -158,6 +158,11 @@ def test_plan_marks_the_skipped_slots_and_shows_the_calendar(tmp_path: Path) -> 
     marked = [line for line in done.stdout.splitlines() if "(skipped: " in line]
     assert len(marked) == 1
     assert marked[0].endswith(f"(skipped: calendar holidays: {tomorrow} is one of its dates)")
+    data = json.loads(cli(tmp_path, "plan", "--state", "state", "--format", "json").stdout)
+    [daily] = data["jobs"]
+    assert daily["skipped_slots"] == {"after": [{
+        "time": f"{tomorrow}T12:00:00+00:00",
+        "reason": f"calendar holidays: {tomorrow} is one of its dates"}]}
 
 
 # ---------------------------------------------------------------------- a real center

@@ -669,7 +669,7 @@ def _timing_json(t: Timing | None) -> tuple[list[str], str | None]:
 
 
 def plan_to_dict(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> dict[str, Any]:
-    jobs = []
+    jobs: list[dict[str, Any]] = []
     for job in plan.jobs:
         before, before_note = _timing_json(job.before)
         after, after_note = _timing_json(job.after)
@@ -685,6 +685,11 @@ def plan_to_dict(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> dic
             "agents": list(job.placement.agents) if job.placement else [],
             "placement": job.placement.text if job.placement else None,
         })
+        skipped = {side: [{"time": _iso_local(ts, t.zone), "reason": why} for ts, why in t.skipped]
+                   for side, t in (("before", job.before), ("after", job.after))
+                   if t is not None and t.skipped}
+        if skipped:  # only jobs that skip calendars: other plans stay byte for byte the same
+            jobs[-1]["skipped_slots"] = skipped
     return {
         "baseline": baseline.to_dict(),
         "revision": plan.revision.to_dict(),

@@ -142,7 +142,7 @@ def parse_crontab(text: str, file: str, *, system: bool = False) -> CrontabImpor
                     note(number, Severity.APPROXIMATED, f"cron does not expand variables in "
                          f"{name}=: the value is kept as written, $ and all", raw)
             continue
-        entry = _entry(raw, stripped, number, system)
+        entry = _entry(stripped, system)
         if isinstance(entry, str):
             note(number, Severity.NOT_IMPORTED, entry, raw)
             continue
@@ -159,9 +159,8 @@ def parse_crontab(text: str, file: str, *, system: bool = False) -> CrontabImpor
     return CrontabImport(file, tuple(jobs), tuple(notes))
 
 
-def _entry(raw: str, stripped: str, number: int, system: bool) -> tuple[str, str | None, str] | str:
+def _entry(stripped: str, system: bool) -> tuple[str, str | None, str] | str:
     """(schedule, user, command) of an entry line, or why it cannot be imported."""
-    del number
     if stripped.startswith("@"):
         word, rest = _split_words(stripped, 1)
         nickname = word[0].lower()

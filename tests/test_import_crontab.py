@@ -353,6 +353,11 @@ def test_variable_names_env_cannot_hold_are_reported() -> None:
     assert [j.env for j in result.jobs] == [(("OK_2", "x"),)]
 
 
+def test_a_sixth_field_is_the_start_of_the_command_as_for_cron() -> None:
+    [job] = parse_crontab("0 0 * * * * /bin/true\n", "t").jobs
+    assert (job.schedule, job.command) == ("0 0 * * *", "* /bin/true")
+
+
 def test_escaped_percent_is_a_literal_percent() -> None:
     [job] = parse_crontab(r"0 0 * * * printf '\%s\n' a\\b" + "\n", "t").jobs
     assert job.command == r"printf '%s\n' a\\b"

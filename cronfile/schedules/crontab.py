@@ -10,7 +10,8 @@ What cron does, and what the import makes of it (the README has the full table):
   cron's own rules (names, ``7`` = Sunday, day-of-month OR day-of-week when both are
   restricted, a field starting with ``*`` is unrestricted, cronie's daylight-saving rule
   for jobs whose minute and hour do not start with ``*``). Syntax that cron does not have
-  (``H``, ``?``, ``L``, six fields) is not cron, so it is an error here, not a translation.
+  (``H``, ``?``, ``L``) is not cron, so it is an error here, not a translation; a sixth
+  field is, for cron, the start of the command, and stays so.
 * Variable lines apply to the entries after them: ``env``, except ``CRON_TZ`` (the job's
   ``timezone``), ``RANDOM_DELAY`` (cronie: minutes, the job's ``jitter``), ``MAILTO`` (a
   ``notify`` command through mail(1), which is close but not the same: cron mails any

@@ -27,7 +27,15 @@ from datetime import UTC, datetime
 
 from cronfile.schedules.firetimes import JobTimer
 from cronfile.schedules.jobtimes import Timer, job_timer
-from cronfile.schedules.model import CatchUp, Concurrency, Job, JobKind, RunStatus
+from cronfile.schedules.model import (
+    CatchUp,
+    Concurrency,
+    Job,
+    JobKind,
+    RunStatus,
+    SkipIndex,
+    skip_index,
+)
 
 MAX_ENUMERATED_SLOTS = 10_000
 """A long outage of a per-second job is counted up to this many slots, then bounded."""
@@ -77,6 +85,7 @@ class _JobState:
     deps_done: set[str] | None = None
     after_seen: dict[tuple[str, float], None] | None = None  # bounded, in order
     queued: _Queued | None = None  # concurrency: queue, the one start that waits
+    skips: SkipIndex | None = None  # the job's calendars, looked up once per definition
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +184,8 @@ class Scheduler:
             shared = _timer_for(job.schedules, job.timezone, job.name) if job.schedules else None
             timer = job_timer(job, shared)  # the shared timer itself unless run_at/active
         state = _JobState(job, timer, next(self._generations))
+        if job.skip:
+            state.skips = skip_index(job.skip, job.timezone)
         same_timing = old is not None and old.job.schedules == job.schedules \
             and old.job.timezone == job.timezone and old.job.run_at == job.run_at \
             and old.job.active == job.active
@@ -319,8 +330,8 @@ class Scheduler:
         job = state.job
         if reason == "start":
             reason = "schedule"
-        if job.skip and attempt == 1 and reason in ("schedule", "catch_up"):
-            why = job.skipped_because(slot)  # a holiday or a freeze: the slot does not run
+        if state.skips is not None and attempt == 1 and reason in ("schedule", "catch_up"):
+            why = state.skips.why(slot)  # a holiday or a freeze: the slot does not run
             if why is not None:
                 return [RecordSlot(job, slot, RunStatus.SKIPPED, why)]
         intended = slot + (jitter_for(job, slot) if reason == "schedule" else 0.0)

@@ -9,9 +9,11 @@ checks that decide whether a job changed: moving a job to another file is no cha
 
 from __future__ import annotations
 
+import bisect
 import enum
+import functools
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -247,16 +249,46 @@ class Calendar:
     dates: tuple[str, ...] = ()  # YYYY-MM-DD, sorted
     windows: tuple[tuple[float, float], ...] = ()
 
-    def why_skipped(self, ts: float, zone: str) -> str | None:
-        """Why the slot at ``ts`` falls in this calendar, or None."""
-        if self.dates:
-            day = datetime.fromtimestamp(ts, ZoneInfo(zone)).date().isoformat()
-            if day in self.dates:
-                return f"calendar {self.name}: {day} is one of its dates"
-        for start, end in self.windows:
-            if start <= ts < end:
-                return f"calendar {self.name}: inside its window {_iso(start)} - {_iso(end)}"
-        return None
+
+@dataclass(frozen=True, slots=True)
+class SkipIndex:
+    """The calendars of a job as non-overlapping ``[start, end)`` instants with a reason each:
+    asked for every slot of every job that skips a calendar, one bisect per slot."""
+
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+    reasons: tuple[str, ...]
+
+    def why(self, ts: float) -> str | None:
+        i = bisect.bisect_right(self.starts, ts) - 1
+        return self.reasons[i] if i >= 0 and ts < self.ends[i] else None
+
+
+@functools.lru_cache(maxsize=4096)  # jobs sharing calendars and a zone share one index
+def skip_index(calendars: tuple[Calendar, ...], zone: str) -> SkipIndex:
+    """Each date runs from the first instant whose local date it is (fold=0 midnight is
+    exactly that, also when midnight is in a DST gap or repeat) to that of the next day.
+    Where spans overlap, the earlier one gives the reason."""
+    tz = ZoneInfo(zone)
+    spans: list[tuple[float, float, str]] = []
+    for calendar in calendars:
+        for text in calendar.dates:
+            day = date.fromisoformat(text)
+            after = day + timedelta(days=1)
+            spans.append((datetime(day.year, day.month, day.day, tzinfo=tz).timestamp(),
+                          datetime(after.year, after.month, after.day, tzinfo=tz).timestamp(),
+                          f"calendar {calendar.name}: {text} is one of its dates"))
+        for start, end in calendar.windows:
+            spans.append((start, end, f"calendar {calendar.name}: inside its window "
+                                      f"{_iso(start)} - {_iso(end)}"))
+    merged: list[tuple[float, float, str]] = []
+    for start, end, why in sorted(spans, key=lambda span: span[0]):
+        if merged and start < merged[-1][1]:
+            start = merged[-1][1]  # the overlap belongs to the span before
+        if start < end:
+            merged.append((start, end, why))
+    return SkipIndex(tuple(m[0] for m in merged), tuple(m[1] for m in merged),
+                     tuple(m[2] for m in merged))
 
 
 def _iso(ts: float) -> str:
@@ -308,11 +340,7 @@ class Job:
 
     def skipped_because(self, ts: float) -> str | None:
         """Why the slot at ``ts`` is skipped by one of the job's calendars, or None."""
-        for calendar in self.skip:
-            why = calendar.why_skipped(ts, self.timezone)
-            if why is not None:
-                return why
-        return None
+        return skip_index(self.skip, self.timezone).why(ts) if self.skip else None
 
 
 @dataclass(frozen=True, slots=True)

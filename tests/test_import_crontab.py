@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from cronfile.schedules.crontab import import_crontabs, parse_crontab
 from cronfile.schedules.firetimes import JobTimer
 from cronfile.schedules.loader import load_file
+from cronfile.schedules.problems import Severity
 
 DATA = Path(__file__).parent / "data" / "crontabs"
 DEBIAN = sorted((DATA / "debian").iterdir())
@@ -135,7 +136,8 @@ class RefLine:
 def cronfile_times(yaml_text: str, start: float, end: float) -> dict[str, set[float]]:
     """Fire times of every job of a schedule file, as the center computes them."""
     result = load_file("imported.yaml", yaml_text.encode())
-    assert not result.problems, [str(p) for p in result.problems]
+    errors = [p.render() for p in result.problems if p.severity is Severity.ERROR]
+    assert not errors, errors  # warnings (a 02:30 job in a DST zone) are validate's advice
     out = {}
     for job in result.jobs:
         times: set[float] = set()

@@ -96,6 +96,10 @@ _ENV_LINE = re.compile(r"""^\s*(?P<q>['"]?)(?P<name>[^=\s'"]+)(?P=q)\s*=\s*(?P<v
 _CRON_ITEM = re.compile(r"^(?:\*|(?:[0-9]+|[A-Za-z]{3})(?:-(?:[0-9]+|[A-Za-z]{3}))?)(?:/[0-9]+)?$")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _VAR_REFERENCE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{)")
+_LETTER = re.compile(r"[A-Za-z]")
+_STEP_WITHOUT_RANGE = re.compile(r"^([0-9]+|[A-Za-z]{3})/([0-9]+)$")
+_QUOTING = re.compile(r"""['"\\]""")
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
 _NAMED_FIELDS = (3, 4)  # month and day-of-week take names; the others take numbers only
 _SPECIAL_VARIABLES = {"MAILTO", "MAILFROM", "CRON_TZ", "RANDOM_DELAY"}
 
@@ -196,21 +200,12 @@ def _entry(stripped: str, system: bool) -> tuple[str, str | None, str] | str:
 
 
 def _split_words(text: str, count: int) -> tuple[list[str], str]:
-    """The first ``count`` blank-separated words of ``text`` and what follows them."""
-    words: list[str] = []
-    rest = text
-    for _ in range(count):
-        rest = rest.lstrip(" \t")
-        if not rest:
-            break
-        end = len(rest)
-        for i, ch in enumerate(rest):
-            if ch in " \t":
-                end = i
-                break
-        words.append(rest[:end])
-        rest = rest[end:]
-    return words, rest
+    """The first ``count`` blank-separated words of ``text`` and what follows them (without
+    its leading blanks, as cron reads the command)."""
+    parts = text.split(None, count)
+    if len(parts) <= count:
+        return parts, ""
+    return parts[:count], parts[count]
 
 
 def _cron_syntax(fields: list[str]) -> str | None:
@@ -221,7 +216,7 @@ def _cron_syntax(fields: list[str]) -> str | None:
         for item in text.split(","):
             if not _CRON_ITEM.match(item):
                 return f"{item!r} in the {name} field is not cron syntax"
-            if index not in _NAMED_FIELDS and re.search(r"[A-Za-z]", item):
+            if index not in _NAMED_FIELDS and _LETTER.search(item):
                 return f"{item!r}: names are only allowed in the month and day-of-week fields"
     return None
 
@@ -230,8 +225,9 @@ def _cron_weekday_steps(text: str) -> str:
     """cronie reads ``N/S`` in day-of-week as ``N-7/S`` (7 is Sunday again), cronfile as
     ``N-6/S``: ``1/2`` is Mon, Wed, Fri AND Sunday for cron. Writing the range out keeps
     cron's meaning (the fire-time property test checks it)."""
-    return ",".join(re.sub(r"^([0-9]+|[A-Za-z]{3})/([0-9]+)$", r"\1-7/\2", item)
-                    for item in text.split(","))
+    if "/" not in text:
+        return text
+    return ",".join(_STEP_WITHOUT_RANGE.sub(r"\1-7/\2", item) for item in text.split(","))
 
 
 def _job(file: str, number: int, raw: str, schedule: str, user: str | None, line: str,
@@ -332,7 +328,7 @@ _TOKEN = re.compile(r"""(&&|\|\||;;|\|&|[;|&()])|([0-9]*[<>][<>&]*)"""
 
 
 def _shell_tokens(command: str) -> list[str]:
-    return [operator or redirect or re.sub(r"""['"\\]""", "", word)
+    return [operator or redirect or (_QUOTING.sub("", word) if _QUOTING.search(word) else word)
             for operator, redirect, word in _TOKEN.findall(command)]
 
 
@@ -359,7 +355,7 @@ def _simple_commands(tokens: list[str]) -> Iterable[list[str]]:
 def slugify(text: str, limit: int = 56) -> str:
     """Lower case, runs of anything else than [a-z0-9] as one '-', at most ``limit`` long
     (a job name is at most 63: room is left for a ``-N`` suffix)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    slug = _NOT_SLUG.sub("-", text.lower()).strip("-")
     return slug[:limit].rstrip("-")
 
 

@@ -301,21 +301,39 @@ def status(state_dir: Path, fmt: str) -> None:
               type=click.Choice(["succeeded", "failed", "timeout", "killed", "lost", "skipped",
                                  "missed", "no_agent", "running", "dispatched"]))
 @click.option("--since", help="Only runs scheduled at or after this ISO-8601 time.")
+@click.option("--until", help="Only runs scheduled at or before this ISO-8601 time.")
 @click.option("--limit", type=click.IntRange(0), default=50, show_default=True,
               help="The latest N runs (0: all).")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def runs(state_dir: Path, job: str | None, status_: str | None, since: str | None, limit: int,
-         fmt: str) -> None:
-    """Runs recorded in the ledger, one line per run."""
-    from cronfile.schedules.nexttimes import UsageError
+def runs(state_dir: Path, job: str | None, status_: str | None, since: str | None,
+         until: str | None, limit: int, fmt: str) -> None:
+    """Runs recorded in the ledger, one line per run (newest segments read first)."""
+    from cronfile.schedules.nexttimes import UsageError, parse_time
     from cronfile.state.reports import query_runs, render_runs
 
     _state_dir_must_exist(state_dir)
-    try:
-        views = query_runs(state_dir, job, status_, since, limit or None)
-    except UsageError as exc:
-        raise click.UsageError(str(exc).replace("--after", "--since")) from None
-    _echo(render_runs(views, fmt))
+    for name, value in (("--since", since), ("--until", until)):
+        try:
+            if value:
+                parse_time(value)
+        except UsageError as exc:
+            raise click.UsageError(str(exc).replace("--after", name)) from None
+    _echo(render_runs(query_runs(state_dir, job, status_, since, limit or None, until), fmt))
+
+
+@cli.command()
+@click.argument("run_id")
+@STATE
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def logs(run_id: str, state_dir: Path, fmt: str) -> None:
+    """One run's records and its whole output tail (exit 1 if the ledger has no such run)."""
+    from cronfile.state.reports import render_log, run_log
+
+    _state_dir_must_exist(state_dir)
+    entry = run_log(state_dir, run_id)
+    if entry is None:
+        raise click.ClickException(f"no run {run_id} in the ledger of {state_dir}")
+    _echo(render_log(entry, fmt))
 
 
 @cli.command("run")

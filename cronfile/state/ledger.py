@@ -42,16 +42,47 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import logging
 import math
 import os
+import signal
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from cronfile.state.checkpoint import (
+    SLOT_REACH_S,
+    LedgerSummary,
+    fold_rest,
+    fresh_summary,
+    load_checkpoint,
+    position_valid,
+    write_checkpoint,
+)
+from cronfile.state.retention import expired_segments
+from cronfile.state.segments import (
+    LOG_KINDS,
+    Segment,
+    clean_debris,
+    current_generation,
+    list_segments,
+    read_bytes,
+    seal,
+)
+from cronfile.state.segments import parse_name as parse_segment
 from cronfile.transports.executor import RunOutcome
+
+ledger_log = logging.getLogger("cronfile.ledger")
+
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+"""A current file past this is rotated: big enough that a busy center rotates every few
+minutes at most, small enough that a restart after a crash folds it in well under a second
+and a query reads the newest one whole."""
 
 __all__ = [
     "EVENTS_FILE",
@@ -64,6 +95,7 @@ __all__ = [
     "encode_records",
     "fold_runs",
     "read",
+    "read_log",
     "iso",
     "outcome_fields",
     "utc_ts",
@@ -174,6 +206,10 @@ class JsonlLog:
         self.path = Path(path)
         self._fd: int | None = None
         self._lock = threading.Lock()  # the center may append from a worker thread
+        self.size = 0
+        """Bytes in the file (kept as it is written: the rotation check reads no stat)."""
+        self.day: str | None = None
+        """UTC date (``2026-11-30``) of the file's first record, None while it is empty."""
 
     def open(self) -> int:
         """Repair a torn tail and open for appending; returns the bytes dropped by the repair."""
@@ -186,6 +222,8 @@ class JsonlLog:
             self._fd = os.open(self.path, flags, 0o644)
             if not existed:
                 fsync_dir(self.path.parent)  # the new name must survive a crash too
+            self.size = os.fstat(self._fd).st_size
+            self.day = _first_day(self.path) if self.size else None
             return dropped
 
     def close(self) -> None:
@@ -212,6 +250,9 @@ class JsonlLog:
         with self._lock:
             assert self._fd is not None
             _write_all(self._fd, data)
+            self.size += len(data)
+            if self.day is None:
+                self.day = utc_ts()[:10]
             if sync:
                 os.fsync(self._fd)
 
@@ -241,6 +282,14 @@ class JsonlLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _first_day(path: Path) -> str | None:
+    """The UTC date of a log's first record (its ``ts`` is the second key of the line)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    start = head.find(b'"ts":"')
+    return head[start + 6:start + 16].decode("ascii", "replace") if start >= 0 else None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -330,34 +379,232 @@ def fold_runs(records: Iterable[dict[str, Any]]) -> list[RunView]:
 
 
 class Ledger:
-    """The two logs of one state directory."""
+    """The two logs of one state directory, with their segments and checkpoint.
 
-    def __init__(self, state_dir: Path | str) -> None:
+    :meth:`open` repairs torn tails (in the current files and in rotated plain segments),
+    finishes a seal a crash interrupted, takes over an oversized log of an earlier version
+    (rotated and split at once, with progress logged), and brings the checkpoint up to the
+    end of the logs; :meth:`recover` then hands the summary to the center without reading
+    history again. While it runs, :meth:`write_runs` and :meth:`event` rotate a log past
+    ``segment_bytes`` (or once it holds an earlier UTC day); sealing, the checkpoint and
+    retention happen on a maintenance thread, so no append waits for compression.
+    """
+
+    def __init__(self, state_dir: Path | str, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 retention_s: float | None = None, reach_s: float = SLOT_REACH_S,
+                 retention_text: str | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runs = JsonlLog(self.state_dir / RUNS_FILE)
         self.events = JsonlLog(self.state_dir / EVENTS_FILE)
+        self.segment_bytes = segment_bytes
+        self.retention_s = retention_s
+        self.retention_text = retention_text
+        self.reach_s = reach_s
+        self._logs = {"runs": self.runs, "events": self.events}
+        self._summary: LedgerSummary | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._maintenance: ThreadPoolExecutor | None = None
+        self._maintenance_lock = threading.Lock()  # the summary: maintenance thread vs close
+
+    # ------------------------------------------------------------------ opening
 
     def open(self) -> dict[str, int]:
-        """Repair and open both logs; returns the bytes dropped from each torn tail."""
-        return {"runs": self.runs.open(), "events": self.events.open()}
+        """Repair and open both logs, seal what a crash left, bring the checkpoint up to
+        date; returns the bytes dropped from each torn tail of the current files."""
+        dropped = {"runs": self.runs.open(), "events": self.events.open()}
+        summary = self._usable_checkpoint()
+        for kind in LOG_KINDS:
+            log = self._logs[kind]
+            if log.size > self.segment_bytes:  # e.g. the one runs.jsonl of an earlier version
+                ledger_log.warning("%s is %.0f MB: rotating it into segments before starting "
+                                   "(once; later starts read only the checkpoint)",
+                                   log.path.name, log.size / 1e6)
+                self._rotate(kind)
+            for plain in clean_debris(self.state_dir, kind):
+                JsonlLog(plain.path).repair()
+                self._seal(kind, plain, summary, log_progress=True)
+            fold_rest(self.state_dir, kind, summary)
+        summary.prune(self.reach_s)
+        self._summary = summary
+        write_checkpoint(self.state_dir, summary, crash_hook)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        self._maintenance = ThreadPoolExecutor(1, thread_name_prefix="ledger-maintenance")
+        self._retention()
+        return dropped
 
-    def close(self) -> None:
-        self.runs.close()
-        self.events.close()
+    def _usable_checkpoint(self) -> LedgerSummary:
+        """The checkpoint if it matches the files; else an empty summary positioned at the
+        oldest segment (everything is folded again: slow once, nothing lost)."""
+        summary = load_checkpoint(self.state_dir)
+        if summary is not None and all(position_valid(self.state_dir, k, summary)
+                                       for k in LOG_KINDS):
+            return summary
+        if summary is not None or any(list_segments(self.state_dir, k) for k in LOG_KINDS):
+            ledger_log.warning("no usable checkpoint: rebuilding it from the segments")
+        return fresh_summary(self.state_dir)
+
+    def recover(self) -> LedgerSummary:
+        """What start-up needs from history (a copy: the center may keep it)."""
+        assert self._summary is not None, "open() first"
+        with self._maintenance_lock:
+            return self._summary.copy()
+
+    # ------------------------------------------------------------------ writing
+
+    def write_runs(self, data: bytes, sync: bool = True) -> None:
+        """Append encoded run records (one write, one fsync), then rotate if due."""
+        self.runs.write(data, sync)
+        self._maybe_rotate("runs")
+
+    def append_runs(self, records: Iterable[dict[str, Any]], sync: bool = True) -> None:
+        self.write_runs(encode_records(records), sync)
 
     def event(self, name: str, sync: bool = True, **fields: Any) -> None:
         """Append one event record (``{"event": name, ...}``)."""
         self.events.append([{"event": name, **fields}], sync=sync)
+        self._maybe_rotate("events")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn`` on the writer thread, after everything submitted before it: the
+        center's appends and fsyncs happen there, off its event loop, in order."""
+        if self._writer is None:
+            done: Future[Any] = Future()
+            try:
+                done.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+                done.set_exception(exc)
+            return done
+        return self._writer.submit(fn, *args, **kwargs)
+
+    def _maybe_rotate(self, kind: str) -> None:
+        log = self._logs[kind]
+        if log.size >= self.segment_bytes or (log.day is not None and log.day < utc_ts()[:10]):
+            self._rotate(kind)
+
+    def _rotate(self, kind: str) -> None:
+        """Rename the current file to the next segment and start a new one. The rename is
+        atomic: after a crash there is either the old file or the segment (and a missing
+        current file is simply created again)."""
+        log = self._logs[kind]
+        gen = current_generation(self.state_dir, kind)
+        segment_path = self.state_dir / f"{kind}.{gen:06d}.jsonl"
+        log.close()
+        os.rename(log.path, segment_path)
+        fsync_dir(self.state_dir)
+        crash_hook("rotate")
+        log.open()
+        plain = parse_segment(segment_path)
+        assert plain is not None
+        if self._maintenance is not None:
+            self._maintenance.submit(self._seal_and_tidy, kind, plain)
+
+    def _seal_and_tidy(self, kind: str, plain: Segment) -> None:
+        try:
+            with self._maintenance_lock:
+                assert self._summary is not None
+                self._seal(kind, plain, self._summary, log_progress=False)
+                self._summary.prune(self.reach_s)
+                write_checkpoint(self.state_dir, self._summary, crash_hook)
+            self._retention()
+        except Exception:  # the segment stays plain and is sealed at the next start
+            ledger_log.exception("sealing %s failed", plain.path.name)
+
+    def _seal(self, kind: str, plain: Segment, summary: LedgerSummary,
+              log_progress: bool) -> None:
+        """Seal ``plain``, folding into ``summary`` the lines it has not seen yet."""
+        seq, offset = summary.position.get(kind, [plain.seq, 0])
+        fold = seq <= plain.seq
+        skip = [offset if seq == plain.seq else 0]
+        summary.seq_hint = plain.seq
+        began = time.monotonic()
+
+        def on_lines(lines: Iterator[bytes]) -> None:
+            if not fold:
+                return
+            for line in lines:
+                if skip[0] > 0:
+                    skip[0] -= len(line) + 1
+                    continue
+                summary.add_line(kind, line)
+
+        def progress(done: int, total: int) -> None:
+            if log_progress and total > 4 * self.segment_bytes:
+                ledger_log.warning("taking over %s: %d%% (%.0f of %.0f MB, %.0fs)",
+                                   plain.path.name, 100 * done // max(total, 1), done / 1e6,
+                                   total / 1e6, time.monotonic() - began)
+            crash_hook("seal")
+
+        seal(plain, self.segment_bytes, progress, on_lines)
+        if fold:
+            summary.position[kind] = [plain.seq + 1, 0]
+
+    # ------------------------------------------------------------------ retention
+
+    def _retention(self) -> None:
+        """Remove whole sealed segments older than the retention, oldest first (SPEC §8)."""
+        if self.retention_s is None or self._summary is None:
+            return
+        cutoff = iso(time.time() - self.retention_s)
+        assert cutoff is not None
+        with self._maintenance_lock:
+            summary = self._summary
+            open_seqs = {int(r.get("seq") or 0) for r in summary.open_runs.values()}
+            for kind in LOG_KINDS:
+                removable = expired_segments(
+                    list_segments(self.state_dir, kind), cutoff,
+                    open_seqs if kind == "runs" else set(), summary.position[kind][0])
+                if not removable:
+                    continue
+                for segment in removable:
+                    segment.path.unlink(missing_ok=True)
+                fsync_dir(self.state_dir)
+                ledger_log.info("retention %s: removed %d %s segment(s) from %s to %s",
+                                self.retention_text, len(removable), kind, removable[0].lo,
+                                removable[-1].hi)
+                # through the writer thread: it alone appends to (and rotates) the logs
+                self.submit(self.event, "retention", log=kind, retention=self.retention_text,
+                            **{"from": removable[0].lo, "to": removable[-1].hi},
+                            records=sum(s.count or 0 for s in removable),
+                            segments=[s.path.name for s in removable])
+
+    # ------------------------------------------------------------------ reading
 
     def read_runs(self, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
-        return read(self.runs.path, stats)
+        """Every run record of every segment and the current file, oldest first."""
+        return read_log(self.state_dir, "runs", stats)
 
     def read_events(self, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
-        return read(self.events.path, stats)
+        return read_log(self.state_dir, "events", stats)
 
     def run_views(self) -> list[RunView]:
         return fold_runs(self.read_runs())
+
+    # ------------------------------------------------------------------ closing
+
+    def drain(self) -> None:
+        """Wait for everything submitted to the writer thread."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Finish queued writes and seals, leave a checkpoint covering everything (so the
+        next start folds nothing), close the files."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._maintenance is not None:
+            self._maintenance.shutdown(wait=True)
+            self._maintenance = None
+        if self._summary is not None:
+            with self._maintenance_lock:
+                for kind in LOG_KINDS:
+                    fold_rest(self.state_dir, kind, self._summary)
+                self._summary.prune(self.reach_s)
+                write_checkpoint(self.state_dir, self._summary, crash_hook)
+            self._summary = None
+        self.runs.close()
+        self.events.close()
 
     def __enter__(self) -> Ledger:
         self.open()
@@ -365,3 +612,30 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_log(state_dir: Path, kind: str, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
+    """Every record of log ``kind``: its segments oldest first, then the current file."""
+    stats = stats if stats is not None else ReadStats()
+    for segment in list_segments(state_dir, kind):
+        yield from parse_lines(read_bytes(segment).split(b"\n"), stats)
+    yield from read(state_dir / f"{kind}.jsonl", stats)
+
+
+def parse_lines(lines: Iterable[bytes], stats: ReadStats) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        record = _parse_line(line)
+        if record is None:
+            if line.strip():
+                stats.skipped += 1
+            continue
+        stats.records += 1
+        yield record
+
+
+def crash_hook(point: str) -> None:
+    """Fault injection for the crash tests: ``CRONFILE_CRASH_AT=rotate|seal|checkpoint``
+    makes this process SIGKILL itself at that point (a power cut there, as far as the files
+    can tell). Unset, it costs one dictionary lookup."""
+    if os.environ.get("CRONFILE_CRASH_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)

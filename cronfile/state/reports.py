@@ -10,51 +10,53 @@ import contextlib
 import json
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cronfile.schedules.firetimes import JobTimer, to_datetime
 from cronfile.schedules.model import JobKind
 from cronfile.schedules.nexttimes import parse_time
+from cronfile.state import queries
 from cronfile.state.applied import read_applied
-from cronfile.state.ledger import ReadStats, fold_runs, read
-
-
-def _ts(text: Any) -> float:
-    if not isinstance(text, str):
-        return 0.0
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
-
-
-def load_runs(state_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every run folded into one view (records of one run_id merged), and the number of
-    unreadable lines skipped (a torn tail never stops a reader)."""
-    stats = ReadStats()
-    views = fold_runs(read(state_dir / "runs.jsonl", stats))
-    return views, stats.skipped
+from cronfile.state.checkpoint import current_summary
 
 
 def query_runs(state_dir: Path, job: str | None = None, status: str | None = None,
-               since: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    views, _ = load_runs(state_dir)
-    since_ts = parse_time(since) if since else None
-    out = []
-    for view in views:
-        state = view.get("status") or ("running" if view.get("record") == "started" else "dispatched")
-        view["state"] = state
-        if job and view.get("job") != job:
-            continue
-        if status and state != status:
-            continue
-        if since_ts is not None and _ts(view.get("scheduled_at") or view.get("dispatched_ts")) < since_ts:
-            continue
-        out.append(view)
-    if limit:
-        out = out[-limit:]
+               since: str | None = None, limit: int | None = None,
+               until: str | None = None) -> list[dict[str, Any]]:
+    """``cronfile runs``: the newest ``limit`` matching runs, oldest first; reads the
+    newest segments first and stops at the limit (:mod:`cronfile.state.queries`)."""
+    return queries.query_runs(state_dir, queries.RunQuery(
+        job=job, status=status, since=parse_time(since) if since else None,
+        until=parse_time(until) if until else None, limit=limit))
+
+
+def run_log(state_dir: Path, run_id: str) -> dict[str, Any] | None:
+    """``cronfile logs RUN_ID``: the run's records in order and its whole output tail."""
+    records = queries.find_run(state_dir, run_id)
+    if not records:
+        return None
+    tail = next((r.get("output_tail") for r in reversed(records)
+                 if isinstance(r.get("output_tail"), str)), "")
+    return {"run_id": run_id, "job": records[0].get("job"), "records": records,
+            "output_tail": tail}
+
+
+def render_log(entry: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(entry, indent=2) + "\n"
+    lines = [f"run {entry['run_id']} of {entry['job']}"]
+    for r in entry["records"]:
+        status = r.get("status") or ""
+        extra = "".join(f" {k}={r[k]}" for k in ("agent", "attempt", "exit_code", "signal",
+                                                  "duration_s", "reason")
+                        if r.get(k) is not None and (k != "agent" or r.get("record") == "dispatched"))
+        lines.append(f"{r.get('ts')}  {r.get('record'):<10} {status}{extra}".rstrip())
+    out = "\n".join(lines) + "\n"
+    tail = entry["output_tail"] or ""
+    out += f"--- output tail ({len(tail)} chars) ---\n" + tail
+    if tail and not tail.endswith("\n"):
+        out += "\n"
     return out
 
 
@@ -92,30 +94,14 @@ def _center_alive(state_dir: Path) -> dict[str, Any] | None:
 def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     applied = read_applied(state_dir)
-    views, skipped = load_runs(state_dir)
-    last: dict[str, dict[str, Any]] = {}
+    summary = current_summary(state_dir)
+    last = {name: info["last"] for name, info in summary.jobs.items() if info.get("last")}
     running: dict[str, list[str]] = {}
-    by_host: dict[str, dict[str, Any]] = {}
-    for v in views:
-        name = v.get("job")
-        if not isinstance(name, str):
-            continue
-        if v.get("transport") in ("local", "tcp", "ssh"):
-            by_host[str(v.get("agent"))] = v
-        if not v.get("status"):
-            running.setdefault(name, []).append(str(v.get("run_id")))
-        elif v.get("status"):
-            last[name] = v
-    rejection = None
-    notify_failures: dict[str, dict[str, Any]] = {}
-    for event in read(state_dir / "events.jsonl"):
-        if event.get("event") == "revision_rejected":
-            rejection = event
-        elif event.get("event") == "revision_applied":
-            rejection = None
-        elif event.get("event") == "notify_failed" and isinstance(event.get("job"), str):
-            notify_failures[event["job"]] = {k: event.get(k) for k in (
-                "ts", "kind", "via", "status_code", "error")}
+    for run_id, run in summary.open_runs.items():
+        running.setdefault(str(run.get("job")), []).append(run_id)
+    by_host = summary.hosts
+    rejection = summary.rejection
+    notify_failures = summary.notify_failures
     jobs = []
     if applied is not None:
         for name, job in sorted(applied.jobs.items()):
@@ -147,7 +133,7 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
         "last_rejection": rejection and {"ts": rejection.get("ts"), "errors": rejection.get("errors")},
         "jobs": jobs,
         "agents": agents,
-        "unreadable_ledger_lines": skipped,
+        "unreadable_ledger_lines": summary.skipped,
     }
 
 
@@ -219,4 +205,5 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["build_status", "query_runs", "render_runs", "render_status", "to_datetime"]
+__all__ = ["build_status", "query_runs", "render_log", "render_runs", "render_status", "run_log",
+           "to_datetime"]

@@ -100,6 +100,20 @@ def newest_first_lines(state_dir: Path, kind: str, since: str | None = None,
                 yield line
 
 
+_SCHEDULED = b'"scheduled_at":"'
+
+
+def _outside(line: bytes, low: bytes | None, high: bytes | None) -> bool:
+    """Whether a run record is certainly outside the window, judged from its scheduled
+    time's text without parsing the line (to the second, so the edges are parsed)."""
+    start = line.find(_SCHEDULED)
+    if start < 0:
+        return False  # a manual run: its dispatch time decides, after parsing
+    start += len(_SCHEDULED)
+    second = line[start:start + 19]
+    return (low is not None and second < low) or (high is not None and second > high)
+
+
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(line)
@@ -122,8 +136,12 @@ def query_runs(state_dir: Path, query: RunQuery) -> list[dict[str, Any]]:
     complete: list[dict[str, Any]] = []
     position = 0
     since_text, until_text = _iso_from(query.since), _iso_from(query.until)
+    low = since_text[:19].encode() if since_text else None
+    high = until_text[:19].encode() if until_text else None
     for line in newest_first_lines(state_dir, "runs", since_text, until_text):
         if needle is not None and needle not in line:
+            continue
+        if (low or high) and _outside(line, low, high):
             continue
         record = _parse(line)
         if record is None:

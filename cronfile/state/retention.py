@@ -10,12 +10,15 @@ next rotation continues).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cronfile.schedules.firetimes import JobTimer
+from cronfile.schedules.model import CatchUp, Job, JobKind
 from cronfile.state.segments import Segment
 
-__all__ = ["DEFAULT_RETENTION", "RetentionError", "expired_segments", "parse_retention",
-           "RetentionNeed"]
+__all__ = ["DEFAULT_RETENTION", "RetentionError", "RetentionNeed", "check_retention",
+           "expired_segments", "parse_retention", "retention_needs"]
 
 DEFAULT_RETENTION = "90d"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -63,3 +66,60 @@ def expired_segments(segments: list[Segment], cutoff: str, open_seqs: set[int],
             break
         out.append(segment)
     return out
+
+
+def retention_needs(jobs: Iterable[Job], now: float) -> list[RetentionNeed]:
+    """How far back each job needs its history, where that is more than the slot memory
+    every center keeps anyway: ``expect.success_within`` (the last success must still be
+    there), its retries (from the first attempt to the last) and ``catch_up: latest`` (the
+    last slot before an outage, up to one period of the schedule back)."""
+    needs = []
+    for job in jobs:
+        if job.expect.success_within_s:
+            needs.append(RetentionNeed(job.name, job.expect.success_within_s,
+                                       "expect.success_within"))
+        if job.retries.max:
+            reach = sum(job.retries.delay_before(a) for a in range(2, job.retries.max + 2))
+            reach += (job.retries.max + 1) * (job.timeout_s or 0.0)
+            needs.append(RetentionNeed(job.name, reach, "its retries"))
+        if job.catch_up is CatchUp.LATEST and job.schedules and job.kind is JobKind.CRON:
+            period = _longest_gap(job, now)
+            if period:
+                needs.append(RetentionNeed(job.name, period, "catch_up: latest"))
+    return needs
+
+
+def _longest_gap(job: Job, now: float, fires: int = 32) -> float:
+    timer = JobTimer.for_job(job.schedules, job.timezone, job.name)
+    gaps, previous = [], timer.next_after(now)
+    for _ in range(fires):
+        if previous is None:
+            break
+        following = timer.next_after(previous)
+        if following is None:
+            break
+        gaps.append(following - previous)
+        previous = following
+    return max(gaps, default=0.0)
+
+
+def check_retention(retention_s: float | None, retention_text: str, jobs: Iterable[Job],
+                    now: float) -> str | None:
+    """Why ``--retention`` is too short for these jobs (one line per job), or None."""
+    if retention_s is None:
+        return None
+    short = [n for n in retention_needs(jobs, now) if n.seconds > retention_s]
+    if not short:
+        return None
+    lines = [f"--retention {retention_text} is shorter than some jobs need the ledger:"]
+    lines += [f"  job {n.job}: {n.why} reaches {format_duration(n.seconds)} back"
+              for n in sorted(short, key=lambda n: (n.job, n.why))]
+    lines.append("use a longer --retention (or 'forever')")
+    return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g}{unit}"
+    return f"{seconds:.3g}s"

@@ -424,3 +424,29 @@ def test_logs_and_runs_commands_on_a_segmented_ledger(tmp_path: Path) -> None:
         v["run_id"] for v in query_runs(tmp_path, since=since, until=until, limit=None)]
     bad = cli("runs", "--until", "someday", state=tmp_path)
     assert bad.returncode == 2 and "--until" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_retention_shorter_than_a_jobs_reach_is_explained() -> None:
+    from cronfile.schedules.model import CatchUp, Expect, Job, Retries
+    from cronfile.state.retention import check_retention
+
+    jobs = [Job(name="weekly", command="true", schedules=("0 3 * * 1",), catch_up=CatchUp.LATEST),
+            Job(name="watched", command="true", schedules=("* * * * *",),
+                expect=Expect(success_within_s=10 * DAY)),
+            Job(name="retried", command="true", schedules=("* * * * *",),
+                retries=Retries(max=3, backoff_s=3600, factor=4), timeout_s=600),
+            Job(name="plain", command="true", schedules=("* * * * *",))]
+    now = time.time()
+    message = check_retention(parse_retention("5d"), "5d", jobs, now)
+    assert message is not None
+    assert message.splitlines() == [
+        "--retention 5d is shorter than some jobs need the ledger:",
+        "  job watched: expect.success_within reaches 10d back",
+        "  job weekly: catch_up: latest reaches 7d back",
+        "use a longer --retention (or 'forever')",
+    ]
+    assert "retried" not in message  # 1 h + 4 h + 16 h + 4 x 10 min < 5 days
+    assert check_retention(parse_retention("10d"), "10d", jobs, now) is None
+    assert check_retention(None, "forever", jobs, now) is None
+    short = check_retention(parse_retention("12h"), "12h", jobs, now)
+    assert short is not None and "  job retried: its retries reaches 21.7h back" in short

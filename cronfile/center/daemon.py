@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import signal
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +39,7 @@ from cronfile.center.alerts import Notifier, runtime_alerts
 from cronfile.center.control import ControlServer
 from cronfile.center.options import CenterOptions
 from cronfile.center.records import NoOutcomeRecord, RecordWriter
-from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover
+from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
 from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
@@ -55,7 +56,9 @@ from cronfile.schedules.diff import StateDiff, diff_states
 from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunStatus
 from cronfile.state.applied import StateFileError, read_applied
-from cronfile.state.ledger import Ledger, encode_records, fold_runs, iso, outcome_fields
+from cronfile.state.checkpoint import LedgerSummary
+from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields
+from cronfile.state.retention import check_retention, parse_retention
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.transports.hub import AgentHub
@@ -124,7 +127,10 @@ class Center:
         self.options = options
         self.clock = clock or SystemClock()
         self.state_dir = options.state
-        self.ledger = Ledger(options.state)
+        self.ledger = Ledger(options.state, segment_bytes=options.segment_bytes,
+                             retention_s=parse_retention(options.retention),
+                             retention_text=options.retention)
+        self._history = LedgerSummary()  # what start-up needs from the ledger's history
         self.loader = ScheduleLoader(options.schedules)
         self.scheduler = Scheduler()
         self.local = LocalExecutor(state_dir=options.state.resolve())
@@ -170,10 +176,25 @@ class Center:
                 "scheduled_at": iso(slot), "attempt": attempt, "revision": self._revision()}
 
     def _append_runs(self, batch: list[dict[str, Any]]) -> None:
-        self.ledger.runs.append(batch)
+        """Hand a batch to the ledger's writer thread: encoded here (a record that cannot be
+        encoded fails its caller), written and fsynced there, off the loop and in order
+        with every other write. A failed write (disk full) is queued again."""
+        loop = asyncio.get_running_loop()
+
+        def written(done: Future[Any]) -> None:
+            if done.exception() is not None:
+                loop.call_soon_threadsafe(self._append_failed, batch, done.exception())
+
+        self.ledger.submit(self.ledger.write_runs, encode_records(batch)).add_done_callback(written)
+
+    def _append_failed(self, batch: list[dict[str, Any]], exc: BaseException | None) -> None:
+        log.error("writing %d run records failed, kept for the next write: %s", len(batch), exc)
+        for record in batch:
+            self.records.add(record)
 
     def _event(self, name: str, **fields: Any) -> None:
-        self.ledger.event(name, **fields)
+        """Append an event on the writer thread (encoded here: its fields may change later)."""
+        self.ledger.submit(self.ledger.write_events, encode_records([{"event": name, **fields}]))
 
     def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
         """Every final outcome passes here once: notifications and expectations."""
@@ -227,7 +248,15 @@ class Center:
         1 = crashed."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_state_dir(self.state_dir)
+        # The schedules are loaded before the ledger is touched: a --retention too short
+        # for them is refused (exit 2) before retention could remove anything.
+        first = await asyncio.to_thread(self.loader.load, with_git=True)
+        refusal = self._retention_refusal(first.state)
+        if refusal:
+            log.error("%s", refusal)
+            return 2
         dropped = self.ledger.open()
+        self._history = self.ledger.recover()  # the checkpoint and what followed it
         # Read how far the previous center got BEFORE this one writes anything: the
         # fallback (no watermark file) is the logs' last timestamp.
         since = self._read_watermark()
@@ -237,7 +266,6 @@ class Center:
         self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
                     listen=self.options.listen)
         self._recover_ledger()
-        first = await asyncio.to_thread(self.loader.load, with_git=True)
         if first.state is None:
             self.reloads.reject(first.problems)
             try:
@@ -385,6 +413,7 @@ class Center:
                     with contextlib.suppress(Exception):
                         supervisor.kill_now()
                 self.records.flush()
+                self.ledger.drain(seals=False)
                 os._exit(1)
             log.info("stopping: no new runs; waiting up to %gs for running ones",
                      self.options.shutdown_grace_s)
@@ -441,7 +470,7 @@ class Center:
         self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
                     pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
                                                          if r.base.get("transport") == "tcp"))
-        self.ledger.close()
+        await asyncio.to_thread(self.ledger.close)  # drains the writer, leaves a checkpoint
         with contextlib.suppress(OSError):
             (self.state_dir / CENTER_FILE).unlink()
 
@@ -628,7 +657,8 @@ class Center:
             unreaped, reap_after = 0, DISPATCH_REAP_FIRST
             for part in chunks:
                 chunk = self._prepare_chunk(part)
-                self.ledger.runs.write(chunk.data)  # durable BEFORE any of its runs starts
+                # durable BEFORE any of its runs starts (written on the writer thread)
+                await asyncio.wrap_future(self.ledger.submit(self.ledger.write_runs, chunk.data))
                 results.extend(await self._start_chunk(chunk))
                 unreaped += len(chunk.runs)
                 if unreaped >= reap_after and part is not chunks[-1]:
@@ -791,9 +821,20 @@ class Center:
 
     # ------------------------------------------------------------------ restarts
 
+    def _retention_refusal(self, state: DesiredState | None) -> str | None:
+        """Why ``--retention`` is too short for the jobs this center will run, if it is."""
+        if state is None:
+            with contextlib.suppress(StateFileError):
+                state = read_applied(self.state_dir)
+        if state is None:
+            return None
+        return check_retention(parse_retention(self.options.retention), self.options.retention,
+                               state.jobs.values(), self.clock.time())
+
     def _recover_ledger(self) -> None:
-        """Runs the previous center left in flight are ``lost``; remember handled slots."""
-        found = recover(fold_runs(self.ledger.read_runs()))
+        """Runs the previous center left in flight are ``lost``; remember handled slots.
+        From the ledger's summary: nothing here reads old history."""
+        found = recover_summary(self._history)
         self.done_slots |= found.done_slots
         self.missed_until.update(found.missed_until)
         for job, ended in found.last_success.items():
@@ -801,7 +842,7 @@ class Center:
         self._awaiting_agents.update(found.awaiting_agents)
         self._recovered = found
         if found.lost:
-            self.ledger.runs.append(found.lost)
+            self.ledger.append_runs(found.lost)
 
     def _requeue_pending(self) -> None:
         """What the previous center had queued but not started when it stopped is queued
@@ -812,8 +853,8 @@ class Center:
         found, self._recovered = self._recovered, Recovery()
         triggered_jobs = self.desired is not None and any(
             job.trigger is not None for job in self.desired.jobs.values())
-        # events.jsonl is read whole: only when some job runs on a trigger at all
-        events = self.ledger.read_events() if triggered_jobs else ()
+        # the triggered events of the last hours, from the ledger's summary
+        events = self._history.triggered if triggered_jobs else ()
         for start in pending_starts(found, events, self.clock.time() - SLOT_MEMORY_S,
                                     self.scheduler.has_job):
             if isinstance(start, RequeueTrigger):
@@ -864,7 +905,7 @@ class Center:
 
     def _read_watermark(self) -> float | None:
         """How far the previous center got (see :func:`~cronfile.center.statefiles.read_watermark`)."""
-        return read_watermark(self.state_dir, self.ledger)
+        return read_watermark(self.state_dir, self._history.last_ts)
 
     def _write_watermark(self, force: bool = False) -> None:
         now = self.clock.time()
@@ -873,7 +914,9 @@ class Center:
         self._last_watermark = now
         self.records.flush()  # queued skipped/missed records must be durable before the mark passes them
         floor = self.scheduler.pending_start_floor()
-        write_watermark(self.state_dir, now if floor is None else min(now, floor - 0.001))
+        # on the writer thread, after the records flushed above: the mark never passes them
+        self.ledger.submit(write_watermark, self.state_dir,
+                           now if floor is None else min(now, floor - 0.001))
 
 
 def return_free_memory() -> None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cronfile.schedules.model import DEFAULT_KILL_GRACE_S
+from cronfile.state.ledger import DEFAULT_SEGMENT_BYTES
+from cronfile.state.retention import DEFAULT_RETENTION
 
 
 @dataclass
@@ -23,3 +25,6 @@ class CenterOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    retention: str = DEFAULT_RETENTION
+    """``--retention``: ledger segments older than this are removed (``forever``: none)."""
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES

@@ -6,9 +6,10 @@ per slot), the end of each job's recorded ``missed`` range, the last success per
 runs left in flight (``lost`` records to write, or, for runs on agents, a wait for the
 agent's report), and each slot's last attempt.
 
-:func:`pending_starts` then says what was queued but never started, to queue again:
-retries whose failed attempt has no later one, and triggered starts whose (job, due) is
-not in the ledger; nothing older than ``horizon``.
+:func:`recover_summary` gives the same from the ledger's summary (what a start reads
+instead of the whole history). :func:`pending_starts` then says what was queued but never
+started, to queue again: retries whose failed attempt has no later one, and triggered
+starts whose (job, due) is not in the ledger; nothing older than ``horizon``.
 
 The center applies the result (writes the records, tells the scheduler); tests call these
 with records and a fake clock's time, in-process.
@@ -23,6 +24,7 @@ from typing import Any
 
 from cronfile.center.records import NoOutcomeRecord
 from cronfile.schedules.model import RunStatus
+from cronfile.state.checkpoint import LedgerSummary
 
 BASE_FIELDS = ("run_id", "job", "agent", "transport", "scheduled_at", "attempt", "revision")
 """A run record's identity, in the §4 order: what a later record of the same run repeats."""
@@ -103,6 +105,36 @@ def recover(views: Iterable[dict[str, Any]]) -> Recovery:
                 {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST,
                 "the center stopped while the run was in flight",
                 started_at=view.get("started_at")).to_json())
+    return out
+
+
+def recover_summary(summary: LedgerSummary) -> Recovery:
+    """The same :class:`Recovery` from the ledger's summary (its checkpoint and what
+    followed), which holds only what is still in reach: the slots of the last hours, the
+    runs still open, per job its last success and missed range."""
+    out = Recovery()
+    for key, (attempt, failed, _ts) in summary.slots.items():
+        job, scheduled, agent = key.split("\x00")
+        slot = parse_iso(scheduled)
+        if slot is None:
+            continue
+        out.done_slots.add((job, round(slot, 3), agent))
+        out.last_attempts[(job, round(slot, 3), agent)] = (attempt, failed)
+    for job, info in summary.jobs.items():
+        missed_end = parse_iso(info.get("missed_until"))
+        if missed_end is not None:
+            out.missed_until[job] = missed_end
+        success = parse_iso(info.get("last_success"))
+        if success is not None:
+            out.last_success[job] = success
+    for run_id, run in summary.open_runs.items():
+        base = {k: run.get(k) for k in BASE_FIELDS}
+        if run.get("transport") == "tcp":  # its agent reports it when it reconnects
+            out.awaiting_agents[run_id] = base
+        else:
+            out.lost.append(NoOutcomeRecord(
+                base, RunStatus.LOST, "the center stopped while the run was in flight",
+                started_at=run.get("started_at")).to_json())
     return out
 
 

@@ -14,27 +14,21 @@ from pathlib import Path
 
 from cronfile.center.options import CenterOptions
 from cronfile.center.recovery import parse_iso
-from cronfile.state.ledger import Ledger, utc_ts
+from cronfile.state.ledger import utc_ts
 
 WATERMARK_FILE = "watermark"
 CENTER_FILE = "center.json"
 
 
-def read_watermark(state_dir: Path, ledger: Ledger) -> float | None:
+def read_watermark(state_dir: Path, last_ts: str | None) -> float | None:
     """How far the previous center got. Without a usable watermark file (first start,
-    or lost in a crash) the last timestamp in the logs is the best lower bound."""
+    or lost in a crash) the ledger's last timestamp (``last_ts``, from its summary) is the
+    best lower bound."""
     try:
         return float((state_dir / WATERMARK_FILE).read_text().strip())
     except (OSError, ValueError):
         pass
-    last = None
-    for record in ledger.read_events():
-        last = record.get("ts", last)
-    for record in ledger.read_runs():
-        ts = record.get("ts")
-        if isinstance(ts, str) and (last is None or ts > last):
-            last = ts
-    return parse_iso(last)
+    return parse_iso(last_ts)
 
 
 def write_watermark(state_dir: Path, mark: float) -> None:

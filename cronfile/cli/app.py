@@ -191,13 +191,24 @@ STATE = click.option(
 @click.option("--tls-key", type=click.Path(path_type=Path), help="The key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(path_type=Path),
               help="Require agent certificates signed by this CA (mutual TLS).")
+@click.option("--retention", default="90d", show_default=True,
+              help="Remove ledger segments older than this (e.g. 30d, 2w); 'forever' keeps all.")
+@click.option("--segment-bytes", type=click.IntRange(1024), default=None, hidden=True,
+              help="Rotate the ledger's current files past this size (tests, benchmarks).")
 def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
            accept_undeclared: bool, grace: float, no_watch: bool, heartbeat: float, lease: float,
            known_hosts: Path | None, tls_cert: Path | None, tls_key: Path | None,
-           tls_client_ca: Path | None) -> None:
-    """Run the center: schedule, dispatch and record; hot-reload the schedules."""
-    from cronfile.center.daemon import CenterOptions, run_center
+           tls_client_ca: Path | None, retention: str, segment_bytes: int | None) -> None:
+    """Run the center: schedule, dispatch and record; hot-reload the schedules.
 
+    Exit 2 when --retention is shorter than a job needs its history."""
+    from cronfile.center.daemon import CenterOptions, run_center
+    from cronfile.state.retention import RetentionError, parse_retention
+
+    try:
+        parse_retention(retention)
+    except RetentionError as exc:
+        raise click.UsageError(str(exc)) from None
     if not schedules.is_dir():
         raise click.UsageError(f"--schedules {schedules}: not a directory")
     if listen is not None:
@@ -208,7 +219,8 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
         schedules, state_dir, listen, token_file, grace, not no_watch, accept_undeclared,
         heartbeat_s=heartbeat, lease_s=lease,
         known_hosts=str(known_hosts) if known_hosts else None,
-        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)))
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+        retention=retention, **({"segment_bytes": segment_bytes} if segment_bytes else {}))))
 
 
 @cli.command()

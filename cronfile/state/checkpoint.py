@@ -139,7 +139,7 @@ class LedgerSummary:
             self.notify_failures[record["job"]] = {k: record.get(k) for k in (
                 "ts", "kind", "via", "status_code", "error")}
         elif name == "triggered" and isinstance(record.get("due"), dict):
-            self.triggered.append({"ts": ts, "due": record["due"]})
+            self.triggered.append({"event": "triggered", "ts": ts, "due": record["due"]})
 
     def add_line(self, kind: str, line: bytes) -> None:
         """One raw line of log ``kind``; unreadable lines are counted, never fatal."""

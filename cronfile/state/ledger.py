@@ -457,6 +457,11 @@ class Ledger:
         self.runs.write(data, sync)
         self._maybe_rotate("runs")
 
+    def write_events(self, data: bytes, sync: bool = True) -> None:
+        """Append encoded event records (one write, one fsync), then rotate if due."""
+        self.events.write(data, sync)
+        self._maybe_rotate("events")
+
     def append_runs(self, records: Iterable[dict[str, Any]], sync: bool = True) -> None:
         self.write_runs(encode_records(records), sync)
 
@@ -582,10 +587,13 @@ class Ledger:
 
     # ------------------------------------------------------------------ closing
 
-    def drain(self) -> None:
-        """Wait for everything submitted to the writer thread."""
+    def drain(self, seals: bool = True) -> None:
+        """Wait for everything submitted to the writer thread, then (``seals``) for the
+        seals and checkpoints it queued."""
         if self._writer is not None:
             self._writer.submit(lambda: None).result()
+        if seals and self._maintenance is not None:
+            self._maintenance.submit(lambda: None).result()
 
     def close(self) -> None:
         """Finish queued writes and seals, leave a checkpoint covering everything (so the
@@ -633,9 +641,19 @@ def parse_lines(lines: Iterable[bytes], stats: ReadStats) -> Iterator[dict[str, 
         yield record
 
 
+_crash_counts: dict[str, int] = {}
+
+
 def crash_hook(point: str) -> None:
     """Fault injection for the crash tests: ``CRONFILE_CRASH_AT=rotate|seal|checkpoint``
-    makes this process SIGKILL itself at that point (a power cut there, as far as the files
-    can tell). Unset, it costs one dictionary lookup."""
-    if os.environ.get("CRONFILE_CRASH_AT") == point:
+    (``checkpoint:3``: the third time there) makes this process SIGKILL itself at that
+    point: a power cut there, as far as the files can tell. Unset, it costs one lookup."""
+    wanted = os.environ.get("CRONFILE_CRASH_AT")
+    if not wanted:
+        return
+    name, _, nth = wanted.partition(":")
+    if name != point:
+        return
+    _crash_counts[point] = _crash_counts.get(point, 0) + 1
+    if _crash_counts[point] >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

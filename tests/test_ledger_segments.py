@@ -450,3 +450,25 @@ def test_a_retention_shorter_than_a_jobs_reach_is_explained() -> None:
     assert check_retention(None, "forever", jobs, now) is None
     short = check_retention(parse_retention("12h"), "12h", jobs, now)
     assert short is not None and "  job retried: its retries reaches 21.7h back" in short
+
+
+def test_the_checkpoint_follows_the_current_file_every_few_megabytes(tmp_path: Path) -> None:
+    from cronfile.state.ledger import CHECKPOINT_EVERY_BYTES
+
+    data = history(time.time() - DAY, 4000)
+    assert len(data) > CHECKPOINT_EVERY_BYTES
+    ledger = Ledger(tmp_path, segment_bytes=64 * 1024 * 1024)
+    ledger.open()
+    for i in range(0, len(data), 64 * 1024):
+        chunk = data[i:i + 64 * 1024]
+        ledger.write_runs(chunk, sync=False)
+    ledger.drain()
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None
+    generation, offset = checkpoint.position["runs"]
+    assert generation == 1 and CHECKPOINT_EVERY_BYTES <= offset <= len(data)
+    assert checkpoint.records["runs"] == data[:offset].count(b"\n")
+    ledger.close()
+    final = load_checkpoint(tmp_path)
+    assert final is not None and final.position["runs"] == [1, len(data)]
+    assert final.records["runs"] == 12000

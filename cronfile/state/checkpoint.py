@@ -37,6 +37,10 @@ LAST_KEYS = ("run_id", "status", "scheduled_at", "transport", "agent", "reason",
              "finished_at", "exit_code", "attempt", "started_at")
 FAILED = ("failed", "timeout")
 
+_DECODER = json.JSONDecoder()
+"""Decoding text with one decoder skips ``json.loads``' per-call set-up (a take-over folds
+millions of lines)."""
+
 Position = dict[str, list[int]]
 """Per log kind: ``[generation, byte offset]`` the summary covers up to (exclusive)."""
 
@@ -109,7 +113,8 @@ class LedgerSummary:
             info = self.jobs.setdefault(job, {})
             if scheduled > (info.get("last_scheduled_at") or ""):
                 info["last_scheduled_at"] = scheduled
-            if record.get("transport") in ("local", "tcp", "ssh"):
+            if kind != "started" and record.get("transport") in ("local", "tcp", "ssh"):
+                # a run's first record says where it went (started repeats it)
                 self.hosts[str(record.get("agent"))] = {
                     "scheduled_at": scheduled, "transport": record.get("transport"),
                     "route": record.get("route")}
@@ -144,7 +149,7 @@ class LedgerSummary:
     def add_line(self, kind: str, line: bytes) -> None:
         """One raw line of log ``kind``; unreadable lines are counted, never fatal."""
         try:
-            value = json.loads(line)
+            value = _DECODER.decode(line.decode("utf-8", "replace"))
         except ValueError:
             if line.strip():
                 self.skipped += 1

@@ -179,12 +179,14 @@ def read_bytes(segment: Segment | Path) -> bytes:
         return out[: out.rfind(b"\n") + 1]
 
 
-_TS_KEYS = (b'"ts":"', b'"scheduled_at":"', b'"first_scheduled_at":"', b'"last_scheduled_at":"')
+_TS_KEYS = (b'"ts":"', b'"scheduled_at":"')
 
 
 def record_bounds(line: bytes) -> tuple[str | None, str | None]:
     """The earliest and latest time a line mentions, found without parsing JSON (a seal
-    looks at every line of a segment): the values of ts and the scheduled-at fields."""
+    looks at every line of a segment): its ``ts`` and ``scheduled_at``. (A missed range's
+    ``first_scheduled_at`` is its ``scheduled_at`` and its ``last_scheduled_at`` is before
+    its ``ts``, so they never widen the bounds.)"""
     lo = hi = None
     for key in _TS_KEYS:
         start = line.find(key)

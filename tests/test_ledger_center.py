@@ -111,6 +111,7 @@ def test_a_bad_retention_value_is_a_usage_error(center: Any) -> None:
     assert "--retention 'soon': expected a duration like 90d" in c.log_text()
 
 
+@pytest.mark.slow
 def test_a_runs_dispatched_record_is_on_disk_before_it_starts(center: Any, tmp_path: Path) -> None:
     """Writes go through the writer thread now, here on a slow disk (each append of run
     records takes 0.3 s more); a run still starts only after its ``dispatched`` record is

@@ -111,7 +111,7 @@ async def frames_per_second(hub: AgentHub, name: str, count: int) -> float:
     base = conn.frames_in
     start = time.monotonic()
     for seq in range(count):
-        conn.writer.write(Ping(seq=seq).frame())
+        conn.writer.write(conn.session.frame(Ping(seq=seq)))
         if seq % 500 == 499:
             await conn.writer.drain()
     await conn.writer.drain()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import pwd
 import signal
 import ssl
 import struct
@@ -34,7 +36,10 @@ from cronfile.transports.protocol import (
     Refused,
     Response,
     Run,
+    Running,
     Secrets,
+    Session,
+    Transcript,
     Welcome,
     agent_proof,
     new_nonce,
@@ -181,20 +186,35 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> 
         return True
 
 
+async def sealed_handshake(
+    port: int, name: str, secret: bytes | None, mac: str | None = None
+) -> tuple[Message, str | None, asyncio.StreamReader, asyncio.StreamWriter, Session]:
+    """Do the agent's half of the handshake by hand (and send ``running`` when welcomed);
+    return the center's verdict, the MAC that was sent and the agent's end of the session."""
+    reader, writer = await open_raw(port)
+    hello = Hello(agent=name, version="test", nonce=new_nonce())
+    await send(writer, hello)
+    msg = await read(reader)
+    session = Session()
+    if isinstance(msg, Challenge):
+        transcript = Transcript(hello, hello.encode(), msg.nonce)
+        if mac is None:
+            assert secret is not None
+            mac = agent_proof(secret, transcript)
+        await send(writer, Response(mac=mac))
+        msg = await read(reader)
+        if secret is not None:
+            session = Session.of_agent(secret, transcript)
+    if isinstance(msg, Welcome):
+        writer.write(session.frame(Running()))
+        await writer.drain()
+    return msg, mac, reader, writer, session
+
+
 async def handshake(
     port: int, name: str, secret: bytes | None, mac: str | None = None
 ) -> tuple[Message, str | None, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Do the agent's half of the handshake by hand; return the center's verdict and the MAC
-    that was sent."""
-    reader, writer = await open_raw(port)
-    await send(writer, Hello(agent=name, version="test", nonce=new_nonce()))
-    msg = await read(reader)
-    if isinstance(msg, Challenge):
-        if mac is None:
-            assert secret is not None
-            mac = agent_proof(secret, msg.nonce, name)
-        await send(writer, Response(mac=mac))
-        msg = await read(reader)
+    msg, mac, reader, writer, _ = await sealed_handshake(port, name, secret, mac)
     return msg, mac, reader, writer
 
 
@@ -219,7 +239,7 @@ def test_good_agent_registers_with_inventory_labels(tmp_path: Path) -> None:
 def test_wrong_secret_is_refused(tmp_path: Path) -> None:
     async def go() -> None:
         async with Fleet(tmp_path) as fleet:
-            fleet.agent("a1", token="not-the-secret")
+            fleet.agent("a1", token="not-the-secret-0123456789abcdef")
             await until(lambda: "authentication failed" in fleet.log("a1"),
                         "the agent to log the refusal")
             assert not fleet.hub.is_connected("a1") and fleet.connects == []
@@ -248,22 +268,26 @@ def test_recorded_handshake_cannot_be_replayed(tmp_path: Path) -> None:
 
 def test_per_agent_secret_cannot_register_as_another_agent(tmp_path: Path) -> None:
     async def go() -> None:
-        secrets = Secrets(per_agent={"a1": b"secret-of-a1", "b1": b"secret-of-b1"})
+        secrets = Secrets(per_agent={"a1": b"secret-of-a1-0123456789abcdef",
+                                     "b1": b"secret-of-b1-0123456789abcdef"})
         async with Fleet(tmp_path, agents=("a1", "b1"), secrets=secrets) as fleet:
-            msg, *_ = await handshake(fleet.port, "b1", b"secret-of-a1")
+            msg, *_ = await handshake(fleet.port, "b1", b"secret-of-a1-0123456789abcdef")
             assert isinstance(msg, Refused) and "authentication failed" in msg.reason
             # A's valid proof for its own name, presented under B's name, fails too.
             reader, writer = await open_raw(fleet.port)
             await send(writer, Hello(agent="b1", version="test", nonce=new_nonce()))
             challenge = await read(reader)
             assert isinstance(challenge, Challenge)
-            await send(writer, Response(mac=agent_proof(b"secret-of-a1", challenge.nonce, "a1")))
+            as_a1 = Hello(agent="a1", version="test", nonce=new_nonce())
+            proof = agent_proof(b"secret-of-a1-0123456789abcdef",
+                                Transcript(as_a1, as_a1.encode(), challenge.nonce))
+            await send(writer, Response(mac=proof))
             assert isinstance(await read(reader), Refused)
-            fleet.agent("b1", token="secret-of-a1")
+            fleet.agent("b1", token="secret-of-a1-0123456789abcdef")
             await until(lambda: "authentication failed" in fleet.log("b1"), "b1's refusal")
-            msg, *_ = await handshake(fleet.port, "b1", b"secret-of-b1")
+            msg, *_ = await handshake(fleet.port, "b1", b"secret-of-b1-0123456789abcdef")
             assert isinstance(msg, Welcome)
-            assert fleet.connects == ["b1"]
+            await until(lambda: fleet.connects == ["b1"], "b1 to register")
 
     run(go())
 
@@ -610,3 +634,151 @@ def test_garbage_from_the_center_side_is_a_protocol_error() -> None:
     # The agent decodes with the same module: a center that sends junk is refused too.
     with pytest.raises(ProtocolError):
         Message.decode(b'{"type": "run", "v": 1, "run_id": "x", "job": "j", "command": 5}')
+
+
+# --- attacks (issue 11) ----------------------------------------------------------------
+
+
+class Relay:
+    """An on-path attacker: a real TCP proxy between agents and the hub that passes every
+    frame through untouched, remembers the center's frames and can inject its own."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.to_agent: list[asyncio.StreamWriter] = []
+        self.center_frames: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Relay:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        for writer in self.to_agent:
+            writer.transport.abort()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._relay(reader, writer))
+        self.tasks.add(task)
+
+    async def _relay(self, agent_r: asyncio.StreamReader, agent_w: asyncio.StreamWriter) -> None:
+        center_r, center_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.to_agent.append(agent_w)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       keep: list[bytes] | None) -> None:
+            with contextlib.suppress(Exception):
+                while True:
+                    header = await src.readexactly(4)
+                    body = await src.readexactly(struct.unpack(">I", header)[0])
+                    if keep is not None:
+                        keep.append(header + body)
+                    dst.write(header + body)  # one write per frame: injections land between
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pump(agent_r, center_w, None),
+                             pump(center_r, agent_w, self.center_frames))
+
+    def inject(self, frame: bytes) -> None:
+        self.to_agent[-1].write(frame)
+
+
+def test_relay_cannot_inject_or_replay_frames_after_a_real_handshake(tmp_path: Path) -> None:
+    """Finding 1: the handshake passes through a real proxy, then the proxy injects a
+    ``run`` frame (and, on the next session, replays a real frame of the center)."""
+    marker = tmp_path / "pwned"
+
+    async def go() -> None:
+        async with Fleet(tmp_path, heartbeat_s=0.2) as fleet, Relay(fleet.port) as relay:
+            proc = fleet.agent("a1", "--center", f"127.0.0.1:{relay.port}")
+            await fleet.connected("a1")
+            relay.inject(Run(run_id="evil-1", job="x",
+                             command=("touch", str(marker))).frame())
+            await until(lambda: "failed authentication" in fleet.log("a1"),
+                        "the agent to refuse the injected frame")
+            await fleet.connected("a1", times=2)  # it reconnects, through the relay again
+            await until(lambda: len(relay.center_frames) > 5, "pings of the new session")
+            relay.inject(relay.center_frames[-1])  # a genuine frame of this session, again
+            await fleet.connected("a1", times=3)
+            assert fleet.log("a1").count("failed authentication") >= 2
+            assert not marker.exists() and proc.poll() is None
+            # The agent still runs what the real center sends, through the same relay.
+            handle = await fleet.start("a1", req("legit", ("echo", "ok")))
+            assert (await asyncio.wait_for(handle.wait(), 5)).output_tail == "ok\n"
+
+    run(go(), timeout=25)
+    assert not marker.exists()
+
+
+def test_old_protocol_agent_gets_a_clear_refusal_not_a_hang(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            reader, writer = await open_raw(fleet.port)
+            body = json.dumps({"type": "hello", "v": 1, "agent": "a1", "version": "0.1",
+                               "nonce": new_nonce(), "running": []}).encode()
+            writer.write(struct.pack(">I", len(body)) + body)
+            header = await asyncio.wait_for(reader.readexactly(4), 5)
+            reply = json.loads(await reader.readexactly(struct.unpack(">I", header)[0]))
+            assert reply["type"] == "refused" and reply["v"] == 1
+            assert "protocol version 1 is not supported" in reply["reason"]
+            assert "speaks version 2" in reply["reason"]
+            assert await closed_by_peer(reader)
+
+    run(go())
+
+
+def test_allow_run_as_covers_runs_without_run_as(tmp_path: Path) -> None:
+    """Finding 2: ``--allow-run-as nobody`` ran a run without ``run_as`` as the agent's
+    own user (root, usually)."""
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    other = "nobody" if me != "nobody" else "root"
+
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            fleet.agent("a1", "--allow-run-as", other)
+            await fleet.connected("a1")
+            handle = await fleet.start("a1", req("no-run-as", ("id", "-un")))
+            outcome = await asyncio.wait_for(handle.wait(), 5)
+            assert outcome.status is RunStatus.FAILED
+            assert outcome.output_tail == ""
+            assert outcome.reason == (f"no run_as: the run would run as {me}, which is not "
+                                      "allowed on this agent (--allow-run-as)")
+
+    run(go())
+
+
+def test_an_agent_cannot_forge_the_outcome_of_another_agents_run(tmp_path: Path) -> None:
+    """Finding 3: a2, holding only its own secret, claims a1's run succeeded."""
+    secrets = Secrets(per_agent={"a1": b"secret-of-a1-0123456789abcdef",
+                                 "a2": b"secret-of-a2-0123456789abcdef"})
+
+    async def go() -> None:
+        async with Fleet(tmp_path, agents=("a1", "a2"), secrets=secrets) as fleet:
+            fleet.agent("a1", token="secret-of-a1-0123456789abcdef")
+            await fleet.connected("a1")
+            handle = await fleet.start("a1", req("victim", "sleep 1; exit 7"))
+            msg, _, reader, writer, session = await sealed_handshake(
+                fleet.port, "a2", b"secret-of-a2-0123456789abcdef")
+            assert isinstance(msg, Welcome)
+            now = datetime.now(UTC)
+            writer.write(session.frame(Finished(run_id="victim", status="succeeded",
+                                                started_at=now, finished_at=now,
+                                                exit_code=0)))
+            await writer.drain()
+            outcome = await asyncio.wait_for(handle.wait(), 6)
+            assert (outcome.status, outcome.exit_code) == (RunStatus.FAILED, 7)
+            assert [(r, a, o["status"]) for r, a, o in fleet.outcomes] == [
+                ("victim", "a1", "failed")]
+
+    run(go())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets as secrets_module
 import struct
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from cronfile.transports.protocol import (
     MAX_FRAME,
     MESSAGE_TYPES,
     Ack,
+    BadMac,
     Cancel,
     Challenge,
     Daemons,
@@ -33,16 +35,22 @@ from cronfile.transports.protocol import (
     Refused,
     Response,
     Run,
+    Running,
     Secrets,
     SecretsError,
+    Session,
     Started,
+    Transcript,
     UnsupportedVersion,
     Welcome,
     agent_proof,
     center_proof,
+    decode_message,
     load_secrets,
     new_nonce,
+    proofs_equal,
     read_frame,
+    refusal_frame,
     write_frame,
 )
 
@@ -53,7 +61,8 @@ T1 = datetime(2026, 3, 29, 1, 30, 5, 250000, tzinfo=UTC)
 def every_message() -> list[Message]:
     return [
         Hello(agent="web-1", version="0.1.0", nonce=new_nonce(), labels={"dc": "fra"},
-              running=("r1", "r2"), pending_outcomes=3),
+              pending_outcomes=3),
+        Running(run_ids=("r1", "r2")),
         Challenge(nonce=new_nonce()),
         Response(mac="ab" * 32),
         Welcome(agent="web-1", center="0.1.0", heartbeat_s=10.0, proof="cd" * 32,
@@ -91,7 +100,7 @@ def every_message() -> list[Message]:
 def test_every_message_round_trips(msg: Message) -> None:
     body = msg.encode()
     data = json.loads(body)
-    assert data["type"] == msg.TYPE and data["v"] == 1
+    assert data["type"] == msg.TYPE and data["v"] == 2
     assert Message.decode(body) == msg
     assert type(msg).decode(body) == msg
 
@@ -125,10 +134,10 @@ def test_decode_on_a_subclass_insists_on_its_type() -> None:
         Welcome.decode(Ping(seq=1).encode())
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
+@pytest.mark.parametrize("version", [0, 1, 3, 99])
 def test_unknown_version_is_refused_with_the_supported_ones(version: int) -> None:
     body = json.dumps({"type": "ping", "v": version, "seq": 1}).encode()
-    with pytest.raises(UnsupportedVersion, match=rf"version {version} .*speaks 1"):
+    with pytest.raises(UnsupportedVersion, match=rf"version {version} .*speaks 2"):
         Message.decode(body)
 
 
@@ -144,30 +153,30 @@ def test_unknown_version_is_refused_with_the_supported_ones(version: int) -> Non
         (b'{"type": "ping", "seq": 1}', "version"),
         (b'{"type": "ping", "v": "1", "seq": 1}', "version"),
         (b'{"type": "ping", "v": true, "seq": 1}', "version"),
-        (b'{"v": 1}', "unknown message type"),
-        (b'{"type": "exec", "v": 1}', "unknown message type"),
-        (b'{"type": ["ping"], "v": 1}', "unknown message type"),
-        (b'{"type": "ping", "v": 1, "seq": "7"}', "integer"),
-        (b'{"type": "ping", "v": 1, "seq": true}', "integer"),
-        (b'{"type": "ping", "v": 1, "seq": 1.5}', "integer"),
-        (b'{"type": "ping", "v": 1, "seq": NaN}', "NaN"),
-        (b'{"type": "ping", "v": 1, "v": 1}', "duplicate"),
-        (b'{"type": "ack", "v": 1}', "run_id: missing"),
-        (b'{"type": "ack", "v": 1, "run_id": ""}', "run_id"),
-        (b'{"type": "ack", "v": 1, "run_id": {"$gt": ""}}', "string"),
-        (b'{"type": "hello", "v": 1, "agent": "a", "version": "1", "nonce": "00"}', "nonce"),
-        (b'{"type": "run", "v": 1, "run_id": "r", "job": "j", "command": []}', "empty"),
-        (b'{"type": "run", "v": 1, "run_id": "r", "job": "j", "command": [1]}', "command"),
-        (b'{"type": "run", "v": 1, "run_id": "r", "job": "j", "command": "x",'
+        (b'{"v": 2}', "unknown message type"),
+        (b'{"type": "exec", "v": 2}', "unknown message type"),
+        (b'{"type": ["ping"], "v": 2}', "unknown message type"),
+        (b'{"type": "ping", "v": 2, "seq": "7"}', "integer"),
+        (b'{"type": "ping", "v": 2, "seq": true}', "integer"),
+        (b'{"type": "ping", "v": 2, "seq": 1.5}', "integer"),
+        (b'{"type": "ping", "v": 2, "seq": NaN}', "NaN"),
+        (b'{"type": "ping", "v": 2, "v": 2}', "duplicate"),
+        (b'{"type": "ack", "v": 2}', "run_id: missing"),
+        (b'{"type": "ack", "v": 2, "run_id": ""}', "run_id"),
+        (b'{"type": "ack", "v": 2, "run_id": {"$gt": ""}}', "string"),
+        (b'{"type": "hello", "v": 2, "agent": "a", "version": "1", "nonce": "00"}', "nonce"),
+        (b'{"type": "run", "v": 2, "run_id": "r", "job": "j", "command": []}', "empty"),
+        (b'{"type": "run", "v": 2, "run_id": "r", "job": "j", "command": [1]}', "command"),
+        (b'{"type": "run", "v": 2, "run_id": "r", "job": "j", "command": "x",'
          b' "env": [{"name": "A"}]}', "exactly one"),
-        (b'{"type": "run", "v": 1, "run_id": "r", "job": "j", "command": "x",'
+        (b'{"type": "run", "v": 2, "run_id": "r", "job": "j", "command": "x",'
          b' "scheduled_at": "yesterday"}', "ISO-8601"),
-        (b'{"type": "run", "v": 1, "run_id": "r", "job": "j", "command": "x",'
+        (b'{"type": "run", "v": 2, "run_id": "r", "job": "j", "command": "x",'
          b' "scheduled_at": "2026-01-01T00:00:00"}', "offset"),
-        (b'{"type": "finished", "v": 1, "run_id": "r", "status": "great",'
+        (b'{"type": "finished", "v": 2, "run_id": "r", "status": "great",'
          b' "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:00Z"}',
          "status"),
-        (b'{"type": "hello", "v": 1, "agent": "a", "version": "1", "nonce": "' + b"0" * 64
+        (b'{"type": "hello", "v": 2, "agent": "a", "version": "1", "nonce": "' + b"0" * 64
          + b'", "labels": {"a": 1}}', "string"),
         (b"[" * 200_000 + b"]" * 200_000, "nests too deeply|JSON object"),
     ],
@@ -178,7 +187,7 @@ def test_bad_frames_are_refused(body: bytes, problem: str) -> None:
 
 
 def test_unknown_fields_are_ignored_for_additive_evolution() -> None:
-    body = json.dumps({"type": "ping", "v": 1, "seq": 3, "future_field": [1]}).encode()
+    body = json.dumps({"type": "ping", "v": 2, "seq": 3, "future_field": [1]}).encode()
     assert Message.decode(body) == Ping(seq=3)
 
 
@@ -265,63 +274,138 @@ def test_write_frame_over_a_real_socket() -> None:
 # --- authentication primitives ---------------------------------------------------------
 
 
-def test_proofs_bind_secret_nonce_and_name() -> None:
-    nonce = new_nonce()
-    base = agent_proof(b"s", nonce, "a")
-    assert agent_proof(b"s", nonce, "a") == base
-    assert agent_proof(b"t", nonce, "a") != base
-    assert agent_proof(b"s", new_nonce(), "a") != base
-    assert agent_proof(b"s", nonce, "b") != base
-    agent_nonce = new_nonce()
-    assert center_proof(b"s", agent_nonce, nonce, "a") != base  # different context
-    assert center_proof(b"s", agent_nonce, nonce, "a") != center_proof(
-        b"s", new_nonce(), nonce, "a")
+def _transcript(secret_name: str = "a", hello_nonce: str | None = None,
+                center_nonce: str | None = None, labels: dict[str, str] | None = None
+                ) -> Transcript:
+    hello = Hello(agent=secret_name, version="t", nonce=hello_nonce or new_nonce(),
+                  labels=labels or {})
+    return Transcript(hello, hello.encode(), center_nonce or new_nonce())
+
+
+def test_proofs_bind_secret_both_nonces_name_and_the_hello() -> None:
+    agent_nonce, nonce = new_nonce(), new_nonce()
+    t = _transcript("a", agent_nonce, nonce)
+    base = agent_proof(b"s", t)
+    assert agent_proof(b"s", _transcript("a", agent_nonce, nonce)) == base
+    assert agent_proof(b"t", t) != base
+    assert agent_proof(b"s", _transcript("a", agent_nonce, new_nonce())) != base
+    assert agent_proof(b"s", _transcript("a", new_nonce(), nonce)) != base
+    assert agent_proof(b"s", _transcript("b", agent_nonce, nonce)) != base
+    assert agent_proof(b"s", _transcript("a", agent_nonce, nonce, {"x": "y"})) != base
+    assert center_proof(b"s", t) != base  # different context
+
+
+def test_proofs_equal_survives_a_lone_surrogate() -> None:
+    # Finding 15: a MAC of "\ud800" made compare_digest raise UnicodeEncodeError.
+    assert proofs_equal("\ud800", "ab" * 32) is False
+    assert proofs_equal("ab" * 32, "ab" * 32) is True
+
+
+def test_session_frames_verify_in_order_and_refuse_injection_replay_reorder() -> None:
+    t = _transcript()
+    center, agent = Session.of_center(b"k" * 32, t), Session.of_agent(b"k" * 32, t)
+    frames = [center.frame(Ping(seq=i)) for i in range(3)]
+
+    async def read_all(session: Session, data: bytes, count: int) -> list[Message]:
+        feed = _Feed(data)
+        return [await session.read(feed.reader) for _ in range(count)]
+
+    assert asyncio.run(read_all(agent, b"".join(frames), 3)) == [Ping(seq=i) for i in range(3)]
+    # Injected: a plain frame, or one sealed with another session's key.
+    for bad in (Ping(seq=9).frame(), Session.of_center(b"j" * 32, t).frame(Ping(seq=0))):
+        with pytest.raises(BadMac):
+            asyncio.run(read_all(Session.of_agent(b"k" * 32, t), bad, 1))
+    # Replayed and reordered.
+    with pytest.raises(BadMac):
+        asyncio.run(read_all(Session.of_agent(b"k" * 32, t), frames[0] + frames[0], 2))
+    with pytest.raises(BadMac):
+        asyncio.run(read_all(Session.of_agent(b"k" * 32, t), frames[1], 1))
+    # The agent's own frames are not valid in the other direction.
+    echo = Session.of_agent(b"k" * 32, t).frame(Ping(seq=0))
+    with pytest.raises(BadMac):
+        asyncio.run(read_all(Session.of_agent(b"k" * 32, t), echo, 1))
+
+
+def test_refused_is_read_whatever_its_version_and_names_the_version() -> None:
+    async def read_refusal() -> Message:
+        return await read_frame(_Feed(refusal_frame("upgrade", 1)).reader)
+
+    assert asyncio.run(read_refusal()) == Refused(reason="upgrade")
+    with pytest.raises(UnsupportedVersion) as info:
+        decode_message(b'{"type":"hello","v":1,"agent":"a","version":"x","nonce":"00"}')
+    assert info.value.version == 1
 
 
 def test_nonces_are_fresh() -> None:
     assert len({new_nonce() for _ in range(100)}) == 100
 
 
+S1, S2, S3 = (secrets_module.token_hex(16) for _ in range(3))
+
+
+def _private(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def test_token_file_with_one_shared_secret(tmp_path: Path) -> None:
-    path = tmp_path / "token"
-    path.write_text("# the fleet's token\n\n  s3cret-value  \n")
+    path = _private(tmp_path / "token", f"# the fleet's token\n\n  {S1}  \n")
     secrets = load_secrets(path)
-    assert secrets == Secrets(shared=b"s3cret-value")
-    assert secrets.for_agent("anyone") == b"s3cret-value"
+    assert secrets == Secrets(shared=S1.encode())
+    assert secrets.for_agent("anyone") == S1.encode()
 
 
 def test_token_file_with_per_agent_lines(tmp_path: Path) -> None:
-    path = tmp_path / "tokens"
-    path.write_text("# per agent\nweb-1 aaa\nweb-2 bbb\n* shared\n")
+    path = _private(tmp_path / "tokens", f"# per agent\nweb-1 {S1}\nweb-2 {S2}\n* {S3}\n")
     secrets = load_secrets(path)
-    assert secrets.for_agent("web-1") == b"aaa"
-    assert secrets.for_agent("web-2") == b"bbb"
-    assert secrets.for_agent("db-1") == b"shared"
-    path.write_text("web-1 aaa\n")
+    assert secrets.for_agent("web-1") == S1.encode()
+    assert secrets.for_agent("web-2") == S2.encode()
+    assert secrets.for_agent("db-1") == S3.encode()
+    path.write_text(f"web-1 {S1}\n")
     assert load_secrets(path).for_agent("web-2") is None
 
 
 def test_token_directory(tmp_path: Path) -> None:
-    (tmp_path / "web-1").write_text("aaa\n")
-    (tmp_path / "web-2").write_text("bbb")
-    secrets = load_secrets(tmp_path)
-    assert secrets.for_agent("web-1") == b"aaa"
+    tokens = tmp_path / "tokens"
+    tokens.mkdir(mode=0o700)
+    _private(tokens / "web-1", f"{S1}\n")
+    _private(tokens / "web-2", S2)
+    secrets = load_secrets(tokens)
+    assert secrets.for_agent("web-1") == S1.encode()
     assert secrets.for_agent("web-3") is None
 
 
 @pytest.mark.parametrize(
     ("text", "problem"),
     [("", "no secret"), ("# only a comment\n", "no secret"),
-     ("a x\nb y z\n", ":2: expected"), ("a x\na y\n", "listed twice")],
+     (f"a {S1}\nb y z\n", ":2: expected"), (f"a {S1}\na {S2}\n", "listed twice"),
+     ("abc\n", ":1: the secret is too weak"), (f"a {S1}\nb xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n",
+                                             ":2: the secret is too weak"),
+     ("0123456789abcdef\n", "too weak")],
 )
 def test_bad_token_files_name_the_line_not_the_secret(
     tmp_path: Path, text: str, problem: str
 ) -> None:
-    path = tmp_path / "tokens"
-    path.write_text(text)
+    path = _private(tmp_path / "tokens", text)
     with pytest.raises(SecretsError, match=problem) as info:
         load_secrets(path)
-    assert "x" not in str(info.value).replace(str(tmp_path), "").replace("expected", "")
+    message = str(info.value)
+    for secret in (S1, S2, "abc", "xxxx", "0123456789abcdef"):
+        assert secret not in message
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_token_file_other_users_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    path = _private(tmp_path / "token", S1)
+    path.chmod(mode)
+    with pytest.raises(SecretsError, match=f"mode {mode:o}.*chmod 600"):
+        load_secrets(path)
+    tokens = tmp_path / "dir"
+    tokens.mkdir(mode=0o700)
+    _private(tokens / "web-1", S1).chmod(mode)
+    with pytest.raises(SecretsError, match="web-1: other users may read it"):
+        load_secrets(tokens)
 
 
 def test_missing_token_file(tmp_path: Path) -> None:

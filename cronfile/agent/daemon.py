@@ -66,9 +66,12 @@ from cronfile.transports.protocol import (
     Refused,
     Response,
     Run,
+    Running,
     Secrets,
     SecretsError,
+    Session,
     Started,
+    Transcript,
     Welcome,
     agent_proof,
     center_proof,
@@ -413,6 +416,7 @@ class Agent:
         self.inflight: set[str] = set()  # accepted, outcome not stored yet
         self._cancels: dict[str, Cancel] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._channel = Session()
         self._last_rx = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -509,39 +513,50 @@ class Agent:
             version=__version__,
             nonce=nonce,
             labels=self.labels,
-            running=tuple(sorted(self.inflight)),
             pending_outcomes=len(self.state.outbox),
         )
+        hello_body = hello.encode()
         writer.write(hello.frame())
         await writer.drain()
-        msg = await read_frame(reader)
-        center_nonce = None
+        try:
+            msg = await read_frame(reader)
+        except asyncio.IncompleteReadError:
+            raise CenterRefused(
+                "the center closed the connection after our hello (an older center that "
+                "does not speak this agent's protocol version?)"
+            ) from None
+        session = Session()
         if isinstance(msg, Challenge):
             if self.secret is None:
                 raise CenterRefused("the center requires a token; give the agent --token-file")
-            center_nonce = msg.nonce
-            writer.write(Response(mac=agent_proof(self.secret, msg.nonce, self.name)).frame())
+            transcript = Transcript(hello, hello_body, msg.nonce)
+            writer.write(Response(mac=agent_proof(self.secret, transcript)).frame())
             await writer.drain()
             msg = await read_frame(reader)
+            if isinstance(msg, Welcome):
+                # Without this an impostor could skip the challenge and send us runs.
+                expected = center_proof(self.secret, transcript)
+                if not proofs_equal(expected, msg.proof):
+                    raise ProtocolError("the center could not prove it knows the token")
+                session = Session.of_agent(self.secret, transcript)
         if isinstance(msg, Refused):
             raise CenterRefused(msg.reason)
         if not isinstance(msg, Welcome):
             raise ProtocolError(f"expected welcome, got {msg.TYPE}")
-        if self.secret is not None:
-            # Without this an impostor could skip the challenge and send us runs.
-            if center_nonce is None:
-                raise ProtocolError("the center did not authenticate; not accepting runs")
-            expected = center_proof(self.secret, nonce, center_nonce, self.name)
-            if not proofs_equal(expected, msg.proof):
-                raise ProtocolError("the center could not prove it knows the token")
+        if self.secret is not None and not session.sealed:
+            raise ProtocolError("the center did not authenticate; not accepting runs")
+        self._channel = session
+        writer.write(session.frame(Running(run_ids=tuple(sorted(self.inflight)))))
+        await writer.drain()
         return msg
 
     async def _session(self, reader: asyncio.StreamReader) -> None:
+        session = self._channel
         for pending in list(self.state.outbox.values()):
             await self._send(pending)
         await self.daemons.report()
         while not self._stopping.is_set():
-            msg = await read_frame(reader)
+            msg = await session.read(reader)
             self._last_rx = time.monotonic()
             await self._handle(msg)
 
@@ -551,7 +566,7 @@ class Agent:
         if writer is None:
             return
         try:
-            writer.write(msg.frame())
+            writer.write(self._channel.frame(msg))
             await writer.drain()
         except (ConnectionError, OSError, RuntimeError):
             writer.transport.abort()
@@ -597,11 +612,23 @@ class Agent:
         self.state.reserve(run_id)
         self._spawn(self._execute(msg))
 
-    def _refusal(self, msg: Run) -> str | None:
-        user = msg.run_as
-        if user is not None and user not in self.allow_run_as:
-            return f"run_as {user} not allowed on this agent"
+    def refusal_for_user(self, run_as: str | None) -> str | None:
+        """Why a run (or daemon) as ``run_as`` may not start here, or None.
+
+        A run without ``run_as`` runs as the agent's own user, so the allowlist covers it
+        too: an agent started as root with ``--allow-run-as nobody`` runs nothing as root.
+        """
+        if run_as is None:
+            if self.own_user not in self.allow_run_as:
+                return (f"no run_as: the run would run as {self.own_user}, which is not "
+                        "allowed on this agent (--allow-run-as)")
+            return None
+        if run_as not in self.allow_run_as:
+            return f"run_as {run_as} not allowed on this agent"
         return None
+
+    def _refusal(self, msg: Run) -> str | None:
+        return self.refusal_for_user(msg.run_as)
 
     async def _execute(self, msg: Run) -> None:
         run_id = msg.run_id
@@ -719,9 +746,10 @@ class _Daemons:
     def _start(self, spec: DaemonSpec) -> None:
         self.specs[spec.name] = spec
         self.since[spec.name] = _now()
-        if spec.run_as is not None and spec.run_as not in self.agent.allow_run_as:
-            self.refused[spec.name] = f"run_as {spec.run_as} not allowed on this agent"
-            log.warning("daemon %s: %s", spec.name, self.refused[spec.name])
+        refusal = self.agent.refusal_for_user(spec.run_as)
+        if refusal is not None:
+            self.refused[spec.name] = refusal
+            log.warning("daemon %s: %s", spec.name, refusal)
             return
         request = RunRequest(
             run_id=f"daemon-{spec.name}",
@@ -838,9 +866,6 @@ async def run_agent(
         if secret is None:
             log.error("%s holds no secret for agent %s", token_file, name)
             return 2
-        with contextlib.suppress(OSError):
-            if token_file.stat().st_mode & 0o077:
-                log.warning("%s is readable by other users; chmod 600 it", token_file)
     try:
         context = _ssl_context(tls_ca, tls_cert, tls_key)
         agent = Agent(center, name, secret, state_dir, ssl_context=context,

@@ -63,6 +63,7 @@ from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.transports.hub import AgentHub
 from cronfile.transports.local import LocalExecutor
+from cronfile.transports.protocol import SecretsError
 
 log = logging.getLogger("cronfile.center")
 
@@ -327,7 +328,10 @@ class Center:
         self.control = ControlServer(self.state_dir, self)
         await self.control.start()
         if self.options.listen:
-            self.hub = await start_hub(self.options, self.router.inventory, self)
+            try:
+                self.hub = await start_hub(self.options, self.router.inventory, self)
+            except SecretsError as exc:  # names the file and line, never a secret
+                raise CenterError(str(exc)) from None
             self.router.directory = self.hub
             write_agents_file(self.state_dir, self.hub)
             if self.desired is not None:
@@ -351,6 +355,14 @@ class Center:
         center restarted (its one outcome), or one recorded ``lost`` (superseded, once)."""
         if run_id in self.running:
             return  # the run's handle resolves and the center records it there
+        # Only the agent a run was sent to may report its outcome: run ids are
+        # predictable, and a forged "succeeded" would fire chains and hide failures.
+        expected = (self._awaiting_agents.get(run_id) or self.lost_bases.get(run_id)
+                    or {}).get("agent")
+        if expected is not None and expected != agent:
+            log.warning("agent %s sent an outcome for run %s, which ran on %s: ignored",
+                        agent, run_id, expected)
+            return
         waiting = self._awaiting_agents.pop(run_id, None)
         if waiting is not None:  # in flight when the center restarted: its one outcome
             record = {**waiting, "record": "finished", **outcome}

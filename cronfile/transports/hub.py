@@ -20,6 +20,20 @@ of a run_id already delivered is acked and not passed on again; the hub remember
 window of recent run_ids for this, so the center must still deduplicate by run_id (it has
 to anyway: the window does not survive a restart).
 
+Outcomes are taken only from the agent a run was sent to: an agent holding its own secret
+cannot forge the outcome of a run on another agent (run ids are predictable). For runs
+without a handle (dispatched before a center restart, or already resolved ``lost``) the
+``agent`` passed to ``on_outcome`` is the authenticated sender, which the center checks
+against its record.
+
+Before authentication a peer costs little and not for long: at most ``max_handshakes``
+connections are in their handshake at once (TLS included; the oldest is evicted when a new
+one comes), each for at most ``handshake_timeout_s``, reading at most
+:data:`~cronfile.transports.protocol.MAX_PREAUTH_FRAME` bytes per frame. Wrong MACs are
+throttled per peer address. With no secret configured the hub listens on loopback only and
+accepts a connection only from a process of its own user (or root), found through the
+kernel's socket table, since TCP has no ``SO_PEERCRED``.
+
 ``lost``: when an agent disconnects, every run it had gets a lease of ``lease_s``. A run
 the agent lists as running when it reconnects keeps going; any other run whose outcome has
 not arrived when the lease expires resolves ``lost``. The hub never calls ``on_outcome``
@@ -34,6 +48,7 @@ import contextlib
 import inspect
 import ipaddress
 import logging
+import os
 import re
 import secrets as _secrets
 import ssl
@@ -46,8 +61,11 @@ from typing import Any
 from cronfile import __version__
 from cronfile.schedules.model import Agent, RunStatus
 from cronfile.transports.executor import Executor, ExecutorInfo, RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.peercred import loopback_peer_uid
 from cronfile.transports.protocol import (
     MAX_FRAME,
+    MAX_PREAUTH_FRAME,
+    PROTOCOL_VERSION,
     Ack,
     Cancel,
     Challenge,
@@ -64,14 +82,20 @@ from cronfile.transports.protocol import (
     Refused,
     Response,
     Run,
+    Running,
     Secrets,
+    Session,
     Started,
+    Transcript,
+    UnsupportedVersion,
     Welcome,
     agent_proof,
     center_proof,
+    decode_message,
     new_nonce,
     proofs_equal,
-    read_frame,
+    read_body,
+    refusal_frame,
 )
 
 log = logging.getLogger("cronfile.agents")
@@ -104,6 +128,43 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _FailureThrottle:
+    """Failed authentications per peer address: after ``burst`` failures within
+    ``window_s`` the address is refused before any MAC is computed for ``block_s``."""
+
+    def __init__(self, burst: int = 10, window_s: float = 10.0, block_s: float = 10.0,
+                 max_peers: int = 4096) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self.block_s = block_s
+        self.max_peers = max_peers
+        self._failures: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+        self._blocked_until: dict[str, float] = {}
+
+    def blocked(self, address: str) -> bool:
+        until = self._blocked_until.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._blocked_until[address]
+        return False
+
+    def failed(self, address: str) -> bool:
+        """Count one failure; True when the address just became blocked."""
+        now = time.monotonic()
+        recent = [t for t in self._failures.pop(address, []) if now - t < self.window_s]
+        recent.append(now)
+        self._failures[address] = recent
+        while len(self._failures) > self.max_peers:
+            self._failures.popitem(last=False)
+        if len(recent) >= self.burst:
+            self._failures.pop(address, None)
+            self._blocked_until[address] = now + self.block_s
+            return True
+        return False
+
+
 class _Closed(Exception):
     """The connection went away while we were using it."""
 
@@ -119,6 +180,7 @@ class _Connection:
     tls: bool
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    session: Session
     connected_since: datetime = field(default_factory=_now)
     last_heartbeat: datetime = field(default_factory=_now)
     last_seen: float = field(default_factory=time.monotonic)
@@ -133,7 +195,7 @@ class _Connection:
         if self.closed:
             raise _Closed(self.name)
         try:
-            self.writer.write(msg.frame())
+            self.writer.write(self.session.frame(msg))
             self.frames_out += 1
             await self.writer.drain()
         except (ConnectionError, OSError, RuntimeError) as exc:
@@ -287,6 +349,9 @@ class AgentHub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._executors: dict[str, RemoteExecutor] = {}
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handshaking: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._throttle = _FailureThrottle()
+        self._own_uid = os.geteuid()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -301,8 +366,11 @@ class AgentHub:
             host = "127.0.0.1"
         elif self.secrets.empty:
             log.warning("no agent token configured: agents on loopback are not authenticated")
+        elif len(self.secrets.per_agent) < len(self.inventory) and self.secrets.shared:
+            log.warning("agents share one secret: any agent host holding it can "
+                        "impersonate the center to the others; give each agent its own")
         self._server = await asyncio.start_server(
-            self._accept, host, self.port, ssl=self.ssl_context, limit=self.max_frame + 8
+            self._accept, host, self.port, limit=self.max_frame + 64
         )
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
@@ -496,12 +564,16 @@ class AgentHub:
     # --- connections -------------------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) - len(self._conns) >= self.max_handshakes:
-            # Unauthenticated connections cost memory and a timer each: cap them, so a
-            # flood of idle sockets cannot starve the agents that do authenticate.
-            log.warning("too many agent handshakes in progress: dropping a connection")
-            writer.transport.abort()
-            return
+        # Unauthenticated connections cost memory and a timer each: cap them. When the cap
+        # is reached the OLDEST handshake is evicted, not the newest: a real agent finishes
+        # its handshake in milliseconds, so a flood of idle sockets evicts itself and can
+        # no longer lock the agents out.
+        while len(self._handshaking) >= self.max_handshakes:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            log.warning("too many agent handshakes in progress: dropping the oldest")
+            oldest.transport.abort()
+        self._handshaking[writer] = None
         # A task of our own rather than the one asyncio makes for a coroutine callback: we
         # cancel ours at close(), and asyncio logs a cancelled callback task as an error.
         self._writers.add(writer)
@@ -514,6 +586,7 @@ class AgentHub:
             await self._connection_inner(reader, writer)
         finally:
             self._writers.discard(writer)
+            self._handshaking.pop(writer, None)
             writer.transport.abort()
 
     async def _connection_inner(
@@ -536,6 +609,14 @@ class AgentHub:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             writer.transport.abort()
             return
+        except Exception as exc:  # noqa: BLE001 - the peer is not authenticated
+            # Nothing an unauthenticated peer sends may cost a traceback per connection.
+            log.warning("agent connection from %s: handshake failed (%s: %s)", peer,
+                        type(exc).__name__, exc)
+            writer.transport.abort()
+            return
+        finally:
+            self._handshaking.pop(writer, None)
         if conn is None:
             return
         await self._serve(conn)
@@ -552,12 +633,52 @@ class AgentHub:
             await asyncio.wait_for(conn.send(Refused(reason=reason)), 2)
         conn.abort()
 
+    async def _read_hello(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> tuple[Hello, bytes] | None:
+        body = await read_body(reader, MAX_PREAUTH_FRAME)
+        try:
+            first = decode_message(body)
+        except UnsupportedVersion as exc:
+            # Answer in the peer's own version, which it can read: an old agent then logs
+            # why it is refused instead of reconnecting blind.
+            reason = (f"protocol version {exc.version} is not supported; this center "
+                      f"speaks version {PROTOCOL_VERSION}: upgrade the agent")
+            log.warning("agent connection from %s refused: %s", peer, reason)
+            with contextlib.suppress(Exception):
+                writer.write(refusal_frame(reason, exc.version))
+                await asyncio.wait_for(writer.drain(), 2)
+            return None
+        if not isinstance(first, Hello):
+            raise ProtocolError(f"expected hello, got {first.TYPE}")
+        return first, body
+
+    def _check_local_peer(self, writer: asyncio.StreamWriter) -> str | None:
+        """Without secrets: refuse a loopback peer that is not our own user (or root)."""
+        peername = writer.get_extra_info("peername")
+        sockname = writer.get_extra_info("sockname")
+        if not peername or not sockname:
+            return "cannot tell which user the connection comes from"
+        uid = loopback_peer_uid(peername, sockname)
+        if uid is None:
+            return ("cannot tell which user the connection comes from; "
+                    "give the center a --token-file")
+        if uid not in (0, self._own_uid):
+            return (f"the connection comes from uid {uid}, not the center's user; "
+                    "without a --token-file only its own user's agents may connect")
+        return None
+
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> _Connection | None:
-        first = await read_frame(reader, self.max_frame)
-        if not isinstance(first, Hello):
-            raise ProtocolError(f"expected hello, got {first.TYPE}")
+        if self.ssl_context is not None:
+            # TLS here, not in start_server: the handshake cap and timeout then cover the
+            # TLS handshake too (a socket that never sends a ClientHello is evicted).
+            await writer.start_tls(self.ssl_context)
+        hello = await self._read_hello(reader, writer, peer)
+        if hello is None:
+            return None
+        first, hello_body = hello
         name = first.agent
         if not _NAME.fullmatch(name) or len(name) > 63:
             await self._refuse(writer, peer, f"{name!r} is not a valid agent name")
@@ -566,36 +687,43 @@ class AgentHub:
             await self._refuse(writer, peer, f"{name!r} is reserved for the center's own host")
             return None
         proof = ""
+        session = Session()
         if not self.secrets.empty:
+            address = peer.rpartition(":")[0]
+            if self._throttle.blocked(address):
+                await self._refuse(writer, peer, "too many failed authentications from "
+                                   f"{address}: wait and try again")
+                return None
             nonce = new_nonce()
+            transcript = Transcript(first, hello_body, nonce)
             writer.write(Challenge(nonce=nonce).frame())
             await writer.drain()
-            answer = await read_frame(reader, self.max_frame)
+            answer = decode_message(await read_body(reader, MAX_PREAUTH_FRAME))
             if not isinstance(answer, Response):
                 raise ProtocolError(f"expected response, got {answer.TYPE}")
             secret = self.secrets.for_agent(name)
             # Compute a MAC even for names without a secret, so the time taken does not
             # tell a prober which names have one.
-            expected = agent_proof(secret or _secrets.token_bytes(32), nonce, name)
+            expected = agent_proof(secret or _secrets.token_bytes(32), transcript)
             if secret is None or not proofs_equal(expected, answer.mac):
+                if self._throttle.failed(address):
+                    log.warning("agent connections from %s: too many failed "
+                                "authentications; refusing them for %gs", address,
+                                self._throttle.block_s)
                 await self._refuse(writer, peer, f"authentication failed for agent {name!r}")
                 return None
-            proof = center_proof(secret, first.nonce, nonce, name)
+            proof = center_proof(secret, transcript)
+            session = Session.of_center(secret, transcript)
+        else:
+            refusal = self._check_local_peer(writer)
+            if refusal is not None:
+                await self._refuse(writer, peer, refusal)
+                return None
         declared = self.inventory.get(name)
         if declared is None and not self.accept_undeclared:
             await self._refuse(writer, peer, f"agent {name!r} is not declared in the inventory")
             return None
         labels = dict(declared.labels) if declared is not None else dict(first.labels)
-        conn = _Connection(
-            name=name,
-            labels=labels,
-            version=first.version,
-            peer=peer,
-            tls=writer.get_extra_info("sslcontext") is not None,
-            reader=reader,
-            writer=writer,
-            running=set(first.running),
-        )
         writer.write(
             Welcome(
                 agent=name, center=__version__, heartbeat_s=self.heartbeat_s,
@@ -603,7 +731,20 @@ class AgentHub:
             ).frame()
         )
         await writer.drain()
-        return conn
+        running = await session.read(reader, self.max_frame)
+        if not isinstance(running, Running):
+            raise ProtocolError(f"expected running, got {running.TYPE}")
+        return _Connection(
+            name=name,
+            labels=labels,
+            version=first.version,
+            peer=peer,
+            tls=writer.get_extra_info("sslcontext") is not None,
+            reader=reader,
+            writer=writer,
+            session=session,
+            running=set(running.run_ids),
+        )
 
     def _register(self, conn: _Connection) -> None:
         old = self._conns.get(conn.name)
@@ -683,7 +824,7 @@ class AgentHub:
 
     async def _read_loop(self, conn: _Connection) -> None:
         while True:
-            msg = await read_frame(conn.reader, self.max_frame)
+            msg = await conn.session.read(conn.reader, self.max_frame)
             conn.frames_in += 1
             conn.seen()
             if isinstance(msg, Finished):
@@ -707,8 +848,18 @@ class AgentHub:
 
     async def _on_finished(self, conn: _Connection, msg: Finished) -> None:
         run_id = msg.run_id
+        handle = self._handles.get(run_id)
+        if handle is not None and handle.agent != conn.name:
+            # Run ids are predictable: without this an agent could forge the outcome of a
+            # run another agent is executing. Not acked, not recorded.
+            log.warning("agent %s sent an outcome for run %s, which was sent to %s: ignored",
+                        conn.name, run_id, handle.agent)
+            return
         conn.running.discard(run_id)
-        if run_id not in self._delivered:
+        # Keyed by sender too: what another agent claimed about this run_id must not make
+        # the real outcome look like a duplicate.
+        delivered_key = f"{conn.name}\0{run_id}"
+        if delivered_key not in self._delivered:
             try:
                 await _call(self.on_outcome, run_id, conn.name, msg.outcome_dict())
             except Exception:
@@ -716,7 +867,7 @@ class AgentHub:
                 # connection, when the center may be able to record it.
                 log.exception("recording the outcome of run %s failed", run_id)
                 return
-            self._delivered[run_id] = None
+            self._delivered[delivered_key] = None
             while len(self._delivered) > self._dedupe_window:
                 self._delivered.popitem(last=False)
         # A handle may wait on a run_id already delivered (the center dispatched it again

@@ -1,28 +1,36 @@
-"""The center <-> agent protocol, version 1. This module IS the contract.
+"""The center <-> agent protocol, version 2. This module IS the contract.
 
 Both sides import it; nothing else defines what travels on the wire. Change a message here
 and you change the protocol: additive changes (a new optional field with a default) keep
-``v: 1``; anything else needs a new version and both sides speaking it.
+``v: 2``; anything else needs a new version and both sides speaking it.
 
 Transport
     One TCP connection per agent, opened BY THE AGENT to the center (agents never listen).
-    Optionally wrapped in TLS: the agent verifies the center with a CA file; the center may
-    require client certificates (mutual TLS). Without TLS the handshake below still proves
-    that both ends know the secret, but later frames carry no integrity protection of their
-    own: use TLS on networks you do not trust.
+    Optionally wrapped in TLS (confidentiality; the agent verifies the center with a CA
+    file; the center may require client certificates). With or without TLS, every frame
+    after the handshake is authenticated with a key of that session (see *Sessions*), so
+    an on-path relay that passes a real handshake through cannot inject, replay, reorder
+    or alter a single frame afterwards. Without TLS frames are readable on the wire (job
+    commands, output tails with secrets masked); secret values never travel at all.
 
 Framing
-    Every frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8
-    JSON, which must be ONE JSON object. A length above :data:`MAX_FRAME` (1 MiB) is refused
-    before a single byte of the body is read, so a peer cannot make the other side allocate
-    or buffer more than that. Empty frames, invalid UTF-8, invalid JSON, ``NaN``/``Infinity``,
-    duplicate keys, nesting deeper than the decoder allows and anything that is not an object
-    are protocol errors; a protocol error closes THAT connection and nothing else.
+    Every frame is a 4-byte big-endian unsigned length followed by that many bytes: UTF-8
+    JSON, which must be ONE JSON object, and after the handshake a 32-byte MAC behind it
+    (the length covers both). A length above :data:`MAX_FRAME` (1 MiB, plus the MAC) is
+    refused before a single byte of the body is read; before authentication the limit is
+    :data:`MAX_PREAUTH_FRAME` (a few KiB), so an unauthenticated peer cannot make the
+    center buffer more than that. Empty frames, invalid UTF-8, invalid JSON,
+    ``NaN``/``Infinity``, duplicate keys, nesting deeper than the decoder allows and
+    anything that is not an object are protocol errors; a protocol error closes THAT
+    connection and nothing else.
 
 Messages
-    Every object carries ``"type"`` (one of the names below) and ``"v": 1``. A frame with
+    Every object carries ``"type"`` (one of the names below) and ``"v": 2``. A frame with
     another ``v`` is refused with :class:`UnsupportedVersion`, whose message names the
-    versions this side speaks. Field types are checked on decode (``int`` is never ``bool``,
+    versions this side speaks; the center answers a ``hello`` of another version with a
+    ``refused`` written in THAT version, so an old agent logs a clear reason instead of
+    retrying blind. ``refused`` is the one message whose shape never changes: it is read
+    whatever its ``v``. Field types are checked on decode (``int`` is never ``bool``,
     times are ISO-8601 with an offset); unknown fields are ignored so that optional fields
     can be added without a version bump. Nothing is ever evaluated or unpickled: decoding
     is :func:`json.loads` plus type checks.
@@ -30,12 +38,13 @@ Messages
     ==============  ==========  ======================================================
     type            direction   meaning
     ==============  ==========  ======================================================
-    hello           agent ->    first frame: name, version, labels, running run_ids,
-                                outcomes waiting in its outbox, a fresh agent nonce
+    hello           agent ->    first frame: name, version, labels, outcomes waiting
+                                in its outbox, a fresh agent nonce
     challenge       <- center   a fresh random 32-byte nonce (hex)
     response        agent ->    HMAC proving the agent knows its secret
     welcome         <- center   registered; heartbeat interval; the center's own proof
     refused         <- center   not registered, with the reason; the center closes
+    running         agent ->    first sealed frame: the run_ids alive on the agent
     run             <- center   start one run (see :class:`Run`)
     started         agent ->    the run's process started (time, pid)
     finished        agent ->    the run ended (the outcome); re-sent until acked
@@ -49,30 +58,44 @@ Messages
 Authentication (before the center parses anything but the hello)
     1. agent -> ``hello`` with ``nonce`` = 32 fresh random bytes (hex).
     2. center -> ``challenge`` with ``nonce`` = 32 fresh random bytes (hex).
-    3. agent -> ``response``: ``mac = HMAC-SHA256(secret, "cronfile/v1 agent" 0x00
-       center_nonce 0x00 agent_name)`` (see :func:`agent_proof`).
+    3. agent -> ``response``: ``mac = HMAC-SHA256(secret, "cronfile/v2 agent" 0x00
+       agent_nonce 0x00 center_nonce 0x00 agent_name 0x00 SHA-256(hello frame body))``
+       (see :func:`agent_proof`).
     4. center compares with :func:`hmac.compare_digest`; on success it sends ``welcome``
-       whose ``proof = HMAC-SHA256(secret, "cronfile/v1 center" 0x00 agent_nonce 0x00
-       center_nonce 0x00 agent_name)`` (:func:`center_proof`), which the agent checks before
-       it accepts a single run, so a host that merely pretends to be the center cannot
-       make agents run commands. Otherwise ``refused`` and the connection is closed.
+       whose ``proof`` is the same HMAC under the context ``"cronfile/v2 center"``
+       (:func:`center_proof`), which the agent checks before it accepts a single run, so a
+       host that merely pretends to be the center cannot make agents run commands.
+       Otherwise ``refused`` and the connection is closed.
 
     The secret never crosses the wire. A recorded handshake cannot be replayed, because
-    the center's nonce is new on every connection. The agent's name is inside the MAC, so
-    agent A's per-agent secret cannot register as B. Only a ``hello`` is accepted before
-    authentication, and the handshake is bounded in time by the center.
+    both nonces are new on every connection. The agent's name is inside the MAC, so agent
+    A's per-agent secret cannot register as B; and because the center proves itself with
+    the secret of the agent it talks to, an agent host holding only its own secret cannot
+    play center to the others. Use per-agent secrets (the default in the examples): with
+    one secret shared by every agent, any agent host can impersonate the center.
 
-    A center with no secret configured skips steps 2-3 and sends ``welcome`` with an empty
-    proof; it then listens on loopback only (see :mod:`cronfile.transports.hub`).
+Sessions (:class:`Session`)
+    Right after ``welcome`` both sides derive two keys, one per direction:
+    ``HMAC-SHA256(secret, "cronfile/v2 session" 0x00 direction 0x00 agent_nonce 0x00
+    center_nonce 0x00 agent_name 0x00 SHA-256(hello frame body))`` with direction
+    ``center->agent`` or ``agent->center``. Every later frame carries
+    ``HMAC-SHA256(key, seq as 8 bytes big-endian || body)`` where ``seq`` counts that
+    direction's frames from 0. The receiver checks it before decoding: a frame from
+    outside the session, a replayed or reordered one, or one altered on the way fails
+    and closes the connection. A center with no secret configured (loopback only, peers
+    checked by user: see :mod:`cronfile.transports.hub`) skips steps 2-3, sends
+    ``welcome`` with an empty proof and exchanges plain frames.
 
 Secrets (:func:`load_secrets`)
     A token file holds either ONE shared secret (the only non-comment line), or one
     ``agent-name secret`` pair per line, where the name ``*`` is a secret for every agent
     without its own line. ``#`` starts a comment line; blank lines are ignored; surrounding
-    whitespace is stripped; a secret is one word (no whitespace inside), e.g.
-    ``openssl rand -hex 32``. A token DIRECTORY holds one file per agent, named after the
-    agent, containing its secret (a file named ``*`` is the shared one). An agent reads the
-    same formats and picks its own secret (its line, else ``*``, else the only one).
+    whitespace is stripped; a secret is one word (no whitespace inside) of at least
+    :data:`MIN_SECRET_BYTES` bytes of entropy, e.g. ``openssl rand -hex 32``. A token
+    DIRECTORY holds one file per agent, named after the agent, containing its secret (a
+    file named ``*`` is the shared one). An agent reads the same formats and picks its own
+    secret (its line, else ``*``, else the only one). A token file (or directory) that
+    other users may read is refused.
 
 Limits
     :data:`MAX_FRAME` per frame; ``output_tail`` is cut by the agent to the run's
@@ -100,10 +123,16 @@ from cronfile.schedules.model import EnvValue, RunStatus, SecretRef
 from cronfile.state.ledger import outcome_fields
 from cronfile.transports.executor import RunOutcome, RunRequest
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MAX_FRAME = 1024 * 1024
 """The largest frame body, in bytes, either side accepts."""
+MAX_PREAUTH_FRAME = 8 * 1024
+"""The largest frame the center reads before the peer is authenticated (hello, response)."""
+MAC_BYTES = 32
+"""The MAC behind every frame of an authenticated session."""
+MIN_SECRET_BYTES = 16
+"""The least entropy, in bytes, a secret from a token file must carry."""
 MAX_ID = 256
 """The longest run id or agent name accepted on the wire."""
 NONCE_BYTES = 32
@@ -121,6 +150,16 @@ class FrameTooLarge(ProtocolError):
 
 class UnsupportedVersion(ProtocolError):
     """The message's ``v`` is not a version this side speaks."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+        """The version the peer spoke, so a refusal can be written in it."""
+
+
+class BadMac(ProtocolError):
+    """A frame of a session whose MAC does not verify: injected, replayed, reordered or
+    altered on the way."""
 
 
 # --- the message framework -------------------------------------------------------------
@@ -400,12 +439,13 @@ def decode_message(body: bytes) -> Message:
     version = data.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
         raise ProtocolError('message has no integer protocol version "v"')
-    if version not in SUPPORTED_VERSIONS:
+    kind = data.get("type")
+    if version not in SUPPORTED_VERSIONS and kind != Refused.TYPE:
         supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
         raise UnsupportedVersion(
-            f"protocol version {version} is not supported (this side speaks {supported})"
+            f"protocol version {version} is not supported (this side speaks {supported})",
+            version,
         )
-    kind = data.get("type")
     cls = _MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
@@ -415,19 +455,23 @@ def decode_message(body: bytes) -> Message:
         raise ProtocolError(f"bad {kind} message: {kind}{exc.path}: {exc.problem}") from None
 
 
+async def read_body(reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> bytes:
+    """Read one frame's bytes (after the length header), checking the size first."""
+    header = await reader.readexactly(_HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    if length > max_frame:
+        raise FrameTooLarge(f"frame of {length} bytes announced; the limit is {max_frame}")
+    return await reader.readexactly(length)
+
+
 async def read_frame(reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> Message:
-    """Read one frame and decode it.
+    """Read one plain (unsealed) frame and decode it.
 
     Raises :class:`asyncio.IncompleteReadError` when the peer closes (cleanly or mid-frame)
     and :class:`ProtocolError` for a frame that breaks the contract; the size check comes
     before the body is read.
     """
-    header = await reader.readexactly(_HEADER.size)
-    (length,) = _HEADER.unpack(header)
-    if length > max_frame:
-        raise FrameTooLarge(f"frame of {length} bytes announced; the limit is {max_frame}")
-    body = await reader.readexactly(length)
-    return decode_message(body)
+    return decode_message(await read_body(reader, max_frame))
 
 
 async def write_frame(writer: asyncio.StreamWriter, msg: Message) -> None:
@@ -436,10 +480,21 @@ async def write_frame(writer: asyncio.StreamWriter, msg: Message) -> None:
     await writer.drain()
 
 
+def refusal_frame(reason: str, version: int) -> bytes:
+    """A ``refused`` frame in protocol ``version``: what a peer speaking another version
+    reads (the shape of ``refused`` never changes), so it can log why instead of hanging."""
+    body = json.dumps({"type": "refused", "v": version, "reason": reason}).encode()
+    return _HEADER.pack(len(body)) + body
+
+
 # --- authentication --------------------------------------------------------------------
 
-_AGENT_CONTEXT = b"cronfile/v1 agent"
-_CENTER_CONTEXT = b"cronfile/v1 center"
+_AGENT_CONTEXT = b"cronfile/v2 agent"
+_CENTER_CONTEXT = b"cronfile/v2 center"
+_SESSION_CONTEXT = b"cronfile/v2 session"
+_TO_AGENT = b"center->agent"
+_TO_CENTER = b"agent->center"
+_SEQ = struct.Struct(">Q")
 
 
 def new_nonce() -> str:
@@ -457,23 +512,98 @@ def _nonce_bytes(nonce: str) -> bytes:
     return raw
 
 
-def agent_proof(secret: bytes, center_nonce: str, agent: str) -> str:
-    """What the agent answers to a challenge: HMAC over the center's nonce and its name."""
-    message = b"\0".join((_AGENT_CONTEXT, _nonce_bytes(center_nonce), agent.encode()))
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class Transcript:
+    """What both proofs and both session keys are bound to: the hello exactly as sent
+    (its bytes, so nothing in it can be changed on the way) and the center's nonce."""
+
+    hello: Hello
+    hello_body: bytes
+    center_nonce: str
+
+    def _mac(self, secret: bytes, *context: bytes) -> bytes:
+        message = b"\0".join((
+            *context,
+            _nonce_bytes(self.hello.nonce),
+            _nonce_bytes(self.center_nonce),
+            self.hello.agent.encode(),
+            hashlib.sha256(self.hello_body).digest(),
+        ))
+        return hmac.new(secret, message, hashlib.sha256).digest()
 
 
-def center_proof(secret: bytes, agent_nonce: str, center_nonce: str, agent: str) -> str:
+def agent_proof(secret: bytes, transcript: Transcript) -> str:
+    """What the agent answers to a challenge."""
+    return transcript._mac(secret, _AGENT_CONTEXT).hex()
+
+
+def center_proof(secret: bytes, transcript: Transcript) -> str:
     """What the center puts in ``welcome``: proves to the agent that it knows the secret."""
-    message = b"\0".join(
-        (_CENTER_CONTEXT, _nonce_bytes(agent_nonce), _nonce_bytes(center_nonce), agent.encode())
-    )
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+    return transcript._mac(secret, _CENTER_CONTEXT).hex()
 
 
 def proofs_equal(a: str, b: str) -> bool:
-    """Constant-time comparison of two proofs."""
-    return hmac.compare_digest(a.encode(), b.encode())
+    """Constant-time comparison of two proofs; any string from the wire is safe to pass
+    (a lone surrogate cannot be encoded strictly, so errors are passed through)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"),
+                               b.encode("utf-8", "surrogatepass"))
+
+
+class Session:
+    """Seals the frames one side sends and opens the frames it receives, for one connection.
+
+    Without keys (a center with no secret, loopback only) frames are plain. With keys,
+    the sequence numbers are implicit: both sides count, so a frame replayed, dropped or
+    reordered by a relay has the wrong number inside its MAC and is refused.
+    """
+
+    def __init__(self, send_key: bytes | None = None, recv_key: bytes | None = None) -> None:
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self._send_seq = 0
+        self._recv_seq = 0
+
+    @classmethod
+    def of_agent(cls, secret: bytes, transcript: Transcript) -> Session:
+        """The agent's end: it sends agent->center and receives center->agent."""
+        return cls(transcript._mac(secret, _SESSION_CONTEXT, _TO_CENTER),
+                   transcript._mac(secret, _SESSION_CONTEXT, _TO_AGENT))
+
+    @classmethod
+    def of_center(cls, secret: bytes, transcript: Transcript) -> Session:
+        return cls(transcript._mac(secret, _SESSION_CONTEXT, _TO_AGENT),
+                   transcript._mac(secret, _SESSION_CONTEXT, _TO_CENTER))
+
+    @property
+    def sealed(self) -> bool:
+        return self._send_key is not None
+
+    def frame(self, msg: Message) -> bytes:
+        """The whole frame of ``msg``, sealed with the next sequence number. Callers write
+        frames in the order they were made (one synchronous write each)."""
+        if self._send_key is None:
+            return msg.frame()
+        body = msg.encode()
+        if len(body) > MAX_FRAME:
+            raise FrameTooLarge(f"{msg.TYPE} message is {len(body)} bytes, above {MAX_FRAME}")
+        tag = hmac.new(self._send_key, _SEQ.pack(self._send_seq) + body, hashlib.sha256)
+        self._send_seq += 1
+        return _HEADER.pack(len(body) + MAC_BYTES) + body + tag.digest()
+
+    async def read(self, reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> Message:
+        """Read, verify and decode the next frame of the session."""
+        if self._recv_key is None:
+            return await read_frame(reader, max_frame)
+        data = await read_body(reader, max_frame + MAC_BYTES)
+        if len(data) <= MAC_BYTES:
+            raise BadMac("frame too short to carry a MAC")
+        body, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
+        expected = hmac.new(self._recv_key, _SEQ.pack(self._recv_seq) + body, hashlib.sha256)
+        if not hmac.compare_digest(expected.digest(), tag):
+            raise BadMac(f"frame {self._recv_seq} of the session failed authentication "
+                         "(injected, replayed, reordered or altered on the way)")
+        self._recv_seq += 1
+        return decode_message(body)
 
 
 @dataclass(frozen=True)
@@ -497,22 +627,28 @@ class SecretsError(Exception):
 
 
 def load_secrets(path: Path) -> Secrets:
-    """Read a token file or directory (formats: see the module docstring)."""
+    """Read a token file or directory (formats: see the module docstring).
+
+    Refused: a file or directory that other users may read (or write), and a secret
+    weaker than :data:`MIN_SECRET_BYTES` bytes of entropy.
+    """
+    _check_private(path)
     if path.is_dir():
         per_agent: dict[str, bytes] = {}
         for entry in sorted(path.iterdir()):
             if entry.is_file() and not entry.name.startswith("."):
+                _check_private(entry)
                 token = _read_token_lines(entry)
                 if len(token) != 1 or len(token[0][1].split()) != 1:
                     raise SecretsError(f"{entry}: expected one line holding the secret")
-                per_agent[entry.name] = token[0][1].encode()
+                per_agent[entry.name] = _strong(token[0][1], f"{entry}:{token[0][0]}")
         shared = per_agent.pop("*", None)
         return Secrets(shared=shared, per_agent=per_agent)
     lines = _read_token_lines(path)
     if not lines:
         raise SecretsError(f"{path}: no secret in the file")
     if len(lines) == 1 and len(lines[0][1].split()) == 1:
-        return Secrets(shared=lines[0][1].encode())
+        return Secrets(shared=_strong(lines[0][1], f"{path}:{lines[0][0]}"))
     shared_secret: bytes | None = None
     mapping: dict[str, bytes] = {}
     for lineno, line in lines:
@@ -523,10 +659,49 @@ def load_secrets(path: Path) -> Secrets:
         if name in mapping or (name == "*" and shared_secret is not None):
             raise SecretsError(f"{path}:{lineno}: agent {name!r} is listed twice")
         if name == "*":
-            shared_secret = secret.encode()
+            shared_secret = _strong(secret, f"{path}:{lineno}")
         else:
-            mapping[name] = secret.encode()
+            mapping[name] = _strong(secret, f"{path}:{lineno}")
     return Secrets(shared=shared_secret, per_agent=mapping)
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a token file or directory other users can read: its secrets are theirs too."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise SecretsError(f"{path}: cannot read the token file ({exc.strerror})") from None
+    if mode & 0o077:
+        raise SecretsError(
+            f"{path}: other users may read it (mode {mode & 0o777:o}); run chmod "
+            f"{'700' if path.is_dir() else '600'} {path}"
+        )
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_")
+
+
+def secret_entropy_bytes(secret: str) -> float:
+    """A generous upper bound on the entropy of ``secret``, in bytes: 4 bits per hex
+    digit, 6 per base64 character, 8 per byte otherwise; a secret of one repeated
+    character has none. Enough to refuse ``abc`` and ``password``-length tokens."""
+    if len(set(secret)) <= 2:
+        return 0.0
+    if set(secret) <= _HEX:
+        return len(secret) / 2
+    if set(secret) <= _BASE64:
+        return len(secret) * 6 / 8
+    return float(len(secret.encode()))
+
+
+def _strong(secret: str, where: str) -> bytes:
+    if secret_entropy_bytes(secret) < MIN_SECRET_BYTES:
+        raise SecretsError(
+            f"{where}: the secret is too weak (at least {MIN_SECRET_BYTES} random bytes, "
+            "e.g. `openssl rand -hex 32`)"
+        )
+    return secret.encode()
 
 
 def _read_token_lines(path: Path) -> list[tuple[int, str]]:
@@ -554,8 +729,6 @@ class Hello(Message):
     version: str
     nonce: str
     labels: dict[str, str] = field(default_factory=dict)
-    running: tuple[str, ...] = ()
-    """Run ids whose processes are alive on the agent right now."""
     pending_outcomes: int = 0
     """Outcomes in the agent's outbox, sent right after ``welcome``."""
 
@@ -605,6 +778,17 @@ class Welcome(Message):
 class Refused(Message):
     TYPE: ClassVar[str] = "refused"
     reason: str
+
+
+@dataclass(frozen=True)
+class Running(Message):
+    """The agent's first sealed frame: the run ids whose processes are alive on it now.
+
+    Sent after authentication rather than in the hello, so the hello stays a few KiB
+    however many runs an agent has."""
+
+    TYPE: ClassVar[str] = "running"
+    run_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localuser import ensure_other_user, run_as
 
 from cronfile.agent.daemon import AgentState
 from cronfile.schedules.model import Agent, RunStatus
@@ -27,6 +28,7 @@ from cronfile.state.ledger import iso
 from cronfile.transports.executor import RunRequest
 from cronfile.transports.hub import AgentHub
 from cronfile.transports.protocol import (
+    MAX_PREAUTH_FRAME,
     Challenge,
     DaemonSpec,
     Finished,
@@ -782,3 +784,115 @@ def test_an_agent_cannot_forge_the_outcome_of_another_agents_run(tmp_path: Path)
                 ("victim", "a1", "failed")]
 
     run(go())
+
+
+@pytest.fixture
+def other_user() -> pwd.struct_passwd:
+    return ensure_other_user()
+
+
+def test_token_less_hub_refuses_another_local_user(tmp_path: Path, other_user: Any,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 4: with no token, any local user could register as a declared agent."""
+    script = (
+        "import json, socket, struct, sys\n"
+        "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+        "body = json.dumps({'type': 'hello', 'v': 2, 'agent': 'a1', 'version': 'x',"
+        " 'nonce': '00' * 32}).encode()\n"
+        "s.sendall(struct.pack('>I', len(body)) + body)\n"
+        "n = struct.unpack('>I', s.recv(4))[0]\n"
+        "print(json.loads(s.recv(n))['reason'] if n else '')\n"
+    )
+
+    async def go() -> None:
+        async with Fleet(tmp_path, secrets=Secrets()) as fleet:
+            result = await asyncio.to_thread(
+                run_as, other_user, ["/usr/bin/python3", "-c", script, str(fleet.port)])
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == (
+                f"the connection comes from uid {other_user.pw_uid}, not the center's user; "
+                "without a --token-file only its own user's agents may connect")
+            assert fleet.connects == []
+            # The center's own user still connects without a token.
+            fleet.agent("a1", token=None)
+            await fleet.connected("a1")
+
+    run(go())
+
+
+def test_idle_sockets_cannot_lock_agents_out(tmp_path: Path) -> None:
+    """Finding 9: at the handshake cap the OLDEST unauthenticated connection goes."""
+    async def go() -> None:
+        async with Fleet(tmp_path, max_handshakes=8, handshake_timeout_s=30) as fleet:
+            idle = [await open_raw(fleet.port) for _ in range(8)]
+            await asyncio.sleep(0)  # the hub has accepted them
+            msg, *_ = await handshake(fleet.port, "a1", SECRET.encode())
+            assert isinstance(msg, Welcome)
+            await fleet.connected("a1")
+            assert await closed_by_peer(idle[0][0], timeout=2)
+
+    run(go())
+
+
+def test_sockets_that_never_start_tls_are_timed_out(tmp_path: Path) -> None:
+    """Finding 10: no ClientHello used to hold a descriptor for 60 s, uncapped."""
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+
+    async def go() -> None:
+        async with Fleet(tmp_path, ssl_context=context, handshake_timeout_s=0.5,
+                         max_handshakes=4) as fleet:
+            silent = [await open_raw(fleet.port) for _ in range(5)]
+            assert await closed_by_peer(silent[0][0], timeout=1.5)  # evicted by the 5th
+            assert all([await closed_by_peer(r, timeout=3) for r, _ in silent[1:]])
+            fleet.agent("a1", tls_ca=cert)
+            await fleet.connected("a1")
+
+    run(go())
+
+
+def test_pre_auth_hello_is_bounded_to_a_few_kib(tmp_path: Path) -> None:
+    """Finding 14: a hello could announce 1 MiB before authentication."""
+    async def go() -> None:
+        async with Fleet(tmp_path, handshake_timeout_s=10) as fleet:
+            reader, writer = await open_raw(fleet.port)
+            writer.write(struct.pack(">I", MAX_PREAUTH_FRAME + 1) + b"{")
+            assert await closed_by_peer(reader, timeout=2)
+
+    run(go())
+
+
+def test_wrong_macs_are_throttled_per_peer(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 13: thousands of wrong MACs per second were answered at full speed."""
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            for _ in range(10):
+                msg, *_ = await handshake(fleet.port, "a1", b"wrong-secret-0123456789abcdef")
+                assert isinstance(msg, Refused) and "authentication failed" in msg.reason
+            msg, *_ = await handshake(fleet.port, "a1", SECRET.encode())
+            assert isinstance(msg, Refused)
+            assert msg.reason == ("too many failed authentications from 127.0.0.1: "
+                                  "wait and try again")
+            assert "too many failed authentications; refusing them for 10s" in caplog.text
+
+    run(go())
+
+
+def test_a_lone_surrogate_mac_is_refused_without_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 15: proofs_equal raised UnicodeEncodeError, logged with a traceback."""
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            reader, writer = await open_raw(fleet.port)
+            await send(writer, Hello(agent="a1", version="test", nonce=new_nonce()))
+            assert isinstance(await read(reader), Challenge)
+            body = b'{"type":"response","v":2,"mac":"\\ud800"}'  # JSON-escaped, as sent
+            writer.write(struct.pack(">I", len(body)) + body)
+            msg = await read(reader)
+            assert isinstance(msg, Refused) and "authentication failed" in msg.reason
+
+    run(go())
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]

@@ -139,8 +139,10 @@ def test_empty_command_is_refused() -> None:
 # -- environment ----------------------------------------------------------------------------
 
 
-def test_environment_has_center_env_job_env_and_cronfile_vars(tmp_path: Path) -> None:
-    executor = LocalExecutor(state_dir=tmp_path, base_env=BASE_ENV)
+def test_environment_is_a_minimal_base_job_env_and_cronfile_vars(tmp_path: Path) -> None:
+    """Finding 5: a job used to inherit the executor's whole environment (``from_env``
+    secrets of other jobs, the center's own credentials)."""
+    executor = LocalExecutor(state_dir=tmp_path, base_env={**BASE_ENV, "LANG": "C.UTF-8"})
     req = request(
         ("env",),
         run_id="r-42",
@@ -149,7 +151,12 @@ def test_environment_has_center_env_job_env_and_cronfile_vars(tmp_path: Path) ->
         env=(("GREETING", "hello world"), ("CRONFILE_RUN_ID", "spoofed")),
     )
     env = parse_env(run(req, executor).output_tail)
-    assert env["CENTER_ONLY"] == "center-value"
+    me = pwd.getpwuid(os.geteuid())
+    assert set(env) == {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "GREETING",
+                        "CRONFILE_JOB", "CRONFILE_RUN_ID", "CRONFILE_ATTEMPT",
+                        "CRONFILE_SCHEDULED_AT", "CRONFILE_STATE_DIR"}
+    assert (env["HOME"], env["USER"], env["LOGNAME"]) == (me.pw_dir, me.pw_name, me.pw_name)
+    assert (env["SHELL"], env["PATH"], env["LANG"]) == ("/bin/sh", BASE_ENV["PATH"], "C.UTF-8")
     assert env["GREETING"] == "hello world"
     assert env["CRONFILE_JOB"] == "job-a"
     assert env["CRONFILE_RUN_ID"] == "r-42"  # identity variables win over the job's env

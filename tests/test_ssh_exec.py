@@ -283,6 +283,18 @@ def test_secrets_resolved_on_the_center_and_redacted(
     assert out.output_tail == "a=*** b=***\n"
 
 
+def test_each_line_of_a_multi_line_secret_is_masked_over_ssh(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    """Finding 17 (issue 11): one line of a two-line secret was recorded in clear."""
+    key = tmp_path / "key"
+    key.write_text("first-line-of-key\nsecond-line-of-key\n")
+    env = (("KEY", SecretRef(from_file=str(key))),)
+    out = run(SshExecutor("web-1", config(sshd)),
+              request('echo "$KEY" | tail -n 1; echo "$KEY" | head -n 1; echo done', env=env))
+    assert out.output_tail == "***\n***\ndone\n"
+
+
 def test_unset_secret_env_is_refused_without_running(sshd: SshServer) -> None:
     env = (("A", SecretRef(from_env="CRONFILE_TEST_SURELY_UNSET")),)
     reason = refusal(SshExecutor("web-1", config(sshd)), request("true", env=env))

@@ -20,40 +20,39 @@ Design notes, the reasons beside the choices:
   pipe, so the tail keeps the interleaving the job produced, and one reader suffices. Only the
   last ``output_keep`` bytes are kept (a rolling window), so a job writing 100 MB costs no
   memory; the tail is decoded as UTF-8 with replacement and never parsed.
-* **Secrets** (``{from_file}``/``{from_env}``) are resolved here, at run time, on the host that
-  runs the command. Their values are masked as ``***`` in the output tail and in every message;
-  errors about them name the variable and the source, never a value.
+* **Secrets, environment, masking** follow :mod:`cronfile.transports.secrets`, the one
+  implementation every transport shares: a job gets a minimal base environment (``HOME``,
+  ``USER``, ``LOGNAME``, ``SHELL``, ``PATH``, ``LANG``) plus its ``env`` and the ``CRONFILE_*``
+  variables, never the executor's whole environment; secrets are resolved here, at run time,
+  as the job's user, and masked as ``***`` in the output tail and in every message.
 * **Refusals.** A run that cannot start at all (missing workdir, unknown user, unresolvable
   secret, argv command not found or not executable) raises :class:`RunRefused` from
   :meth:`LocalExecutor.start` and nothing is spawned. A *string* command runs under
   ``/bin/sh -c``; if the shell cannot find the program, that is the shell's exit code 127 and
   the run is ``failed`` with ``exit_code`` 127 (the shell's own message is in the tail).
-* **Environment.** Without ``run_as`` the child gets the executor's environment (``base_env``,
-  default ``os.environ``), then the job's ``env``, then the ``CRONFILE_*`` identity variables.
-  With ``run_as`` the environment is rebuilt from the user's passwd entry (``HOME``, ``USER``,
-  ``LOGNAME``, ``SHELL``, a fixed ``PATH``) plus the job's env and ``CRONFILE_*``: nothing of the
-  center's environment leaks to another user. The identity variables are applied last so a job's
-  ``env`` cannot spoof its run id. ``from_env`` secrets are read from the executor's environment.
 * **Working directory.** ``workdir`` when given; with ``run_as`` and no ``workdir``, the user's
-  home (or ``/`` when it does not exist), as cron does; otherwise the executor's own.
+  home (or ``/`` when it does not exist), as cron does; otherwise the executor's own. A run
+  that switches users enters its ``workdir`` AFTER dropping privileges (through a fixed
+  ``/bin/sh`` prelude, ``cd -- WORKDIR && exec "$@"``): Popen changes directory before it
+  changes user, which would let a ``nobody`` job start inside a directory only root can
+  enter. A directory the user cannot enter fails the run (the shell's message in the tail).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import pwd
 import signal
 import subprocess
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cronfile.schedules.model import EnvValue, RunStatus, SecretRef
+from cronfile.schedules.model import RunStatus
 from cronfile.transports.executor import (
     Executor,
     ExecutorInfo,
@@ -61,6 +60,16 @@ from cronfile.transports.executor import (
     RunOutcome,
     RunRefused,
     RunRequest,
+)
+from cronfile.transports.secrets import (
+    NO_SECRETS,
+    REDACTED,
+    RUN_AS_PATH,
+    OutputTail,
+    Redactor,
+    base_env,
+    cronfile_vars,
+    resolve_env,
 )
 
 __all__ = [
@@ -73,8 +82,6 @@ __all__ = [
     "process_group_alive",
 ]
 
-REDACTED = "***"
-RUN_AS_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _READ_CHUNK = 64 * 1024
 # A job that writes as fast as we read would otherwise keep one reader callback looping
@@ -88,142 +95,6 @@ _EXIT_POLL_S = 0.05
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@functools.lru_cache(maxsize=256)  # a burst's runs share their scheduled time
-def _iso_utc(moment: datetime | None) -> str:
-    """ISO-8601 in UTC with a ``Z``; a naive time is taken as UTC (never the host's zone)."""
-    if moment is None:
-        return ""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-# --------------------------------------------------------------------------------------------
-# Secrets and redaction
-# --------------------------------------------------------------------------------------------
-
-
-class Redactor:
-    """Masks secret values, in text (messages) and in the output tail (bytes)."""
-
-    def __init__(self, secrets: Iterable[bytes] = ()) -> None:
-        # Longest first, so a secret containing another is masked whole.
-        self.secrets: tuple[bytes, ...] = tuple(
-            sorted({s for s in secrets if s}, key=len, reverse=True)
-        )
-
-    @property
-    def margin(self) -> int:
-        """Extra bytes the tail must keep so a secret crossing the window's start is still seen."""
-        return max((len(s) for s in self.secrets), default=1) - 1
-
-    def text(self, message: str) -> str:
-        for secret in self.secrets:
-            message = message.replace(os.fsdecode(secret), REDACTED)
-        return message
-
-    def window(self, data: bytes, keep: int) -> bytes:
-        """The last ``keep`` bytes of ``data`` with every secret touching them masked.
-
-        Masking is done on the raw bytes *before* the cut, over ``keep + margin`` bytes: an
-        occurrence that straddles the window's start is then fully visible and masked, so no
-        prefix or suffix of a secret can survive at the edge of the tail.
-        """
-        start = max(0, len(data) - keep)
-        out = bytearray()
-        pos = start
-        for s, e in _merge_spans(self._spans(data)):
-            if e <= start:
-                continue
-            out += data[pos : max(s, start)]
-            out += REDACTED.encode()
-            pos = e
-        out += data[pos:]
-        return bytes(out)
-
-    def _spans(self, data: bytes) -> Iterator[tuple[int, int]]:
-        for secret in self.secrets:
-            i = data.find(secret)
-            while i >= 0:
-                yield i, i + len(secret)
-                i = data.find(secret, i + 1)
-
-
-_NO_SECRETS = Redactor()
-
-
-def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for s, e in sorted(spans):
-        if merged and s < merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-        else:
-            merged.append((s, e))
-    return merged
-
-
-def _strip_one_newline(data: bytes) -> bytes:
-    """Files written by editors and ``echo`` end with a newline nobody means as part of a secret."""
-    if data.endswith(b"\r\n"):
-        return data[:-2]
-    if data.endswith(b"\n"):
-        return data[:-1]
-    return data
-
-
-def _resolve_secret(name: str, ref: SecretRef, source_env: Mapping[str, str]) -> str:
-    """The secret's value; refusals name the variable and the source, never a value."""
-    if ref.from_file:
-        path = ref.from_file
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise RunRefused(f"secret for env {name}: file {path} does not exist") from None
-        except IsADirectoryError:
-            raise RunRefused(f"secret for env {name}: {path} is a directory") from None
-        except OSError as exc:
-            raise RunRefused(
-                f"secret for env {name}: cannot read file {path}: {exc.strerror}"
-            ) from None
-        return os.fsdecode(_strip_one_newline(data))
-    if ref.from_env:
-        value = source_env.get(ref.from_env)
-        if value is None:
-            raise RunRefused(
-                f"secret for env {name}: variable {ref.from_env} is not set on this host"
-            )
-        return value
-    raise RunRefused(f"secret for env {name} names no source (from_file or from_env)")
-
-
-def _check_env_name(name: str) -> None:
-    if not name or "=" in name or "\0" in name:
-        raise RunRefused(f"invalid environment variable name {name!r}")
-
-
-def _encode_env(env: Mapping[str, str]) -> dict[bytes, bytes]:
-    return {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
-
-
-def _resolve_env(
-    pairs: Iterable[tuple[str, EnvValue]], source_env: Mapping[str, str]
-) -> tuple[dict[str, str], list[bytes]]:
-    """The job's environment additions as plain strings, and the secret values among them."""
-    env: dict[str, str] = {}
-    secrets: list[bytes] = []
-    for name, value in pairs:
-        _check_env_name(name)
-        if isinstance(value, SecretRef):
-            text = _resolve_secret(name, value, source_env)
-            secrets.append(os.fsencode(text))
-        else:
-            text = str(value)
-        if "\0" in text:  # exec would fail with a message we could not control
-            raise RunRefused(f"environment variable {name}: value contains a NUL byte")
-        env[name] = text
-    return env, secrets
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +139,7 @@ def _check_can_switch(user: pwd.struct_passwd) -> bool:
     """Whether the spawn must change uid/gid/groups; refuse when we are not allowed to."""
     euid = os.geteuid()
     if euid == 0:
-        return True
+        return user.pw_uid != 0
     if user.pw_uid == euid:
         return False  # already that user: setgroups would fail with EPERM for nothing
     raise RunRefused(
@@ -276,27 +147,13 @@ def _check_can_switch(user: pwd.struct_passwd) -> bool:
     )
 
 
-def _user_env(user: pwd.struct_passwd) -> dict[str, str]:
-    """A fresh login-like environment: another user must not inherit the center's variables."""
-    return {
-        "HOME": user.pw_dir,
-        "USER": user.pw_name,
-        "LOGNAME": user.pw_name,
-        "SHELL": user.pw_shell or "/bin/sh",
-        "PATH": RUN_AS_PATH,
-    }
+def _encode_env(env: Mapping[str, str]) -> dict[bytes, bytes]:
+    return {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
 
 
-def _cronfile_vars(request: RunRequest, state_dir: Path | None) -> dict[str, str]:
-    env = {
-        "CRONFILE_JOB": request.job,
-        "CRONFILE_RUN_ID": request.run_id,
-        "CRONFILE_SCHEDULED_AT": _iso_utc(request.scheduled_at),
-        "CRONFILE_ATTEMPT": str(request.attempt),
-    }
-    if state_dir is not None:
-        env["CRONFILE_STATE_DIR"] = str(state_dir)
-    return env
+_CD_THEN_EXEC = 'cd -- "$1" || exit 126; shift; exec "$@"'
+"""Entering the workdir as the job's user (fixed text, never formatted): ``$1`` is the
+directory, the rest the job's argv."""
 
 
 def _workdir(workdir: str | None, user: pwd.struct_passwd | None) -> str | None:
@@ -309,51 +166,6 @@ def _workdir(workdir: str | None, user: pwd.struct_passwd | None) -> str | None:
     if user is not None:
         return user.pw_dir if os.path.isdir(user.pw_dir) else "/"
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
-class OutputTail:
-    """A rolling window over the output stream: memory stays flat whatever the job writes."""
-
-    def __init__(self, keep: int, margin: int = 0) -> None:
-        self.keep = max(0, keep)
-        self._cap = self.keep + max(0, margin) if self.keep else 0
-        self._buf = bytearray()
-        self.total = 0
-        """Bytes seen in all, kept or not."""
-
-    def feed(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        if not self._cap:
-            return
-        if len(chunk) >= self._cap:
-            self._buf[:] = chunk[-self._cap :]
-            return
-        self._buf += chunk
-        excess = len(self._buf) - self._cap
-        if excess > 0:
-            del self._buf[:excess]
-
-    def text(self, redactor: Redactor) -> str:
-        """The kept tail, secrets masked, as text; invalid UTF-8 becomes U+FFFD, never an error."""
-        if not self.keep:
-            return ""
-        data = redactor.window(bytes(self._buf), self.keep)
-        if self.total > self.keep:
-            data = _skip_partial_char(data)
-        return data.decode("utf-8", errors="replace")
-
-
-def _skip_partial_char(data: bytes) -> bytes:
-    """Drop the continuation bytes of a character cut in half by the window's start."""
-    i = 0
-    while i < min(3, len(data)) and 0x80 <= data[i] <= 0xBF:
-        i += 1
-    return data[i:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,17 +545,20 @@ class LocalExecutor(Executor):
         self._encoded_for: Mapping[str, str] | None = None
 
     def _encoded_base_env(self) -> dict[bytes, bytes]:
-        """The base environment as bytes, encoded once: Popen would otherwise encode every
-        variable again for every run (a third of the spawn overhead in a burst)."""
+        """The base environment of a run as this executor's user, as bytes, built once:
+        Popen would otherwise encode every variable again for every run (a third of the
+        spawn overhead in a burst)."""
         source = self.base_env
-        if self._encoded_for is not source or len(self._encoded) != len(source):
-            self._encoded = _encode_env(source)
+        if self._encoded_for is not source:
+            own = pwd.getpwuid(os.geteuid())
+            self._encoded = _encode_env(base_env(own, source, own_user=True))
             self._encoded_for = source
         return self._encoded
 
     @property
     def base_env(self) -> Mapping[str, str]:
-        """The executor's own environment: inherited by jobs and the source of ``from_env``."""
+        """The executor's own environment: the source of ``from_env`` secrets and of the
+        base's ``PATH`` and ``LANG``; never handed to jobs as a whole."""
         return self._base_env if self._base_env is not None else os.environ
 
     async def start(self, request: RunRequest) -> LocalRunHandle:
@@ -811,18 +626,24 @@ class LocalExecutor(Executor):
     def _prepare(self, request: RunRequest) -> _Prepared:
         argv = _argv(request.command)
         user = _lookup_user(request.run_as) if request.run_as else None
-        job_env, secrets = _resolve_env(request.env, self.base_env)
-        env = _encode_env(_user_env(user)) if user is not None else dict(self._encoded_base_env())
+        switch_user = user is not None and _check_can_switch(user)
+        job_env, secrets = resolve_env(request.env, self.base_env,
+                                       switch_to=user if switch_user else None)
+        env = (_encode_env(base_env(user, self.base_env, own_user=not switch_user))
+               if user is not None else dict(self._encoded_base_env()))
         env.update(_encode_env(job_env))
-        env.update(_encode_env(_cronfile_vars(request, self.state_dir)))
+        env.update(_encode_env(cronfile_vars(request, self.state_dir)))
         cwd = _workdir(request.workdir, user)
+        if switch_user and cwd is not None:
+            argv = ["/bin/sh", "-c", _CD_THEN_EXEC, "cronfile-workdir", cwd, *argv]
+            cwd = "/"
         return _Prepared(
             argv=argv,
             env=env,
             cwd=cwd,
             user=user,
-            switch_user=user is not None and _check_can_switch(user),
-            redactor=Redactor(secrets) if secrets else _NO_SECRETS,
+            switch_user=switch_user,
+            redactor=Redactor(secrets) if secrets else NO_SECRETS,
         )
 
 

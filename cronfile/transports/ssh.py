@@ -70,8 +70,9 @@ from typing import Any, TypeVar
 
 import paramiko
 
-from cronfile.schedules.model import RunStatus, SecretRef, SshConfig
+from cronfile.schedules.model import EnvValue, RunStatus, SshConfig
 from cronfile.transports.executor import Executor, RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.secrets import NO_SECRETS, OutputTail, Redactor, resolve_env
 
 KEEPALIVE_S = 15
 """Transport keepalive interval: keeps NATs/firewalls from dropping an idle reused connection."""
@@ -99,7 +100,6 @@ _WRAPPER = (
     'exec "$@" 2>&1'
 )
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SETSID_SIGNALED = re.compile(rb"(?m)^setsid: ")
 
 T = TypeVar("T")
@@ -121,51 +121,18 @@ def _set_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[T], value: 
 
 
 class _Tail:
-    """The last ``keep`` bytes of a stream, with secrets redacted before anything is cut.
+    """The output tail of an SSH run: the same window and masking rules as every transport
+    (:mod:`cronfile.transports.secrets`), fed by the reader thread."""
 
-    A margin of the longest secret's length is retained beyond ``keep`` and dropped after
-    redaction, so a secret that straddled the cut can never leak a fragment.
-    """
-
-    def __init__(self, keep: int, secret_values: list[bytes]) -> None:
-        self.keep = max(0, keep)
-        self.secrets = sorted({s for s in secret_values if s}, key=len, reverse=True)
-        self.margin = max((len(s) for s in self.secrets), default=0)
-        self.buf = bytearray()
-        self.truncated = False
+    def __init__(self, keep: int, redactor: Redactor) -> None:
+        self.redactor = redactor
+        self._tail = OutputTail(keep, redactor.margin)
 
     def add(self, data: bytes) -> None:
-        self.buf += data
-        limit = self.keep + self.margin
-        if len(self.buf) > 2 * limit + CHUNK:
-            del self.buf[: len(self.buf) - limit]
-            self.truncated = True
+        self._tail.feed(data)
 
     def text(self) -> str:
-        data = bytes(self.buf)
-        limit = self.keep + self.margin
-        if len(data) > limit:
-            data = data[-limit:]
-            self.truncated = True
-        data = redact_bytes(data, self.secrets)
-        if self.truncated:
-            data = data[self.margin :]
-        if len(data) > self.keep:
-            data = data[len(data) - self.keep :]
-        return data.decode("utf-8", errors="replace")
-
-
-def redact_bytes(data: bytes, secret_values: list[bytes]) -> bytes:
-    for value in secret_values:
-        if value:
-            data = data.replace(value, b"***")
-    return data
-
-
-def redact(text: str, secret_values: list[bytes]) -> str:
-    return redact_bytes(text.encode("utf-8", "replace"), secret_values).decode(
-        "utf-8", "replace"
-    )
+        return self._tail.text(self.redactor)
 
 
 @dataclass
@@ -288,46 +255,19 @@ class _Reader(threading.Thread):
         _set_future(self.loop, self.started, started)
 
 
-def _resolve_env(
-    env: tuple[tuple[str, object], ...], agent: str
-) -> tuple[list[tuple[str, str]], list[bytes]]:
+def _resolve_env(env: tuple[tuple[str, EnvValue], ...], agent: str
+                 ) -> tuple[dict[str, str], Redactor]:
     """Resolve secrets on the CENTER (the host that runs an ssh job's connection).
 
     ``from_file`` is read here and ``from_env`` taken from the center's environment: the
-    remote host is only a target, and its files and variables are not the operator's
-    secret store. One trailing newline of a secret file is dropped (``echo s > file``).
-    Errors name the reference, never a value.
+    remote host runs no cronfile, so only values the center resolved can be masked in the
+    output tail; they reach the remote job through the encrypted channel's stdin, never a
+    command line. The rules (names, newline, masking) are the shared ones.
     """
-    pairs: list[tuple[str, str]] = []
-    secret_values: list[bytes] = []
-    for name, value in env:
-        if not _ENV_NAME.fullmatch(name):
-            raise RunRefused(f"env name {name!r} is not a valid variable name")
-        if isinstance(value, SecretRef):
-            if value.from_file:
-                try:
-                    text = Path(value.from_file).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-                    raise RunRefused(
-                        f"env {name}: cannot read secret file {value.from_file}: {why}"
-                    ) from None
-                text = text[:-1] if text.endswith("\n") else text
-            else:
-                env_name = value.from_env or ""
-                if env_name not in os.environ:
-                    raise RunRefused(
-                        f"env {name}: environment variable {env_name} is not set on the "
-                        f"center (ssh runs for agent {agent} resolve secrets there)"
-                    )
-                text = os.environ[env_name]
-            secret_values.append(text.encode("utf-8", "replace"))
-        else:
-            text = str(value)
-        if "\0" in text:
-            raise RunRefused(f"env {name}: value contains a NUL byte")
-        pairs.append((name, text))
-    return pairs, secret_values
+    pairs, values = resolve_env(
+        env, os.environ,
+        where=f"the center (ssh runs for agent {agent} resolve secrets there)")
+    return pairs, Redactor(values) if values else NO_SECRETS
 
 
 class SshRunHandle(RunHandle):
@@ -461,7 +401,7 @@ class SshRunHandle(RunHandle):
             exit_code=code,
             signal=signal,
             output_tail=self._reader.tail.text(),
-            reason=redact(reason, self._reader.tail.secrets) if reason else None,
+            reason=self._reader.tail.redactor.text(reason) if reason else None,
         )
 
 
@@ -507,16 +447,17 @@ class SshExecutor(Executor):
             raise RunRefused("command is empty or contains a NUL byte")
         if request.workdir is not None and "\0" in request.workdir:
             raise RunRefused("workdir contains a NUL byte")
-        pairs, secret_values = _resolve_env(request.env, self.agent_name)
+        pairs, redactor = _resolve_env(request.env, self.agent_name)
         sudo_user = self._sudo_user(request.run_as)
         marker = "cronfile-" + secrets.token_hex(8)
         remote = self._remote_command(marker, request.workdir, argv, sudo_user)
-        stdin = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in pairs).encode()
+        stdin = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in pairs.items()).encode(
+            "utf-8", "surrogateescape")
 
         loop = asyncio.get_running_loop()
         chan = await self._open_run_channel(remote, stdin)
         started_at, started_mono = _now(), time.monotonic()
-        reader = _Reader(chan, marker.encode(), _Tail(request.output_keep, secret_values), loop)
+        reader = _Reader(chan, marker.encode(), _Tail(request.output_keep, redactor), loop)
         reader.start()
         try:
             started = await asyncio.wait_for(
@@ -534,7 +475,7 @@ class SshExecutor(Executor):
         if started.pgid is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader.finished), KILL_WAIT_S)
-            raise RunRefused(redact(self._refusal(started, request, argv), secret_values))
+            raise RunRefused(redactor.text(self._refusal(started, request, argv)))
 
         handle = SshRunHandle(self, request, reader, started_at, started_mono, sudo_user)
         self._running[request.run_id] = handle
@@ -831,4 +772,4 @@ class SshExecutor(Executor):
             ) from None
 
 
-__all__ = ["SshExecutor", "SshRunHandle", "redact"]
+__all__ = ["SshExecutor", "SshRunHandle"]

@@ -46,6 +46,7 @@ from typing import Any
 
 from cronfile import __version__
 from cronfile.schedules.model import RestartPolicy, RestartPolicyKind, RunStatus
+from cronfile.state.private import FILE_MODE, private_dir
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.transports.local import LocalExecutor
@@ -111,7 +112,8 @@ class _GroupLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = open(path, "ab")  # noqa: SIM115 - lives as long as the agent
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        self._fh = os.fdopen(fd, "ab")
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -190,7 +192,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _rewrite(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """Replace a JSONL file atomically (write, fsync, rename, fsync the directory)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as fh:
         for record in records:
             fh.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
         fh.flush()
@@ -214,7 +216,7 @@ class AgentState:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)
         self.journal_path = self.dir / "journal.jsonl"
         self.outbox_path = self.dir / "outbox.jsonl"
         self.accepted: dict[str, bool] = {}  # run_id -> done, oldest first

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,14 +24,34 @@ SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 
 
+class ControlSocketError(Exception):
+    """The control socket cannot be placed safely (the message says why and what to do)."""
+
+
 def socket_path(state_dir: Path) -> Path:
-    """``<state>/control.sock``, or a short path in the temp dir when that is too long for
-    a Unix socket (108 bytes on Linux)."""
+    """``<state>/control.sock``, or, when that is too long for a Unix socket (108 bytes on
+    Linux), a short path in a directory private to this user (``cronfile-UID`` in the temp
+    dir, 0700). Never a name directly in the shared temp dir: another user could create it
+    first and keep the center from starting, or listen in its place."""
     path = state_dir.resolve() / SOCKET_NAME
     if len(str(path)) < 100:
         return path
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"cronfile-{digest}.sock"
+    return Path(tempfile.gettempdir()) / f"cronfile-{os.geteuid()}" / f"{digest}.sock"
+
+
+def _private_socket_dir(path: Path) -> None:
+    """Make sure the fallback directory is ours and 0700; refuse otherwise."""
+    directory = path.parent
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ControlSocketError(
+            f"{directory} (for the control socket: the state path is too long for a Unix "
+            f"socket) is not a directory of this user with mode 700; remove it, or use a "
+            f"shorter --state path"
+        )
 
 
 class ControlTarget(Protocol):
@@ -52,10 +73,13 @@ class ControlTarget(Protocol):
 class ControlServer:
     def __init__(self, state_dir: Path, center: ControlTarget) -> None:
         self.center = center
+        self.state_dir = state_dir
         self.path = socket_path(state_dir)
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        if self.path.parent != self.state_dir.resolve():
+            _private_socket_dir(self.path)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         old = os.umask(0o177)

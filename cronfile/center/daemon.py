@@ -36,7 +36,7 @@ from typing import Any
 from cronfile import gcpause
 from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_file
 from cronfile.center.alerts import Notifier, runtime_alerts
-from cronfile.center.control import ControlServer
+from cronfile.center.control import ControlServer, ControlSocketError
 from cronfile.center.options import CenterOptions
 from cronfile.center.records import NoOutcomeRecord, RecordWriter
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
@@ -58,6 +58,7 @@ from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunSt
 from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
 from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields
+from cronfile.state.private import private_dir
 from cronfile.state.retention import check_retention, parse_retention
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
@@ -247,7 +248,7 @@ class Center:
     async def run_until_stopped(self) -> int:
         """Start, run until a signal (or a crash of a core task), shut down; 0 = stopped,
         1 = crashed."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         self._lock = lock_state_dir(self.state_dir)
         # The schedules are loaded before the ledger is touched: a --retention too short
         # for them is refused (exit 2) before retention could remove anything.
@@ -326,7 +327,10 @@ class Center:
 
     async def _start_services(self) -> None:
         self.control = ControlServer(self.state_dir, self)
-        await self.control.start()
+        try:
+            await self.control.start()
+        except ControlSocketError as exc:
+            raise CenterError(str(exc)) from None
         if self.options.listen:
             try:
                 self.hub = await start_hub(self.options, self.router.inventory, self)

@@ -15,6 +15,7 @@ from pathlib import Path
 from cronfile.center.options import CenterOptions
 from cronfile.center.recovery import parse_iso
 from cronfile.state.ledger import utc_ts
+from cronfile.state.private import FILE_MODE
 
 WATERMARK_FILE = "watermark"
 CENTER_FILE = "center.json"
@@ -34,7 +35,7 @@ def read_watermark(state_dir: Path, last_ts: str | None) -> float | None:
 def write_watermark(state_dir: Path, mark: float) -> None:
     path = state_dir / WATERMARK_FILE
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.write(fd, f"{mark:.3f}\n".encode())
         os.fsync(fd)  # an empty watermark after a power cut would hide the outage
@@ -58,7 +59,15 @@ def lock_state_dir(state_dir: Path) -> int:
     directory would each dispatch every slot."""
     import fcntl
 
-    fd = os.open(state_dir / "center.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # 0600 and ours: flock() works on a read-only descriptor, so a lock file other users
+    # can open would let any of them hold it and keep the center from starting.
+    fd = os.open(state_dir / "center.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        raise CenterError(f"{state_dir / 'center.lock'} belongs to uid {owner}, not to the "
+                          "center's user: remove it")
+    os.fchmod(fd, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -57,6 +57,7 @@ from typing import Any
 from cronfile import gcpause
 from cronfile.schedules.model import Agent, DesiredState, Job, Revision
 from cronfile.state.ledger import fsync_dir
+from cronfile.state.private import private_dir
 
 FORMAT_VERSION = 1  # field by field
 SOURCES_VERSION = 2  # the schedule files' bytes
@@ -224,7 +225,7 @@ def write_applied(state_dir: Path, state: DesiredState) -> Path:
 
 
 def _write_atomically(state_dir: Path, chunks: Iterable[str]) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)  # mkstemp makes the file 0600
     target = state_dir / APPLIED_FILE
     fd, tmp = tempfile.mkstemp(prefix=".applied.", suffix=".tmp", dir=state_dir)
     try:

@@ -64,6 +64,7 @@ from cronfile.state.checkpoint import (
     position_valid,
     write_checkpoint,
 )
+from cronfile.state.private import FILE_MODE, private_dir
 from cronfile.state.retention import expired_segments
 from cronfile.state.segments import (
     LOG_KINDS,
@@ -225,7 +226,7 @@ class JsonlLog:
             dropped = self.repair()
             existed = self.path.exists()
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._fd = os.open(self.path, flags, 0o644)
+            self._fd = os.open(self.path, flags, FILE_MODE)
             if not existed:
                 fsync_dir(self.path.parent)  # the new name must survive a crash too
             self.size = os.fstat(self._fd).st_size
@@ -400,7 +401,7 @@ class Ledger:
                  retention_s: float | None = None, reach_s: float = SLOT_REACH_S,
                  retention_text: str | None = None) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         self.runs = JsonlLog(self.state_dir / RUNS_FILE)
         self.events = JsonlLog(self.state_dir / EVENTS_FILE)
         self.segment_bytes = segment_bytes

@@ -896,3 +896,48 @@ def test_a_lone_surrogate_mac_is_refused_without_a_traceback(
     run(go())
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_token_less_agent_refuses_a_center_of_another_local_user(
+        tmp_path: Path, other_user: Any) -> None:
+    """The mirror of finding 4: while the real center is down, another local user listens
+    on its port and sends runs to an agent that has no token."""
+    marker = tmp_path / "pwned"
+    fake_center = (
+        "import json, socket, struct, sys\n"
+        "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
+        "print(srv.getsockname()[1], flush=True)\n"
+        "def send(s, obj):\n"
+        "    body = json.dumps(obj).encode(); s.sendall(struct.pack('>I', len(body)) + body)\n"
+        "while True:\n"
+        "    conn, _ = srv.accept()\n"
+        "    try:\n"
+        "        conn.recv(65536)\n"
+        "        send(conn, {'type': 'welcome', 'v': 2, 'agent': 'a1', 'center': 'x',"
+        " 'heartbeat_s': 10.0, 'proof': ''})\n"
+        "        send(conn, {'type': 'run', 'v': 2, 'run_id': 'evil', 'job': 'x',"
+        " 'command': ['touch', sys.argv[1]]})\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    conn.close()\n"
+    )
+
+    async def go() -> None:
+        async with Fleet(tmp_path, secrets=Secrets()) as fleet:
+            proc = await asyncio.create_subprocess_exec(
+                "/usr/bin/python3", "-c", fake_center, str(marker),
+                stdout=asyncio.subprocess.PIPE, user=other_user.pw_uid,
+                group=other_user.pw_gid, extra_groups=[], cwd="/")
+            try:
+                assert proc.stdout is not None
+                port = int(await asyncio.wait_for(proc.stdout.readline(), 5))
+                fleet.agent("a1", "--center", f"127.0.0.1:{port}", token=None)
+                await until(lambda: f"runs as uid {other_user.pw_uid}" in fleet.log("a1"),
+                            "the agent to refuse the other user's center")
+                assert not marker.exists()
+            finally:
+                proc.kill()
+                await proc.wait()
+
+    run(go())
+    assert not marker.exists()

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import functools
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from cronfile.state.private import FILE_MODE, private_dir
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
 from cronfile.transports.local import LocalExecutor
+from cronfile.transports.peercred import loopback_peer_uid
 from cronfile.transports.protocol import (
     Ack,
     Cancel,
@@ -379,6 +381,22 @@ def _secret_for(secrets: Secrets, name: str) -> bytes | None:
     return secrets.for_agent(name)
 
 
+def _untrusted_token_less_center(writer: asyncio.StreamWriter) -> str | None:
+    """Without a secret nothing proves who the center is, so take runs only from a center
+    on loopback that runs as this agent's user or root (another local user could listen on
+    the port while the real center is down and have us run its commands)."""
+    peer = writer.get_extra_info("peername")
+    local = writer.get_extra_info("sockname")
+    if not peer or not local or not ipaddress.ip_address(peer[0]).is_loopback:
+        return "without --token-file the agent only connects to a center on loopback"
+    uid = loopback_peer_uid(peer, local)
+    if uid is None or uid not in (0, os.geteuid()):
+        who = "an unknown user" if uid is None else f"uid {uid}"
+        return (f"the center at {peer[0]}:{peer[1]} runs as {who}, not as this agent's "
+                "user or root; without --token-file that center cannot be trusted")
+    return None
+
+
 def parse_center(center: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) to a pair; ValueError when malformed."""
     host, sep, port = center.rpartition(":")
@@ -464,6 +482,10 @@ class Agent:
             CONNECT_TIMEOUT_S,
         )
         try:
+            if self.secret is None:
+                refusal = _untrusted_token_less_center(writer)
+                if refusal is not None:
+                    raise CenterRefused(refusal)
             welcome = await asyncio.wait_for(self._handshake(reader, writer), CONNECT_TIMEOUT_S)
         except BaseException:
             writer.transport.abort()

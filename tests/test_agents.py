@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -941,3 +942,60 @@ def test_token_less_agent_refuses_a_center_of_another_local_user(
 
     run(go())
     assert not marker.exists()
+
+
+def _client_cert(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"],
+            check=True, capture_output=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("openssl is not available to make a test certificate")
+    return cert, key
+
+
+def test_mutual_tls_binds_the_client_certificate_to_the_agent_name(tmp_path: Path) -> None:
+    server_cert, server_key = _self_signed(tmp_path)
+    a1_cert, a1_key = _client_cert(tmp_path, "a1")
+    a2_cert, a2_key = _client_cert(tmp_path, "a2")
+    clients = tmp_path / "clients.pem"
+    clients.write_text(a1_cert.read_text() + a2_cert.read_text())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(server_cert), str(server_key))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(str(clients))
+
+    def hello_over_tls(name: str, cert: Path, key: Path) -> Message:
+        # A blocking client in a thread: a client in the hub's own event loop does not
+        # complete a TLS handshake that requests a client certificate (Python 3.11).
+        client = ssl.create_default_context(cafile=str(server_cert))
+        client.load_cert_chain(str(cert), str(key))
+        with socket.create_connection(("127.0.0.1", fleet.port), timeout=5) as raw, \
+                client.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(Hello(agent=name, version="test", nonce=new_nonce()).frame())
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+                chunk = tls.recv(65536)
+                assert chunk, "closed before a whole frame"
+                data += chunk
+            return Message.decode(data[4:4 + struct.unpack(">I", data[:4])[0]])
+
+    async def go() -> None:
+        async with Fleet(tmp_path, agents=("a1", "a2"), ssl_context=context) as f:
+            nonlocal fleet
+            fleet = f
+            msg = await asyncio.to_thread(hello_over_tls, "a1", a2_cert, a2_key)
+            assert isinstance(msg, Refused)
+            assert msg.reason == "the client certificate is for a2, not for agent 'a1'"
+            assert isinstance(await asyncio.to_thread(hello_over_tls, "a1", a1_cert, a1_key),
+                              Challenge)
+            f.agent("a1", "--tls-cert", str(a1_cert), "--tls-key", str(a1_key),
+                    tls_ca=server_cert)
+            await f.connected("a1")
+
+    fleet: Any = None
+    run(go())

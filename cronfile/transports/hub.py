@@ -128,6 +128,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _certificate_names(cert: Mapping[str, Any]) -> set[str]:
+    """The DNS names and common names a verified client certificate was issued for."""
+    names = {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+    for rdn in cert.get("subject", ()):
+        names.update(value for key, value in rdn if key == "commonName")
+    return names
+
+
+def _certificate_refusal(writer: asyncio.StreamWriter, agent: str) -> str | None:
+    """Mutual TLS binds a certificate to an agent name: a verified client certificate must
+    name the agent (subjectAltName DNS or CN), so one host's certificate cannot register
+    as another agent. Without a client certificate (TLS without --tls-client-ca) the
+    secret alone decides."""
+    if writer.get_extra_info("sslcontext") is None:
+        return None
+    cert = writer.get_extra_info("peercert")
+    if not cert:
+        return None
+    names = _certificate_names(cert)
+    if agent not in names:
+        shown = ", ".join(sorted(names)) or "no name"
+        return f"the client certificate is for {shown}, not for agent {agent!r}"
+    return None
+
+
 class _FailureThrottle:
     """Failed authentications per peer address: after ``burst`` failures within
     ``window_s`` the address is refused before any MAC is computed for ``block_s``."""
@@ -685,6 +710,10 @@ class AgentHub:
             return None
         if name in RESERVED_NAMES:
             await self._refuse(writer, peer, f"{name!r} is reserved for the center's own host")
+            return None
+        refusal = _certificate_refusal(writer, name)
+        if refusal is not None:
+            await self._refuse(writer, peer, refusal)
             return None
         proof = ""
         session = Session()

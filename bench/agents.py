@@ -40,7 +40,7 @@ from cronfile.transports.hub import AgentHub  # noqa: E402
 from cronfile.transports.local import LocalExecutor  # noqa: E402
 from cronfile.transports.protocol import Ping, Secrets  # noqa: E402
 
-SECRET = "bench-secret"
+SECRET = "bench-secret-5f0c2a9e7d41b3c8a6e2f9d0"
 
 
 def raise_fd_limit() -> None:

@@ -79,10 +79,13 @@ Sessions (:class:`Session`)
     ``HMAC-SHA256(secret, "cronfile/v2 session" 0x00 direction 0x00 agent_nonce 0x00
     center_nonce 0x00 agent_name 0x00 SHA-256(hello frame body))`` with direction
     ``center->agent`` or ``agent->center``. Every later frame carries
-    ``HMAC-SHA256(key, seq as 8 bytes big-endian || body)`` where ``seq`` counts that
-    direction's frames from 0. The receiver checks it before decoding: a frame from
+    ``BLAKE2s(key=key, digest_size=32)(seq as 8 bytes big-endian || body)`` where ``seq``
+    counts that direction's frames from 0. The receiver checks it before decoding: a frame from
     outside the session, a replayed or reordered one, or one altered on the way fails
-    and closes the connection. A center with no secret configured (loopback only, peers
+    and closes the connection. ``welcome`` itself travels before the keys exist: its
+    heartbeat interval and labels are hints (an on-path attacker could change them, at
+    worst delaying the agent's detection of a dead link), never commands; its ``proof``
+    is bound to the whole handshake. A center with no secret configured (loopback only, peers
     checked by user: see :mod:`cronfile.transports.hub`) skips steps 2-3, sends
     ``welcome`` with an empty proof and exchanges plain frames.
 
@@ -549,6 +552,15 @@ def proofs_equal(a: str, b: str) -> bool:
                                b.encode("utf-8", "surrogatepass"))
 
 
+def _frame_mac(key: bytes, seq: int, body: bytes) -> bytes:
+    """BLAKE2s keyed with the session key (RFC 7693: keyed BLAKE2 is a MAC by design) over
+    the sequence number and the body. Chosen over HMAC-SHA256 for the per-frame work: one
+    pass instead of two, about 2 µs instead of 6 per frame, which shows on a busy link."""
+    mac = hashlib.blake2s(_SEQ.pack(seq), key=key, digest_size=MAC_BYTES)
+    mac.update(body)
+    return mac.digest()
+
+
 class Session:
     """Seals the frames one side sends and opens the frames it receives, for one connection.
 
@@ -586,9 +598,9 @@ class Session:
         body = msg.encode()
         if len(body) > MAX_FRAME:
             raise FrameTooLarge(f"{msg.TYPE} message is {len(body)} bytes, above {MAX_FRAME}")
-        tag = hmac.new(self._send_key, _SEQ.pack(self._send_seq) + body, hashlib.sha256)
+        tag = _frame_mac(self._send_key, self._send_seq, body)
         self._send_seq += 1
-        return _HEADER.pack(len(body) + MAC_BYTES) + body + tag.digest()
+        return _HEADER.pack(len(body) + MAC_BYTES) + body + tag
 
     async def read(self, reader: asyncio.StreamReader, max_frame: int = MAX_FRAME) -> Message:
         """Read, verify and decode the next frame of the session."""
@@ -598,8 +610,8 @@ class Session:
         if len(data) <= MAC_BYTES:
             raise BadMac("frame too short to carry a MAC")
         body, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
-        expected = hmac.new(self._recv_key, _SEQ.pack(self._recv_seq) + body, hashlib.sha256)
-        if not hmac.compare_digest(expected.digest(), tag):
+        expected = _frame_mac(self._recv_key, self._recv_seq, body)
+        if not hmac.compare_digest(expected, tag):
             raise BadMac(f"frame {self._recv_seq} of the session failed authentication "
                          "(injected, replayed, reordered or altered on the way)")
         self._recv_seq += 1

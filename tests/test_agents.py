@@ -970,8 +970,8 @@ def test_mutual_tls_binds_the_client_certificate_to_the_agent_name(tmp_path: Pat
     context.load_verify_locations(str(clients))
 
     def hello_over_tls(name: str, cert: Path, key: Path) -> Message:
-        # A blocking client in a thread: a client in the hub's own event loop does not
-        # complete a TLS handshake that requests a client certificate (Python 3.11).
+        # A blocking client in a thread, which sends its ClientHello the moment it is
+        # connected (the hub must not read a byte of it in plain before start_tls).
         client = ssl.create_default_context(cafile=str(server_cert))
         client.load_cert_chain(str(cert), str(key))
         with socket.create_connection(("127.0.0.1", fleet.port), timeout=5) as raw, \

@@ -599,6 +599,13 @@ class AgentHub:
             log.warning("too many agent handshakes in progress: dropping the oldest")
             oldest.transport.abort()
         self._handshaking[writer] = None
+        if self.ssl_context is not None:
+            # Not a byte may be read in plain before start_tls takes over the socket: a
+            # ClientHello buffered in the StreamReader would never reach the TLS layer and
+            # the handshake would hang. start_tls resumes reading itself.
+            transport = writer.transport
+            assert isinstance(transport, asyncio.ReadTransport)  # a socket transport is both
+            transport.pause_reading()
         # A task of our own rather than the one asyncio makes for a coroutine callback: we
         # cancel ours at close(), and asyncio logs a cancelled callback task as an error.
         self._writers.add(writer)
@@ -652,6 +659,10 @@ class AgentHub:
             writer.write(Refused(reason=reason).frame())
             await asyncio.wait_for(writer.drain(), 2)
         writer.close()
+        # Over TLS the refusal may still sit in the TLS layer: let it out (bounded) before
+        # the caller aborts the transport, or the agent never learns why.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _refuse_and_close(self, conn: _Connection, reason: str) -> None:
         with contextlib.suppress(_Closed, TimeoutError):

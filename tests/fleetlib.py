@@ -82,7 +82,9 @@ class AgentProc(ChildProc):
                 "--name", self.name, "--token-file", str(self.center.token_file),
                 "--state", str(self.state), *self.extra]
         before = self.center.connects(self.name)
-        self.launch(argv, {**os.environ, "FLEET_AGENT": self.name})
+        # A job tells which agent ran it by its CRONFILE_STATE_DIR (``agent-NAME``): jobs do
+        # not inherit the agent's own environment.
+        self.launch(argv, dict(os.environ))
         if wait:
             self.center.wait_connected(self.name, before + 1, agent=self)
         return self

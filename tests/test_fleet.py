@@ -32,6 +32,8 @@ from fleetlib import AgentProc, FleetCenter  # noqa: E402
 from sshd import SSHD, running_sshd, sshd_available  # noqa: E402
 
 EVERY_SECOND = '"*/1 * * * * *"'
+WHO = '$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)'
+"""The agent that ran a job: its state directory is ``agent-NAME``."""
 
 
 class Fleet:
@@ -133,7 +135,7 @@ def test_job_targeting_labels_runs_on_the_connected_agent(fleet: Fleet) -> None:
     fleet.agent("a1")
     fleet.jobs(f"""  hello:
     schedule: {EVERY_SECOND}
-    command: 'echo "from $FLEET_AGENT"'
+    command: 'echo "from $(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {{labels: {{team: t}}}}
 """)
     def ran(rs: list[dict]) -> list[dict]:  # a stalled loop records a slot missed: not a run
@@ -164,19 +166,19 @@ def test_strategies_all_one_hash_shard(fleet: Fleet) -> None:
     target = "{labels: {team: t}, strategy: %s}"
     fleet.jobs(f"""  bcast:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT"'
+    command: 'echo "$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {target % "all"}
   rr:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT"'
+    command: 'echo "$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {target % "one"}
   sticky:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT"'
+    command: 'echo "$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {target % "hash"}
   split:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT $CRONFILE_SHARD_INDEX/$CRONFILE_SHARD_TOTAL"'
+    command: 'echo "{WHO} $CRONFILE_SHARD_INDEX/$CRONFILE_SHARD_TOTAL"'
     targets: {target % "shard"}
 """)
 
@@ -225,7 +227,7 @@ def test_failover_moves_to_the_next_agent_when_the_first_stops(fleet: Fleet) -> 
     fleet.start_agents("a1", "a2", "a3")
     fleet.jobs(f"""  primary:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT"'
+    command: 'echo "$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {{agents: [a1, a2, a3], strategy: failover}}
 """)
     runs = c.until(lambda rs: len(finished(rs, "primary")) >= 3, 8, "3 runs on a1")
@@ -256,7 +258,7 @@ def test_failover_moves_to_the_next_agent_when_the_first_stops(fleet: Fleet) -> 
 def test_no_matching_agent_is_recorded_then_runs_when_it_connects(fleet: Fleet) -> None:
     c = fleet.start_center(labelled("a1"), jobs=f"""  lonely:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT"'
+    command: 'echo "$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {{labels: {{team: t}}}}
 """)
     runs = c.until(lambda rs: len(finished(rs, "lonely", "no_agent")) >= 2, 6, "no_agent records")
@@ -291,7 +293,7 @@ def test_sigkilled_agent_mid_run_is_lost_after_the_lease(fleet: Fleet) -> None:
     targets: {{agents: [a1, a2], strategy: failover}}
   quick:
     schedule: {EVERY_SECOND}
-    command: 'echo "$FLEET_AGENT"'
+    command: 'echo "$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {{agents: [a1, a2], strategy: failover}}
 """)
     runs = c.until(lambda rs: [r for r in rs if r.get("record") == "started" and r["job"] == "long"],
@@ -347,7 +349,7 @@ def _cut_mid_run(fleet: Fleet, lease: float, wait_lost: bool) -> tuple[str, list
     fleet.markers.append(f"sleep {m}")
     fleet.jobs(f"""  cut:
     schedule: {EVERY_SECOND}
-    command: 'sleep {m}; echo "done on $FLEET_AGENT"'
+    command: 'sleep {m}; echo "done on $(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {{agents: [a1]}}
 """)
     runs = c.until(lambda rs: [r for r in rs if r.get("record") == "started" and r["job"] == "cut"],
@@ -485,7 +487,7 @@ def test_ssh_fallback_host_keys_transport_and_status(fleet: Fleet, tmp_path: Pat
             f"  s1: {{labels: {{team: s}}, ssh: {ssh % sshd.known_hosts}}}\n"
             f"  s2: {{labels: {{team: s}}, ssh: {ssh % wrong}}}\n", jobs=f"""  via-auto:
     schedule: {EVERY_SECOND}
-    command: 'echo "hello from $(hostname)"; echo "agent=$FLEET_AGENT"'
+    command: 'echo "hello from $(hostname)"; echo "agent=$(basename "$CRONFILE_STATE_DIR" | cut -d- -f2-)"'
     targets: {{agents: [s1], transport: auto}}
   bad-key:
     schedule: {EVERY_SECOND}

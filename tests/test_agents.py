@@ -185,6 +185,8 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> 
         while data:
             data = await asyncio.wait_for(reader.read(1 << 16), timeout)
         return True
+    except TimeoutError:  # before OSError: TimeoutError is one
+        return False
     except (ConnectionError, OSError):
         return True
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from centerlib import CenterProc, finished, wait_for
+from fleetlib import AgentProc, FleetCenter
 from localuser import ensure_other_user, run_as
 
 from cronfile.agent.daemon import AgentState
@@ -140,3 +141,22 @@ def test_agent_state_is_private(tmp_path: Path) -> None:
     assert mode(tmp_path / "agent") == 0o700
     assert mode(tmp_path / "agent" / "journal.jsonl") == 0o600
     assert mode(tmp_path / "agent" / "outbox.jsonl") == 0o600
+
+
+def test_center_and_agent_refuse_a_token_file_others_can_read(shared_root: Path) -> None:
+    """Finding 11: the center accepted a world-readable token file silently, the agent with
+    a warning. Both now exit with the reason and without a traceback."""
+    c = FleetCenter(shared_root)
+    c.write("a.yaml", TICK)
+    c.token_file.chmod(0o644)
+    try:
+        c.start(wait=False)
+        assert c.proc is not None and c.proc.wait(20) == 1
+        expected = f"{c.token_file}: other users may read it (mode 644); run chmod 600"
+        assert expected in c.log_text() and "Traceback" not in c.log_text()
+        agent = AgentProc(shared_root, c, "a1")
+        agent.start(wait=False)
+        assert agent.proc is not None and agent.proc.wait(20) == 2
+        assert expected in agent.log_text() and "Traceback" not in agent.log_text()
+    finally:
+        c.stop()

@@ -185,6 +185,8 @@ class _FailureThrottle:
             self._failures.popitem(last=False)
         if len(recent) >= self.burst:
             self._failures.pop(address, None)
+            if len(self._blocked_until) >= self.max_peers:  # bounded: drop expired blocks
+                self._blocked_until = {a: t for a, t in self._blocked_until.items() if t > now}
             self._blocked_until[address] = now + self.block_s
             return True
         return False

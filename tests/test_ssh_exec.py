@@ -453,8 +453,14 @@ def test_kill_now_kills_the_remote_group_and_signals_nothing_here(
     async def go() -> tuple[int | None, list[str], RunOutcome]:
         executor = SshExecutor("web-1", config(sshd_elsewhere))
         handle = await executor.start(request(("sh", "-c", f"sleep {n} & sleep {n}")))
-        running = [line for line in survivors(f"sleep {n}", within_s=0)
-                   if line.split()[1] == "sleep"]
+        # Both sleeps exist a moment after the wrapper reported the start: wait for them.
+        deadline = time.monotonic() + BOUND_S
+        while True:
+            running = [line for line in survivors(f"sleep {n}", within_s=0)
+                       if line.split()[1] == "sleep"]
+            if len(running) >= 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         host_pgids.update(_host_pgid(int(line.split()[0])) for line in running)
         monkeypatch.setattr(os, "killpg", killpg)
         monkeypatch.setattr(os, "kill", kill)

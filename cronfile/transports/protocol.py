@@ -606,7 +606,11 @@ class Session:
         """Read, verify and decode the next frame of the session."""
         if self._recv_key is None:
             return await read_frame(reader, max_frame)
-        data = await read_body(reader, max_frame + MAC_BYTES)
+        # read_body inlined: one coroutine less on the hottest path of the channel.
+        (length,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+        if length > max_frame + MAC_BYTES:
+            raise FrameTooLarge(f"frame of {length} bytes announced; the limit is {max_frame}")
+        data = await reader.readexactly(length)
         if len(data) <= MAC_BYTES:
             raise BadMac("frame too short to carry a MAC")
         body, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]

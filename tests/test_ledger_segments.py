@@ -472,3 +472,20 @@ def test_the_checkpoint_follows_the_current_file_every_few_megabytes(tmp_path: P
     final = load_checkpoint(tmp_path)
     assert final is not None and final.position["runs"] == [1, len(data)]
     assert final.records["runs"] == 12000
+
+
+def test_segments_and_the_checkpoint_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Rotated segments hold output tails like runs.jsonl: 0600 too (issue 11, finding 8)."""
+    old = os.umask(0o022)
+    try:
+        data = history(time.time() - DAY, 300)
+        with Ledger(tmp_path, segment_bytes=8 * 1024) as ledger:
+            for line in data.splitlines(keepends=True):
+                ledger.write_runs(line, sync=False)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert len(list_segments(tmp_path, "runs")) >= 10
+    assert (tmp_path / CHECKPOINT_FILE) in files
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: "0o600" for p in files}

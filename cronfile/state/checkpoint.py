@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cronfile.state.private import FILE_MODE
 from cronfile.state.segments import LOG_KINDS, current_generation, list_segments, read_bytes
 
 __all__ = ["CHECKPOINT_FILE", "SLOT_REACH_S", "LedgerSummary", "Position", "current_summary",
@@ -214,7 +215,7 @@ def write_checkpoint(state_dir: Path, summary: LedgerSummary,
     data = json.dumps(summary.to_json(), separators=(",", ":")).encode()
     path = state_dir / CHECKPOINT_FILE
     tmp = path.with_name(CHECKPOINT_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
         half = len(data) // 2
         os.write(fd, data[:half])

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cronfile.state.private import FILE_MODE
+
 __all__ = [
     "LOG_KINDS",
     "Segment",
@@ -262,7 +264,7 @@ def _write_part(plain: Segment, part: int, data: bytes, lines: list[bytes]) -> S
             f".jsonl{'.gz' if compressed else ''}")
     path = plain.path.parent / name
     tmp = path.with_name(name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
         view = memoryview(packed if compressed else data)
         while view:

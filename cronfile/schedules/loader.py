@@ -47,6 +47,7 @@ from cronfile.schedules.model import (
     Notify,
     NotifyFormat,
     OnChange,
+    Policy,
     RestartPolicy,
     RestartPolicyKind,
     Retries,
@@ -59,6 +60,7 @@ from cronfile.schedules.model import (
     Transport,
     Trigger,
 )
+from cronfile.schedules.policy import build_policy, check_jobs, single_policy
 from cronfile.schedules.problems import Problem, Severity, did_you_mean, dotted, has_errors
 from cronfile.schedules.schema import check_document
 from cronfile.schedules.yamlsafe import MAX_FILE_BYTES, Mark, YamlDoc, load_yaml
@@ -85,6 +87,8 @@ class FileResult:
     # (mtime_ns, ctime_ns, size, inode) when read, None when too recent to trust.
     signature: tuple[int, int, int, int] | None = None
     hash_line: bytes = b""  # this file's part of the revision's content hash
+    policy: Policy | None = None  # this file's ``policy:`` (see cronfile.schedules.policy)
+    relative: str = ""  # the path below the schedules directory (what policy paths match)
 
 
 @dataclass
@@ -180,12 +184,15 @@ class ScheduleLoader:
                 self._cache[rel] = cached
             cached.signature = signature
             cached.hash_line = f"{os.path.normpath(relative)}\0{digest}\n".encode()
+            cached.relative = relative
             results.append(cached)
         for gone in set(self._cache) - seen:
             del self._cache[gone]
         for result in results:
             problems.extend(result.problems)
         problems.extend(check_across_files(results))
+        policy, policy_problems = check_policy(results)
+        problems.extend(policy_problems)
         if not paths and not walk_problems:
             problems.append(Problem(str(self.root), 1, 1, "no schedule files (*.yaml, *.yml) "
                                     "in this directory", severity=Severity.WARNING))
@@ -200,6 +207,8 @@ class ScheduleLoader:
             revision=Revision(_content_hash(results, self.root),
                               git_commit(self.root) if with_git else None),
             sources={r.file: r.digest for r in results},
+            policy=policy,
+            root=os.path.normpath(root),
         )
         return LoadResult(state, problems, files, counts)
 
@@ -368,6 +377,8 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
         failed = check_document(doc)
         if () not in failed:
             _FileBuilder(doc, result, failed).build()
+            if "policy" in doc.data and not any(p[:1] == ("policy",) for p in failed):
+                result.policy = build_policy(doc)
     result.problems = doc.problems
     data = doc.data
     if isinstance(data, dict):
@@ -383,7 +394,7 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     return result
 
 
-_KEPT_MARKS = frozenset(("after", "targets", "skip"))
+_KEPT_MARKS = frozenset(("after", "targets", "skip", "run_as", "command"))  # the last 2: policy
 
 
 Failed = set[tuple[str | int, ...]]
@@ -858,6 +869,20 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
                                      Severity.WARNING))
     problems.extend(_cycles(jobs, docs))
     return problems
+
+
+def check_policy(results: list[FileResult]) -> tuple[Policy | None, list[Problem]]:
+    """The one policy of the directory, and every job that breaks the rule of its file
+    (the checks themselves are in :mod:`cronfile.schedules.policy`)."""
+    policy, problems = single_policy([r.policy for r in results if r.policy is not None])
+    if policy is None:
+        return None, problems
+    agents = {a.name: a for r in results for a in r.agents}
+    for r in results:
+        rule = policy.rule_for(r.relative) if r.jobs else None
+        if rule is not None:
+            problems.extend(check_jobs(rule, r.jobs, agents, r.doc))
+    return policy, problems
 
 
 def _located(doc: YamlDoc | None, job: Job, sub: tuple[str | int, ...], message: str,

@@ -371,6 +371,47 @@ class Agent:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """What the jobs of the files under ``path`` may do (SPEC §11). ``None`` = not restricted.
+
+    ``path`` is normalised: ``""`` (every file) or a directory ending in ``/``."""
+
+    path: str
+    owners: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] | None = None  # ``targets.labels``
+    local: bool | None = None
+    run_as: tuple[str, ...] | None = None
+    commands: tuple[str, ...] | None = None
+    source: Source = field(default=Source("", 0), compare=False)
+
+    def covers(self, relative: str) -> bool:
+        """Whether the file ``relative`` (to the schedules directory) lies under ``path``."""
+        return relative.startswith(self.path)
+
+    @property
+    def allows_local(self) -> bool:
+        """``local: true`` allows the center's host; absent, it is allowed unless ``targets``
+        restricts the agents (the center's host has no labels)."""
+        return self.local if self.local is not None else self.labels is None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The ``policy:`` of a schedules directory: at most one, in any one file."""
+
+    rules: tuple[PolicyRule, ...]
+    source: Source = field(default=Source("", 0), compare=False)
+
+    def rule_for(self, relative: str) -> PolicyRule | None:
+        """The rule with the longest path that covers the file ``relative``."""
+        best: PolicyRule | None = None
+        for rule in self.rules:
+            if rule.covers(relative) and (best is None or len(rule.path) > len(best.path)):
+                best = rule
+        return best
+
+
+@dataclass(frozen=True, slots=True)
 class Revision:
     """Which schedules a desired state came from."""
 
@@ -395,6 +436,12 @@ class DesiredState:
     agents: dict[str, Agent]
     revision: Revision
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # The policy the jobs were checked against (not part of the value either), and the
+    # schedules directory as the loader spelled it in ``source.file`` (``""`` when unknown):
+    # what ``plan`` needs to say what a policy change allows or forbids.
+    policy: Policy | None = field(default=None, compare=False, repr=False)
+    root: str = field(default="", compare=False, repr=False)
+
     def __hash__(self) -> int:  # dicts inside: identity is the revision
         return hash(self.revision)
 

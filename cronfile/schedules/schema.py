@@ -245,6 +245,9 @@ def _pattern_hint(error: ValidationError) -> str:
     if "[-a-z0-9]" in pattern:
         return ("is not a valid name: lowercase letters, digits and '-', starting and ending "
                 "with a letter or digit, at most 63 characters")
+    if "(?!/)" in pattern:  # a policy rule's path
+        return ("is not a directory of the schedules tree: write it relative to the tree "
+                "(billing/), without '.' or '..' components, or \"\" for every file")
     if "A-Za-z_" in pattern:
         return "is not a valid environment variable name"
     if pattern == "^https?://":

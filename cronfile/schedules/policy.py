@@ -1,0 +1,345 @@
+"""Policy (SPEC §11): who may run what, where, by where a schedule file lives in the tree.
+
+In a GitOps repository shared by teams, anyone who can merge a schedule file could otherwise
+make any agent run anything. A ``policy:`` (in one file, protected by CODEOWNERS) gives each
+directory of the schedules tree a rule; a job is checked against the rule with the longest
+path that contains its file. This module is the ONE implementation: the loader calls it, so
+``validate``, ``plan`` and the center refuse the same jobs with the same messages.
+
+Targets are judged against the inventory as declared, and conservatively: a label selector
+passes only when it implies the rule's labels, since any agent declared later (in any file)
+could otherwise match it. Agents add their own limits on top (``--allow-run-as``,
+``--allow-command-prefix``): a policy is a review tool, the agent's flags are the last word.
+
+Pure: no I/O; everything here works on the loaded model and the marks of the YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from cronfile.schedules.model import Agent, DesiredState, Job, Policy, PolicyRule, Source
+from cronfile.schedules.problems import Problem, dotted
+from cronfile.schedules.yamlsafe import YamlDoc
+
+LOCAL_AGENT = "local"  # the center's own host (the loader's name for it, repeated: no cycle)
+
+SubPath = tuple[str | int, ...]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def normalise_path(path: str) -> str:
+    """``billing`` and ``billing/`` are the same directory; ``""`` stays every file."""
+    path = path.strip("/")
+    return path + "/" if path else ""
+
+
+def build_policy(doc: YamlDoc) -> Policy:
+    """The ``policy:`` of a schema-checked file; a path given twice is an error on ``doc``."""
+    rules: list[PolicyRule] = []
+    first: dict[str, Source] = {}
+    for i, raw in enumerate(doc.data["policy"]):
+        where = doc.mark(("policy", i))
+        source = Source(doc.file, where.line, where.column)
+        path = normalise_path(raw["path"])
+        if path in first:
+            doc.error(("policy", i, "path"), f"a rule for {_shown(path)} is already at "
+                      f"{first[path].file}:{first[path].line}")
+            continue
+        first[path] = source
+        targets = raw.get("targets")
+        rules.append(PolicyRule(
+            path=path,
+            owners=tuple(raw.get("owners", ())),
+            labels=(tuple(sorted((str(k), str(v)) for k, v in targets["labels"].items()))
+                    if targets is not None else None),
+            local=raw.get("local"),
+            run_as=tuple(raw["run_as"]) if "run_as" in raw else None,
+            commands=tuple(raw["commands"]) if "commands" in raw else None,
+            source=source,
+        ))
+    where = doc.mark(("policy",))
+    return Policy(tuple(rules), Source(doc.file, where.line, where.column))
+
+
+def single_policy(found: Sequence[Policy]) -> tuple[Policy | None, list[Problem]]:
+    """The directory's one policy; two or more are an error in each file, naming the others
+    (which one would win is exactly what must not be guessed)."""
+    if len(found) < 2:
+        return (found[0] if found else None), []
+    problems = []
+    for policy in found:
+        others = ", ".join(f"{o.source.file}:{o.source.line}" for o in found if o is not policy)
+        problems.append(Problem(policy.source.file, policy.source.line, policy.source.column,
+                                f"a second policy: only one file may hold policy: (also at "
+                                f"{others})", "policy"))
+    return None, problems
+
+
+def relative_file(file: str, root: str) -> str:
+    """``file`` (as the loader names it) relative to the schedules directory ``root``."""
+    if root in ("", "."):
+        return file
+    prefix = root.rstrip("/") + "/"
+    return file[len(prefix):] if file.startswith(prefix) else file
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One way a job breaks its rule: the job field (below ``jobs.<job>``) and why."""
+
+    job: str
+    field: SubPath
+    message: str
+
+    @property
+    def path(self) -> str:
+        return dotted(("jobs", self.job, *self.field))
+
+
+def violations(rule: PolicyRule, job: Job, agents: Mapping[str, Agent]) -> list[Violation]:
+    """Every way ``job`` breaks ``rule``, judged against the declared ``agents``."""
+    out: list[Violation] = []
+    at = f"(policy at {rule.source.file}:{rule.source.line}:{rule.source.column})"
+    where = _shown(rule.path)
+    if rule.labels is not None or rule.local is False:
+        out.extend(_target_violations(rule, job, agents, where, at))
+    if rule.run_as is not None:
+        allowed = " or ".join(u or '""' for u in rule.run_as) or "nobody"
+        if job.run_as is None and "" not in rule.run_as:
+            out.append(Violation(job.name, ("run_as",),
+                                 f"{where} requires run_as {allowed} (list \"\" to allow a "
+                                 f"job without run_as) {at}"))
+        elif job.run_as is not None and job.run_as not in rule.run_as:
+            out.append(Violation(job.name, ("run_as",), f"{where} allows run_as {allowed} "
+                                 f"only, not {job.run_as} {at}"))
+    if rule.commands is not None:
+        prefixes = ", ".join(rule.commands) or "(none)"
+        if isinstance(job.command, str):
+            out.append(Violation(job.name, ("command",),
+                                 f"{where} allows only argv commands whose program starts with "
+                                 f"{prefixes}: a string command runs in a shell, which could "
+                                 f"run anything {at}"))
+        elif not command_allowed(job.command[0], rule.commands):
+            dots = " (a '..' component leaves the prefix)" if ".." in job.command[0].split(
+                "/") else ""
+            out.append(Violation(job.name, ("command", 0),
+                                 f"{where} allows programs starting with {prefixes} only, not "
+                                 f"{job.command[0]}{dots} {at}"))
+    return out
+
+
+def command_allowed(program: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``program`` (argv[0]) starts with one of ``prefixes``. A ``..`` component is
+    never allowed: ``/opt/billing/bin/../../../bin/sh`` starts with the prefix as text but
+    runs a program outside it."""
+    if ".." in program.split("/"):
+        return False
+    return any(program.startswith(p) for p in prefixes)
+
+
+def _target_violations(rule: PolicyRule, job: Job, agents: Mapping[str, Agent], where: str,
+                       at: str) -> list[Violation]:
+    out: list[Violation] = []
+    wanted = rule.labels or ()
+    needed = _labels_text(wanted)
+    targets = job.targets
+    if targets.is_local_only:
+        if not rule.allows_local:
+            why = ("(local: false)" if rule.local is False
+                   else f"(it has no labels; only agents with {needed})")
+            hint = "" if targets.agents else ", where a job without targets runs"
+            out.append(Violation(job.name, ("targets",),
+                                 f"{where} may not run jobs on the center's own host{hint} "
+                                 f"{why} {at}"))
+        return out
+    for i, name in enumerate(targets.agents):
+        if name == LOCAL_AGENT:
+            if not rule.allows_local:
+                out.append(Violation(job.name, ("targets", "agents", i),
+                                     f"{where} may not run jobs on the center's own host "
+                                     f"(local) {at}"))
+            continue
+        agent = agents.get(name)
+        if agent is not None and rule.labels is not None and not _has(agent, wanted):
+            out.append(Violation(job.name, ("targets", "agents", i),
+                                 f"{where} may only target agents with {needed}, not {name} "
+                                 f"({_labels_text(agent.labels) or 'no labels'}) {at}"))
+    selector = dict(targets.labels)
+    if targets.labels and rule.labels is not None and any(
+            selector.get(k) != v for k, v in wanted):
+        # Judged on the selector, not only on today's inventory: an agent declared later,
+        # in a file this rule does not govern, must not become a target of this job.
+        stray = [a.name for a in agents.values()
+                 if set(targets.labels) <= set(a.labels) and not _has(a, wanted)]
+        example = f" ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})" if stray else ""
+        out.append(Violation(job.name, ("targets", "labels"),
+                             f"{where} may only target agents with {needed}: the selector "
+                             f"{_labels_text(targets.labels)} could match agents without "
+                             f"it{example} {at}"))
+    return out
+
+
+def _has(agent: Agent, wanted: Iterable[tuple[str, str]]) -> bool:
+    return set(wanted) <= set(agent.labels)
+
+
+def _labels_text(labels: Iterable[tuple[str, str]]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in labels)
+
+
+def _shown(path: str) -> str:
+    return path or '"" (every file)'
+
+
+def check_jobs(rule: PolicyRule, jobs: Iterable[Job], agents: Mapping[str, Agent],
+               doc: YamlDoc | None) -> list[Problem]:
+    """Every violation of ``rule`` by the jobs of one file, as line-exact problems."""
+    problems = []
+    for job in jobs:
+        for v in violations(rule, job, agents):
+            problems.append(locate(v, job, doc))
+    return problems
+
+
+def locate(v: Violation, job: Job, doc: YamlDoc | None) -> Problem:
+    """The problem at the job's field; at the file's ``defaults`` when the job inherited the
+    value from there; at the job itself when the field is absent (``run_as`` not given)."""
+    if doc is None:
+        return Problem(job.source.file, job.source.line, job.source.column, v.message, v.path)
+    marks = doc.marks
+    own: SubPath = ("jobs", job.name, *v.field)
+    candidates: list[SubPath] = [own[:n] for n in range(len(own), 2, -1)]
+    if ("jobs", job.name, v.field[0]) not in marks:
+        candidates = [("defaults", *v.field)[:n] for n in range(len(v.field) + 1, 1, -1)]
+    candidates.append(("jobs", job.name))
+    for path in candidates:
+        if path in marks:
+            m = doc.mark(path)
+            return Problem(doc.file, m.line, m.column, v.message, v.path)
+    return Problem(job.source.file, job.source.line, job.source.column, v.message, v.path)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True, slots=True)
+class RuleChange:
+    """A rule added, removed or changed: ``fields`` holds (name, old, new) as text."""
+
+    path: str
+    action: str  # "add" | "change" | "remove"
+    fields: tuple[tuple[str, str, str], ...]
+    owners: tuple[str, ...]
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """What a change of the policy does: its rules, and the jobs it newly refuses or allows.
+
+    ``forbids`` are the baseline's jobs the new policy refuses (and the old one did not);
+    ``allows`` are the new jobs the old policy would have refused: (job, why)."""
+
+    rules: tuple[RuleChange, ...]
+    owners: tuple[str, ...]  # who owns the file that holds the policy
+    file: str
+    forbids: tuple[tuple[str, str], ...]
+    allows: tuple[tuple[str, str], ...]
+
+    @property
+    def reviewers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.owners, *(o for r in self.rules for o in r.owners)]))
+
+
+_RULE_FIELDS = ("owners", "targets", "local", "run_as", "commands")
+
+
+def _rule_fields(rule: PolicyRule) -> dict[str, str]:
+    def items(values: tuple[str, ...] | None) -> str:
+        return "(any)" if values is None else "[" + ", ".join(v or '""' for v in values) + "]"
+
+    return {
+        "owners": items(rule.owners) if rule.owners else "(none)",
+        "targets": "(any)" if rule.labels is None else f"labels {_labels_text(rule.labels)}",
+        "local": {True: "true", False: "false", None: "(default)"}[rule.local],
+        "run_as": items(rule.run_as),
+        "commands": items(rule.commands),
+    }
+
+
+def diff_policies(old: Policy | None, new: Policy | None) -> tuple[RuleChange, ...]:
+    """The rules added, removed and changed, by path (sorted)."""
+    before = {r.path: r for r in (old.rules if old else ())}
+    after = {r.path: r for r in (new.rules if new else ())}
+    changes = []
+    for path in sorted(before.keys() | after.keys()):
+        a, b = before.get(path), after.get(path)
+        if a is None and b is not None:
+            changes.append(RuleChange(path, "add", tuple(
+                (k, "", v) for k, v in _rule_fields(b).items() if v not in ("(any)", "(none)",
+                                                                             "(default)")),
+                b.owners, b.source))
+        elif b is None and a is not None:
+            changes.append(RuleChange(path, "remove", (), a.owners, a.source))
+        elif a is not None and b is not None and a != b:
+            fa, fb = _rule_fields(a), _rule_fields(b)
+            changes.append(RuleChange(path, "change", tuple(
+                (k, fa[k], fb[k]) for k in _RULE_FIELDS if fa[k] != fb[k]),
+                tuple(dict.fromkeys([*a.owners, *b.owners])), b.source))
+    return tuple(changes)
+
+
+def refused(policy: Policy | None, jobs: Iterable[Job], agents: Mapping[str, Agent],
+            root: str) -> dict[str, str]:
+    """{job: first reason} for the jobs ``policy`` refuses (``root``: see :func:`relative_file`)."""
+    out: dict[str, str] = {}
+    if policy is None:
+        return out
+    for job in jobs:
+        rule = policy.rule_for(relative_file(job.source.file, root))
+        if rule is None:
+            continue
+        found = violations(rule, job, agents)
+        if found:
+            out[job.name] = f"{found[0].path}: {found[0].message}"
+    return out
+
+
+def policy_change(old: DesiredState | None, new: DesiredState) -> PolicyChange | None:
+    """What changed in the policy from ``old`` (None: nothing) to ``new``; None
+    when the policy is the same. A baseline whose directory is unknown (a center's state)
+    is read as if it lived where ``new`` does: the center and CI usually name it alike."""
+    old_policy = old.policy if old is not None else None
+    new_policy = new.policy
+    if old_policy == new_policy:
+        return None
+    rules = diff_policies(old_policy, new_policy)
+    holder = new_policy or old_policy
+    assert holder is not None
+    root = new.root
+    file = holder.source.file
+    owner_rule = new_policy.rule_for(relative_file(file, root)) if new_policy else None
+    forbids: tuple[tuple[str, str], ...] = ()
+    if old is not None:
+        old_root = old.root or root
+        now = refused(new_policy, old.jobs.values(), new.agents, old_root)
+        before = refused(old_policy, old.jobs.values(), old.agents, old_root)
+        forbids = tuple(sorted((j, why) for j, why in now.items() if j not in before))
+    allows = tuple(sorted(refused(old_policy, new.jobs.values(), new.agents, root).items()))
+    return PolicyChange(rules, owner_rule.owners if owner_rule else (), file, forbids, allows)
+
+
+def owners_of(state: DesiredState | None, job: Job) -> tuple[str, ...]:
+    """The owners of the rule that governs ``job``'s file in ``state``."""
+    policy = state.policy if state is not None else None
+    if state is None or policy is None:
+        return ()
+    rule = policy.rule_for(relative_file(job.source.file, state.root))
+    return rule.owners if rule is not None else ()

@@ -47,6 +47,7 @@ from cronfile.schedules.model import (
     Transport,
     Trigger,
 )
+from cronfile.schedules.policy import PolicyChange, owners_of, policy_change
 from cronfile.schedules.problems import Problem, Severity
 from cronfile.state.applied import APPLIED_FILE, StateFileError, read_applied
 
@@ -286,6 +287,7 @@ class JobPlan:
     after: Timing | None
     dst: tuple[DstTransition, ...]
     placement: Placement | None
+    owners: tuple[str, ...] = ()  # the policy's owners of the job's path: who must review
 
 
 @dataclass(frozen=True)
@@ -303,10 +305,23 @@ class Plan:
     jobs: tuple[JobPlan, ...]
     agents: tuple[AgentPlan, ...]
     window: tuple[float, float]
+    policy: PolicyChange | None = None  # listed first: it changes what every job may do
 
     @property
     def is_empty(self) -> bool:
-        return self.diff.is_empty
+        return self.diff.is_empty and self.policy is None
+
+    @property
+    def reviewers(self) -> dict[str, list[str]]:
+        """Owner -> what they must review (``policy`` and job names), in order."""
+        out: dict[str, list[str]] = {}
+        if self.policy is not None:
+            for owner in self.policy.reviewers:
+                out.setdefault(owner, []).append("policy")
+        for job in self.jobs:
+            for owner in job.owners:
+                out.setdefault(owner, []).append(job.name)
+        return out
 
 
 DEFAULT_WINDOW_S = 7 * 86400  # plan --window's default
@@ -323,15 +338,18 @@ def build_plan(old: DesiredState | None, new: DesiredState, now: float, *,
     for name in diff.jobs.added:
         job = new.jobs[name]
         jobs.append(JobPlan(name, "add", _as_added(job), None, timing(job, now, fire_count),
-                            dst_transitions(job, now, end), placement(job, new.agents)))
+                            dst_transitions(job, now, end), placement(job, new.agents),
+                            owners_of(new, job)))
     for change in diff.jobs.changed:
         job = new.jobs[change.name]
         jobs.append(JobPlan(change.name, "change", change.changes,
                             timing(old_jobs[change.name], now, fire_count),
                             timing(job, now, fire_count), dst_transitions(job, now, end),
-                            placement(job, new.agents)))
+                            placement(job, new.agents), owners_of(new, job)))
     for name in diff.jobs.removed:
-        jobs.append(JobPlan(name, "remove", (), None, None, (), None))
+        # The owners under the policy in force before: they gave the job its place.
+        jobs.append(JobPlan(name, "remove", (), None, None, (), None,
+                            owners_of(old, old_jobs[name], new.root)))
     jobs.sort(key=lambda j: j.name)
 
     agents: list[AgentPlan] = []
@@ -348,7 +366,8 @@ def build_plan(old: DesiredState | None, new: DesiredState, now: float, *,
         for name in diff.agents.removed:
             agents.append(AgentPlan(name, "remove", (), tuple(users_old.get(name, ()))))
         agents.sort(key=lambda a: a.name)
-    return Plan(diff, new.revision, tuple(jobs), tuple(agents), (now, end))
+    return Plan(diff, new.revision, tuple(jobs), tuple(agents), (now, end),
+                policy_change(old, new))
 
 
 def _as_added(item: Job | Agent) -> tuple[FieldChange, ...]:
@@ -584,6 +603,8 @@ def summary_line(plan: Plan) -> str:
         return "No changes. The schedules match the baseline."
     j = plan.diff.jobs.counts()
     line = f"Plan: {j['add']} to add, {j['change']} to change, {j['remove']} to remove."
+    if plan.policy is not None:
+        line = "Policy changed. " + line
     if not plan.diff.agents.is_empty:
         a = plan.diff.agents.counts()
         line += (f" Agents: {a['add']} to add, {a['change']} to change, "
@@ -608,6 +629,9 @@ def render_text(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> str:
                  "(daylight-saving transitions inside it are listed)")
     lines.extend(f"Note: {n}" for n in baseline.notes)
     lines.append("")
+    if plan.policy is not None:
+        lines.extend(policy_lines(plan.policy))
+        lines.append("")
     for job in plan.jobs:
         lines.extend(_job_text(job))
     if plan.agents:
@@ -624,6 +648,28 @@ def render_text(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def policy_lines(change: PolicyChange) -> list[str]:
+    """The policy change, marked ``!``: its rules, and which jobs it refuses or lets by."""
+    review = f" (review: {', '.join(change.reviewers)})" if change.reviewers else ""
+    lines = [f"! policy changed in {change.file}{review}"]
+    for rule in change.rules:
+        path = rule.path or '""'
+        lines.append(f"  {_SIGN[rule.action]} rule {path} ({rule.source.file}:{rule.source.line})")
+        for name, old, new in rule.fields:
+            lines.append(f"      {name}: {new}" if rule.action == "add"
+                         else f"      {name}: {old} {ARROW} {new}")
+    if change.forbids:
+        lines.append("  newly forbids (jobs of the baseline this policy refuses):")
+        lines.extend(f"    {job}: {why}" for job, why in change.forbids)
+    if change.allows:
+        lines.append("  newly allows (jobs the old policy refused):")
+        lines.extend(f"    {job}: {why}" for job, why in change.allows)
+    if not change.forbids and not change.allows:
+        lines.append("  no job of the baseline or of this revision changes from allowed to "
+                     "refused, or back")
+    return lines
+
+
 def _timing_lines(label: str, t: Timing | None) -> list[str]:
     if t is None:
         return [f"    {label}{DASH} (not in the baseline)"]
@@ -638,6 +684,8 @@ def _timing_lines(label: str, t: Timing | None) -> list[str]:
 
 def _job_text(job: JobPlan) -> list[str]:
     lines = [f"{_SIGN[job.action]} {job.name}"]
+    if job.owners:
+        lines.append(f"  owners: {', '.join(job.owners)}")
     lines.extend(f"    {change_text(c, job.action)}" for c in job.changes)
     lines.extend(_when_where_lines(job))
     lines.append("")
@@ -684,6 +732,7 @@ def plan_to_dict(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> dic
             "dst_transitions": [d.to_dict() for d in job.dst],
             "agents": list(job.placement.agents) if job.placement else [],
             "placement": job.placement.text if job.placement else None,
+            "owners": list(job.owners),
         })
         skipped = {side: [{"time": _iso_local(ts, t.zone), "reason": why} for ts, why in t.skipped]
                    for side, t in (("before", job.before), ("after", job.after))
@@ -703,6 +752,24 @@ def plan_to_dict(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> dic
                                 for c in a.changes],
                     "jobs": list(a.jobs)} for a in plan.agents],
         "warnings": [p.to_dict() for p in warnings],
+        "policy": _policy_json(plan.policy),
+        "reviewers": plan.reviewers,
+    }
+
+
+def _policy_json(change: PolicyChange | None) -> dict[str, Any] | None:
+    if change is None:
+        return None
+    return {
+        "file": change.file,
+        "owners": list(change.owners),
+        "reviewers": list(change.reviewers),
+        "rules": [{"path": r.path, "action": r.action, "owners": list(r.owners),
+                   "source": str(r.source),
+                   "changes": [{"field": f, "old": o, "new": n} for f, o, n in r.fields]}
+                  for r in change.rules],
+        "forbids": [{"job": j, "reason": why} for j, why in change.forbids],
+        "allows": [{"job": j, "reason": why} for j, why in change.allows],
     }
 
 
@@ -745,6 +812,15 @@ def render_markdown(plan: Plan, baseline: Baseline, warnings: list[Problem]) -> 
     out.extend(f"- Note: {_html(n)}" for n in baseline.notes)
     out.extend(f"- ⚠️ `{_html(p.render())}`" for p in warnings)
     out.append("")
+    if plan.policy is not None:
+        out += ["### ⚠️ Policy change", "", _fence("\n".join(policy_lines(plan.policy))), ""]
+    reviewers = plan.reviewers
+    if reviewers:
+        out.append("**Review required from:** " + "; ".join(
+            f"{_html(owner)} ({', '.join(f'`{w}`' for w in what[:10])}"
+            f"{f' and {len(what) - 10} more' if len(what) > 10 else ''})"
+            for owner, what in reviewers.items()))
+        out.append("")
     if plan.jobs:
         out += ["| | Job | Action | Next fire (after) | Runs on |", "|---|---|---|---|---|"]
         for job in plan.jobs[:_MD_TABLE_ROWS]:

@@ -336,10 +336,11 @@ def policy_change(old: DesiredState | None, new: DesiredState) -> PolicyChange |
     return PolicyChange(rules, owner_rule.owners if owner_rule else (), file, forbids, allows)
 
 
-def owners_of(state: DesiredState | None, job: Job) -> tuple[str, ...]:
-    """The owners of the rule that governs ``job``'s file in ``state``."""
+def owners_of(state: DesiredState | None, job: Job, default_root: str = "") -> tuple[str, ...]:
+    """The owners of the rule that governs ``job``'s file in ``state`` (``default_root``:
+    where the files are taken to be when ``state`` does not know, see :func:`policy_change`)."""
     policy = state.policy if state is not None else None
     if state is None or policy is None:
         return ()
-    rule = policy.rule_for(relative_file(job.source.file, state.root))
+    rule = policy.rule_for(relative_file(job.source.file, state.root or default_root))
     return rule.owners if rule is not None else ()

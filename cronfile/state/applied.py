@@ -122,6 +122,7 @@ def _state_from_sources(data: dict[str, Any]) -> DesiredState:
     jobs: dict[str, Job] = {}
     agents: dict[str, Agent] = {}
     sources: dict[str, str] = {}
+    policy = None  # the revision was valid when applied: at most one file holds it
     for i, entry in enumerate(_list(data.get("files", []), "files")):
         if not (isinstance(entry, dict) and set(entry) == {"file", "sha256", "text"}
                 and all(isinstance(v, str) for v in entry.values())):
@@ -143,7 +144,9 @@ def _state_from_sources(data: dict[str, Any]) -> DesiredState:
                 raise StateFileError(f"files[{i}]: agent {agent.name!r} appears twice")
             agents[agent.name] = agent
         sources[entry["file"]] = digest
-    return DesiredState(jobs=jobs, agents=agents, revision=revision, sources=sources)
+        policy = result.policy or policy
+    return DesiredState(jobs=jobs, agents=agents, revision=revision, sources=sources,
+                        policy=policy)
 
 
 def _sources_chunks(state: DesiredState, previous: Path) -> Iterator[str]:

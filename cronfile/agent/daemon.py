@@ -47,6 +47,7 @@ from typing import Any
 
 from cronfile import __version__
 from cronfile.schedules.model import RestartPolicy, RestartPolicyKind, RunStatus
+from cronfile.schedules.policy import command_allowed
 from cronfile.state.private import FILE_MODE, private_dir
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
@@ -417,6 +418,7 @@ class Agent:
         *,
         ssl_context: ssl.SSLContext | None = None,
         allow_run_as: Sequence[str] | None = None,
+        allow_command_prefixes: Sequence[str] | None = None,
         labels: dict[str, str] | None = None,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
@@ -427,6 +429,8 @@ class Agent:
         self.ssl_context = ssl_context
         self.own_user = getpass.getuser()
         self.allow_run_as = set(allow_run_as) if allow_run_as else {self.own_user}
+        # None: any program; else argv[0] must start with one of these (no shell strings).
+        self.allow_command_prefixes = tuple(allow_command_prefixes or ()) or None
         self.labels = dict(labels or {})
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -651,8 +655,25 @@ class Agent:
             return f"run_as {run_as} not allowed on this agent"
         return None
 
+    def refusal(self, command: tuple[str, ...] | str, run_as: str | None) -> str | None:
+        """Why this agent's own limits refuse a run or a daemon (None: allowed): the user
+        (:meth:`refusal_for_user`) and the program (``--allow-command-prefix``). Checked
+        whatever the revision says: a policy is reviewed in git, these flags are set on
+        the host, and no revision can lift them."""
+        refusal = self.refusal_for_user(run_as)
+        if refusal is not None:
+            return refusal
+        prefixes = self.allow_command_prefixes
+        if prefixes is not None:
+            if isinstance(command, str):
+                return ("a shell command is not allowed on this agent "
+                        "(--allow-command-prefix is set)")
+            if not command_allowed(command[0], prefixes):
+                return f"command {command[0]} not allowed on this agent"
+        return None
+
     def _refusal(self, msg: Run) -> str | None:
-        return self.refusal_for_user(msg.run_as)
+        return self.refusal(msg.command, msg.run_as)
 
     async def _execute(self, msg: Run) -> None:
         run_id = msg.run_id
@@ -770,7 +791,7 @@ class _Daemons:
     def _start(self, spec: DaemonSpec) -> None:
         self.specs[spec.name] = spec
         self.since[spec.name] = _now()
-        refusal = self.agent.refusal_for_user(spec.run_as)
+        refusal = self.agent.refusal(spec.command, spec.run_as)
         if refusal is not None:
             self.refused[spec.name] = refusal
             log.warning("daemon %s: %s", spec.name, refusal)
@@ -875,6 +896,7 @@ async def run_agent(
     allow_run_as: list[str] | None = None,
     labels: dict[str, str] | None = None,
     *,
+    allow_command_prefixes: list[str] | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     backoff_max_s: float = BACKOFF_MAX_S,
@@ -893,7 +915,8 @@ async def run_agent(
     try:
         context = _ssl_context(tls_ca, tls_cert, tls_key)
         agent = Agent(center, name, secret, state_dir, ssl_context=context,
-                      allow_run_as=allow_run_as, labels=labels, backoff_max_s=backoff_max_s)
+                      allow_run_as=allow_run_as, allow_command_prefixes=allow_command_prefixes,
+                      labels=labels, backoff_max_s=backoff_max_s)
     except (ValueError, OSError, ssl.SSLError) as exc:
         log.error("%s", exc)
         return 2

@@ -234,13 +234,17 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="Client certificate (mutual TLS).")
 @click.option("--tls-key", type=click.Path(path_type=Path), help="Client key (mutual TLS).")
 @click.option("--allow-run-as", default="", help="Users jobs may run as (comma-separated).")
+@click.option("--allow-command-prefix", "allow_command_prefixes", multiple=True, metavar="PREFIX",
+              help="A prefix the program (argv[0]) must start with; repeatable. Shell "
+                   "strings are then refused. Default: any command.")
 @click.option("--label", "labels", multiple=True, help="K=V label (for --accept-undeclared centers).")
 @click.option("--backoff-max", type=float, help="Longest wait between reconnects, seconds.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def agent(center_addr: str, name: str, token_file: Path | None, state_dir: Path,
           tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, allow_run_as: str,
-          labels: tuple[str, ...], backoff_max: float | None, log_level: str) -> None:
+          allow_command_prefixes: tuple[str, ...], labels: tuple[str, ...],
+          backoff_max: float | None, log_level: str) -> None:
     """Run an agent: one persistent, authenticated connection to the center."""
     import asyncio
     import logging
@@ -259,7 +263,8 @@ def agent(center_addr: str, name: str, token_file: Path | None, state_dir: Path,
     sys.exit(asyncio.run(run_agent(
         center_addr, name, token_file, state_dir, tls_ca, allow, label_map,
         tls_cert=tls_cert, tls_key=tls_key,
-        backoff_max_s=BACKOFF_MAX_S if backoff_max is None else backoff_max)))
+        backoff_max_s=BACKOFF_MAX_S if backoff_max is None else backoff_max,
+        allow_command_prefixes=[p for p in allow_command_prefixes if p] or None)))
 
 
 def _check_listen(listen: str, token_file: Path | None) -> None:

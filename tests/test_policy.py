@@ -233,3 +233,26 @@ def test_validate_reports_policy_errors_in_every_format(tmp_path: Path) -> None:
                            "schedules/policy.yaml:6:5)\n")
     done = run(["validate", "schedules/billing/jobs.yaml"], tmp_path)
     assert done.returncode == 1 and "not root (policy at schedules/policy.yaml:6:5)" in done.stdout
+
+
+def test_the_teams_example_passes_and_keeps_teams_apart(tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import REPO
+
+    example = REPO / "examples/teams/schedules"
+    done = run(["validate", "--strict", str(example)], tmp_path)
+    assert done.returncode == 0, done.stdout
+    result = load_schedules(example)
+    assert result.state is not None and result.state.policy is not None
+    assert [r.path for r in result.state.policy.rules] == ["billing/", "web/", ""]
+    copy = tmp_path / "schedules"
+    shutil.copytree(example, copy)
+    invoices = copy / "billing/invoices.yaml"
+    invoices.write_text(invoices.read_text().replace("[billing-1]", "[web-1]"))
+    done = run(["validate", "schedules"], tmp_path)
+    assert done.returncode == 1
+    assert done.stdout == (
+        "schedules/billing/invoices.yaml:21:24: error: jobs.ledger-export.targets.agents[0]: "
+        "billing/ may only target agents with team=billing, not web-1 (role=frontend, "
+        "team=web) (policy at schedules/platform/policy.yaml:17:5)\n")

@@ -104,34 +104,38 @@ class Violation:
 
 
 def violations(rule: PolicyRule, job: Job, agents: Mapping[str, Agent]) -> list[Violation]:
-    """Every way ``job`` breaks ``rule``, judged against the declared ``agents``."""
+    """Every way ``job`` breaks ``rule``, judged against the declared ``agents``.
+
+    Called for every job of every load: the passing path only compares tuples, and a
+    message is put together only for a job that breaks the rule (10,000 jobs under a
+    policy must not slow ``validate`` down noticeably, see ``bench/policy.py``)."""
     out: list[Violation] = []
-    at = f"(policy at {rule.source.file}:{rule.source.line}:{rule.source.column})"
-    where = _shown(rule.path)
     if rule.labels is not None or rule.local is False:
-        out.extend(_target_violations(rule, job, agents, where, at))
-    if rule.run_as is not None:
-        allowed = " or ".join(u or '""' for u in rule.run_as) or "nobody"
-        if job.run_as is None and "" not in rule.run_as:
+        _check_targets(rule, job, agents, out)
+    allowed_users = rule.run_as
+    if allowed_users is not None and (job.run_as or "") not in allowed_users:
+        allowed = " or ".join(u or '""' for u in allowed_users) or "nobody"
+        if job.run_as is None:
             out.append(Violation(job.name, ("run_as",),
-                                 f"{where} requires run_as {allowed} (list \"\" to allow a "
-                                 f"job without run_as) {at}"))
-        elif job.run_as is not None and job.run_as not in rule.run_as:
-            out.append(Violation(job.name, ("run_as",), f"{where} allows run_as {allowed} "
-                                 f"only, not {job.run_as} {at}"))
-    if rule.commands is not None:
-        prefixes = ", ".join(rule.commands) or "(none)"
-        if isinstance(job.command, str):
+                                 f"{_shown(rule.path)} requires run_as {allowed} (list \"\" "
+                                 f"to allow a job without run_as) {_at(rule)}"))
+        else:
+            out.append(Violation(job.name, ("run_as",), f"{_shown(rule.path)} allows run_as "
+                                 f"{allowed} only, not {job.run_as} {_at(rule)}"))
+    prefixes = rule.commands
+    if prefixes is not None:
+        command = job.command
+        if command.__class__ is str:
             out.append(Violation(job.name, ("command",),
-                                 f"{where} allows only argv commands whose program starts with "
-                                 f"{prefixes}: a string command runs in a shell, which could "
-                                 f"run anything {at}"))
-        elif not command_allowed(job.command[0], rule.commands):
-            dots = " (a '..' component leaves the prefix)" if ".." in job.command[0].split(
+                                 f"{_shown(rule.path)} allows only argv commands whose program "
+                                 f"starts with {_listed(prefixes)}: a string command runs in a "
+                                 f"shell, which could run anything {_at(rule)}"))
+        elif not command_allowed(command[0], prefixes):
+            dots = " (a '..' component leaves the prefix)" if ".." in command[0].split(
                 "/") else ""
             out.append(Violation(job.name, ("command", 0),
-                                 f"{where} allows programs starting with {prefixes} only, not "
-                                 f"{job.command[0]}{dots} {at}"))
+                                 f"{_shown(rule.path)} allows programs starting with "
+                                 f"{_listed(prefixes)} only, not {command[0]}{dots} {_at(rule)}"))
     return out
 
 
@@ -139,55 +143,61 @@ def command_allowed(program: str, prefixes: Iterable[str]) -> bool:
     """Whether ``program`` (argv[0]) starts with one of ``prefixes``. A ``..`` component is
     never allowed: ``/opt/billing/bin/../../../bin/sh`` starts with the prefix as text but
     runs a program outside it."""
-    if ".." in program.split("/"):
+    if ".." in program and ".." in program.split("/"):
         return False
-    return any(program.startswith(p) for p in prefixes)
+    return program.startswith(tuple(prefixes))
 
 
-def _target_violations(rule: PolicyRule, job: Job, agents: Mapping[str, Agent], where: str,
-                       at: str) -> list[Violation]:
-    out: list[Violation] = []
+def _at(rule: PolicyRule) -> str:
+    return f"(policy at {rule.source.file}:{rule.source.line}:{rule.source.column})"
+
+
+def _listed(values: tuple[str, ...]) -> str:
+    return ", ".join(values) or "(none)"
+
+
+def _check_targets(rule: PolicyRule, job: Job, agents: Mapping[str, Agent],
+                   out: list[Violation]) -> None:
     wanted = rule.labels or ()
-    needed = _labels_text(wanted)
     targets = job.targets
     if targets.is_local_only:
         if not rule.allows_local:
             why = ("(local: false)" if rule.local is False
-                   else f"(it has no labels; only agents with {needed})")
+                   else f"(it has no labels; only agents with {_labels_text(wanted)})")
             hint = "" if targets.agents else ", where a job without targets runs"
             out.append(Violation(job.name, ("targets",),
-                                 f"{where} may not run jobs on the center's own host{hint} "
-                                 f"{why} {at}"))
-        return out
+                                 f"{_shown(rule.path)} may not run jobs on the center's own "
+                                 f"host{hint} {why} {_at(rule)}"))
+        return
     for i, name in enumerate(targets.agents):
         if name == LOCAL_AGENT:
             if not rule.allows_local:
                 out.append(Violation(job.name, ("targets", "agents", i),
-                                     f"{where} may not run jobs on the center's own host "
-                                     f"(local) {at}"))
+                                     f"{_shown(rule.path)} may not run jobs on the center's own "
+                                     f"host (local) {_at(rule)}"))
             continue
-        agent = agents.get(name)
-        if agent is not None and rule.labels is not None and not _has(agent, wanted):
+        agent = agents.get(name)  # an undeclared one is the loader's error already
+        if agent is not None and rule.labels is not None and not _has(agent.labels, wanted):
             out.append(Violation(job.name, ("targets", "agents", i),
-                                 f"{where} may only target agents with {needed}, not {name} "
-                                 f"({_labels_text(agent.labels) or 'no labels'}) {at}"))
-    selector = dict(targets.labels)
-    if targets.labels and rule.labels is not None and any(
-            selector.get(k) != v for k, v in wanted):
+                                 f"{_shown(rule.path)} may only target agents with "
+                                 f"{_labels_text(wanted)}, not {name} "
+                                 f"({_labels_text(agent.labels) or 'no labels'}) {_at(rule)}"))
+    selector = targets.labels
+    if selector and rule.labels is not None and not _has(selector, wanted):
         # Judged on the selector, not only on today's inventory: an agent declared later,
         # in a file this rule does not govern, must not become a target of this job.
         stray = [a.name for a in agents.values()
-                 if set(targets.labels) <= set(a.labels) and not _has(a, wanted)]
+                 if _has(a.labels, selector) and not _has(a.labels, wanted)]
         example = f" ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})" if stray else ""
         out.append(Violation(job.name, ("targets", "labels"),
-                             f"{where} may only target agents with {needed}: the selector "
-                             f"{_labels_text(targets.labels)} could match agents without "
-                             f"it{example} {at}"))
-    return out
+                             f"{_shown(rule.path)} may only target agents with "
+                             f"{_labels_text(wanted)}: the selector {_labels_text(selector)} "
+                             f"could match agents without it{example} {_at(rule)}"))
 
 
-def _has(agent: Agent, wanted: Iterable[tuple[str, str]]) -> bool:
-    return set(wanted) <= set(agent.labels)
+def _has(labels: tuple[tuple[str, str], ...], wanted: Iterable[tuple[str, str]]) -> bool:
+    """Whether ``labels`` (sorted key/value pairs, one per key) include every pair wanted."""
+    return all(pair in labels for pair in wanted)
 
 
 def _labels_text(labels: Iterable[tuple[str, str]]) -> str:

@@ -55,7 +55,7 @@ GOOD_JOB = """\
 
 
 def at(line: int, col: int, path: str, message: str) -> str:
-    return f"{{root}}/billing/jobs.yaml:{line}:{col}: error: {message} [{path}]"
+    return f"{{root}}/billing/jobs.yaml:{line}:{col}: error: {path}: {message}"
 
 
 def expect(tmp_path: Path, found: list[str], *wanted: str) -> None:
@@ -93,7 +93,8 @@ def test_a_selector_is_judged_by_what_it_implies_not_by_todays_inventory(tmp_pat
                                                         "{labels: {role: batch}}")))
     assert len(found) == 2, found  # the policy error, and the loader's own warning
     assert "the selector role=batch could match agents without it (policy at" in found[0]
-    assert "warning: no declared agent has the labels role=batch" in found[1]
+    assert "warning: jobs.invoice.targets.labels: no declared agent has the labels role=batch" \
+        in found[1]
     ok = problems(tmp_path, billing(GOOD_JOB.replace("{agents: [billing-1]}",
                                                      "{labels: {team: billing, dc: fra}}")))
     assert ok == []
@@ -167,6 +168,34 @@ def test_daemons_are_checked_like_cron_jobs(tmp_path: Path) -> None:
                                f"not /usr/bin/python3 {RULE}"))
 
 
+def test_a_notify_command_runs_on_the_center_and_is_checked_as_such(tmp_path: Path) -> None:
+    found = problems(tmp_path, billing(GOOD_JOB + '    notify: {command: "curl x | sh"}\n'))
+    expect(tmp_path, found, at(8, 14, "jobs.invoice.notify.command",
+                               "billing/ may not run commands on the center's own host, where "
+                               f"notify.command runs (use notify.webhook) {RULE}"))
+    # Where local is allowed, a notify command still follows `commands`.
+    reports = {"policy.yaml": POLICY.replace('run_as: ["", reporter]',
+                                             'run_as: [""]\n    commands: [/usr/bin/]'),
+               "billing/reports/r.yaml": "apiVersion: cronfile/v1\njobs:\n  report:\n"
+               "    schedule: '@daily'\n    command: [/usr/bin/true]\n"
+               "    notify: {command: [/bin/mail, ops]}\n"}
+    found = problems(tmp_path / "r", reports)
+    assert len(found) == 1 and found[0].endswith(
+        "jobs.report.notify.command[0]: billing/reports/ allows programs starting with "
+        f"/usr/bin/ only, not /bin/mail (policy at {tmp_path}/r/policy.yaml:12:5)"), found
+
+
+def test_a_directory_limited_to_some_agents_may_not_declare_agents(tmp_path: Path) -> None:
+    files = billing(GOOD_JOB)
+    files["billing/jobs.yaml"] = files["billing/jobs.yaml"].replace(
+        "jobs:\n", "agents:\n  sneaky: {labels: {team: billing}, ssh: {host: web-1.internal}}\n"
+        "jobs:\n")
+    found = problems(tmp_path, files)
+    expect(tmp_path, found, at(3, 3, "agents.sneaky",
+                               "billing/ may only target agents, not declare them: declare "
+                               f"sneaky in a file the policy does not limit {RULE}"))
+
+
 def test_the_longest_matching_path_wins_and_rules_do_not_inherit(tmp_path: Path) -> None:
     policy = Policy((PolicyRule(""), PolicyRule("billing/"), PolicyRule("billing/reports/")))
     assert policy.rule_for("billing/reports/x.yaml").path == "billing/reports/"
@@ -186,10 +215,10 @@ def test_two_policies_are_an_error_naming_both(tmp_path: Path) -> None:
     found = problems(tmp_path, {"a.yaml": "apiVersion: cronfile/v1\npolicy:\n  - path: ''\n",
                                 "b/c.yaml": "apiVersion: cronfile/v1\n\npolicy: []\n"})
     assert found == [
-        f"{tmp_path}/a.yaml:2:1: error: a second policy: only one file may hold policy: "
-        f"(also at {tmp_path}/b/c.yaml:3) [policy]",
-        f"{tmp_path}/b/c.yaml:3:1: error: a second policy: only one file may hold policy: "
-        f"(also at {tmp_path}/a.yaml:2) [policy]",
+        f"{tmp_path}/a.yaml:2:1: error: policy: a second policy: only one file may hold "
+        f"policy: (also at {tmp_path}/b/c.yaml:3)",
+        f"{tmp_path}/b/c.yaml:3:1: error: policy: a second policy: only one file may hold "
+        f"policy: (also at {tmp_path}/a.yaml:2)",
     ]
 
 
@@ -204,16 +233,16 @@ def test_bad_rules_are_schema_errors_at_their_line(tmp_path: Path) -> None:
           - path: ops
         """})
     assert found == [
-        f"{tmp_path}/p.yaml:3:5: error: '../etc' is not a directory of the schedules tree: "
-        "write it relative to the tree (billing/), without '.' or '..' components, or \"\" "
-        "for every file [policy[0].path]",
-        f"{tmp_path}/p.yaml:5:5: error: unknown key 'locale' (did you mean 'local'?) "
-        "[policy[1].locale]",
+        f"{tmp_path}/p.yaml:3:5: error: policy[0].path: '../etc' is not a directory of the "
+        "schedules tree: write it relative to the tree (billing/), without '.' or '..' "
+        "components, or \"\" for every file",
+        f"{tmp_path}/p.yaml:5:5: error: policy[1].locale: unknown key 'locale' (did you mean "
+        "'local'?)",
     ]
     found = problems(tmp_path / "d", {"p.yaml": "apiVersion: cronfile/v1\npolicy:\n"
                                       "  - path: ops/\n  - path: ops\n"})
-    assert found == [f"{tmp_path}/d/p.yaml:4:5: error: a rule for ops/ is already at "
-                     f"{tmp_path}/d/p.yaml:3 [policy[1].path]"]
+    assert found == [f"{tmp_path}/d/p.yaml:4:5: error: policy[1].path: a rule for ops/ is "
+                     f"already at {tmp_path}/d/p.yaml:3"]
 
 
 def test_validate_reports_policy_errors_in_every_format(tmp_path: Path) -> None:

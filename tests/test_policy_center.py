@@ -54,13 +54,12 @@ def test_a_revision_that_breaks_the_policy_is_rejected_and_the_last_good_one_kep
         rejection = c.wait_events(_rejections, 10, "the rejection")[0]
         schedules = c.schedules
         assert rejection["errors"] == [
-            f"{schedules}/billing/steal.yaml:3:3: error: billing/ may not run jobs on the "
-            "center's own host, where a job without targets runs (local: false) (policy at "
-            f"{schedules}/policy.yaml:3:5) [jobs.steal.targets]",
-            f"{schedules}/billing/steal.yaml:5:5: error: billing/ allows only argv commands "
-            "whose program starts with /opt/billing/bin/: a string command runs in a shell, "
-            f"which could run anything (policy at {schedules}/policy.yaml:3:5) "
-            "[jobs.steal.command]",
+            f"{schedules}/billing/steal.yaml:3:3: error: jobs.steal.targets: billing/ may not "
+            "run jobs on the center's own host, where a job without targets runs (local: false) "
+            f"(policy at {schedules}/policy.yaml:3:5)",
+            f"{schedules}/billing/steal.yaml:5:5: error: jobs.steal.command: billing/ allows "
+            "only argv commands whose program starts with /opt/billing/bin/: a string command "
+            f"runs in a shell, which could run anything (policy at {schedules}/policy.yaml:3:5)",
         ]
         assert rejection["kept"]["content_hash"] == good
         before = len(finished(c.runs(), "heartbeat", "succeeded"))
@@ -72,9 +71,9 @@ def test_a_revision_that_breaks_the_policy_is_rejected_and_the_last_good_one_kep
         c.write("policy.yaml", POLICY.replace('  - path: ""\n    local: true\n',
                                               '  - path: ops/\n    local: false\n'))
         (c.schedules / "billing/steal.yaml").unlink()
-        refusing = (f"{schedules}/ops/heartbeat.yaml:3:3: error: ops/ may not run jobs on the "
-                    "center's own host, where a job without targets runs (local: false) "
-                    f"(policy at {schedules}/policy.yaml:6:5) [jobs.heartbeat.targets]")
+        refusing = (f"{schedules}/ops/heartbeat.yaml:3:3: error: jobs.heartbeat.targets: ops/ "
+                    "may not run jobs on the center's own host, where a job without targets "
+                    f"runs (local: false) (policy at {schedules}/policy.yaml:6:5)")
         second = c.wait_events(lambda es: [e for e in _rejections(es) if refusing in e["errors"]],
                                10, "the rejection of the policy edit")[0]
         assert second["errors"] == [refusing]

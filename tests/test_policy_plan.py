@@ -133,8 +133,8 @@ def test_plan_markdown_says_who_must_review(tmp_path: Path) -> None:
     done = run(["plan", "--against", "HEAD", "--detailed-exitcode"], tmp_path)
     assert done.returncode == 1  # cleanup now breaks the policy: no plan
     assert done.stdout.splitlines()[0] == (
-        "schedules/billing/jobs.yaml:11:5: error: billing/ allows run_as billing only, not "
-        "root (policy at schedules/policy.yaml:5:5) [jobs.cleanup.run_as]")
+        "schedules/billing/jobs.yaml:11:5: error: jobs.cleanup.run_as: billing/ allows run_as "
+        "billing only, not root (policy at schedules/policy.yaml:5:5)")
 
     (schedules / "billing/jobs.yaml").write_text(JOBS.replace("run_as: root", "run_as: billing"))
     done = run(["plan", "--against", "HEAD", "--format", "markdown", "--detailed-exitcode"],

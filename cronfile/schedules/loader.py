@@ -60,7 +60,7 @@ from cronfile.schedules.model import (
     Transport,
     Trigger,
 )
-from cronfile.schedules.policy import build_policy, check_jobs, single_policy
+from cronfile.schedules.policy import build_policy, check_inventory, check_jobs, single_policy
 from cronfile.schedules.problems import Problem, Severity, did_you_mean, dotted, has_errors
 from cronfile.schedules.schema import check_document
 from cronfile.schedules.yamlsafe import MAX_FILE_BYTES, Mark, YamlDoc, load_yaml
@@ -394,7 +394,7 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     return result
 
 
-_KEPT_MARKS = frozenset(("after", "targets", "skip", "run_as", "command"))  # the last 2: policy
+_KEPT_MARKS = frozenset(("after", "targets", "skip", "run_as", "command", "notify"))  # last 3: policy
 
 
 Failed = set[tuple[str | int, ...]]
@@ -879,9 +879,10 @@ def check_policy(results: list[FileResult]) -> tuple[Policy | None, list[Problem
         return None, problems
     agents = {a.name: a for r in results for a in r.agents}
     for r in results:
-        rule = policy.rule_for(r.relative) if r.jobs else None
+        rule = policy.rule_for(r.relative) if r.jobs or r.agents else None
         if rule is not None:
             problems.extend(check_jobs(rule, r.jobs, agents, r.doc))
+            problems.extend(check_inventory(rule, r.agents, r.doc))
     return policy, problems
 
 

@@ -122,21 +122,34 @@ def violations(rule: PolicyRule, job: Job, agents: Mapping[str, Agent]) -> list[
         else:
             out.append(Violation(job.name, ("run_as",), f"{_shown(rule.path)} allows run_as "
                                  f"{allowed} only, not {job.run_as} {_at(rule)}"))
-    prefixes = rule.commands
-    if prefixes is not None:
-        command = job.command
-        if command.__class__ is str:
-            out.append(Violation(job.name, ("command",),
-                                 f"{_shown(rule.path)} allows only argv commands whose program "
-                                 f"starts with {_listed(prefixes)}: a string command runs in a "
-                                 f"shell, which could run anything {_at(rule)}"))
-        elif not command_allowed(command[0], prefixes):
-            dots = " (a '..' component leaves the prefix)" if ".." in command[0].split(
-                "/") else ""
-            out.append(Violation(job.name, ("command", 0),
-                                 f"{_shown(rule.path)} allows programs starting with "
-                                 f"{_listed(prefixes)} only, not {command[0]}{dots} {_at(rule)}"))
+    if rule.commands is not None:
+        _check_command(rule, job.name, job.command, ("command",), out)
+    notify = job.notify
+    if notify is not None and notify.command:
+        # A notify command runs on the center's own host, whatever the job's targets say.
+        if not rule.allows_local:
+            out.append(Violation(job.name, ("notify", "command"),
+                                 f"{_shown(rule.path)} may not run commands on the center's own "
+                                 f"host, where notify.command runs (use notify.webhook) "
+                                 f"{_at(rule)}"))
+        elif rule.commands is not None:
+            _check_command(rule, job.name, notify.command, ("notify", "command"), out)
     return out
+
+
+def _check_command(rule: PolicyRule, job: str, command: tuple[str, ...] | str,
+                   field: SubPath, out: list[Violation]) -> None:
+    prefixes = rule.commands or ()
+    if command.__class__ is str:
+        out.append(Violation(job, field,
+                             f"{_shown(rule.path)} allows only argv commands whose program "
+                             f"starts with {_listed(prefixes)}: a string command runs in a "
+                             f"shell, which could run anything {_at(rule)}"))
+    elif not command_allowed(command[0], prefixes):
+        dots = " (a '..' component leaves the prefix)" if ".." in command[0].split("/") else ""
+        out.append(Violation(job, (*field, 0),
+                             f"{_shown(rule.path)} allows programs starting with "
+                             f"{_listed(prefixes)} only, not {command[0]}{dots} {_at(rule)}"))
 
 
 def command_allowed(program: str, prefixes: Iterable[str]) -> bool:
@@ -215,6 +228,23 @@ def check_jobs(rule: PolicyRule, jobs: Iterable[Job], agents: Mapping[str, Agent
     for job in jobs:
         for v in violations(rule, job, agents):
             problems.append(locate(v, job, doc))
+    return problems
+
+
+def check_inventory(rule: PolicyRule, agents: Iterable[Agent], doc: YamlDoc | None) -> list[Problem]:
+    """Where a rule limits the targets, its files may not declare agents: an agent declared
+    there could carry the rule's labels and point (``ssh.host``) at another team's host."""
+    if rule.labels is None:
+        return []
+    problems = []
+    for agent in agents:
+        where = doc.mark(("agents", agent.name)) if doc is not None else None
+        line, column = (where.line, where.column) if where is not None else (
+            agent.source.line, agent.source.column)
+        problems.append(Problem(agent.source.file, line, column,
+                                f"{_shown(rule.path)} may only target agents, not declare them: "
+                                f"declare {agent.name} in a file the policy does not limit "
+                                f"{_at(rule)}", f"agents.{agent.name}"))
     return problems
 
 

@@ -215,10 +215,10 @@ def test_two_policies_are_an_error_naming_both(tmp_path: Path) -> None:
     found = problems(tmp_path, {"a.yaml": "apiVersion: cronfile/v1\npolicy:\n  - path: ''\n",
                                 "b/c.yaml": "apiVersion: cronfile/v1\n\npolicy: []\n"})
     assert found == [
-        f"{tmp_path}/a.yaml:2:1: error: policy: a second policy: only one file may hold "
-        f"policy: (also at {tmp_path}/b/c.yaml:3)",
-        f"{tmp_path}/b/c.yaml:3:1: error: policy: a second policy: only one file may hold "
-        f"policy: (also at {tmp_path}/a.yaml:2)",
+        f"{tmp_path}/a.yaml:2:1: error: policy: only one file may hold a policy; another is "
+        f"at {tmp_path}/b/c.yaml:3",
+        f"{tmp_path}/b/c.yaml:3:1: error: policy: only one file may hold a policy; another is "
+        f"at {tmp_path}/a.yaml:2",
     ]
 
 

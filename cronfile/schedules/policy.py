@@ -74,8 +74,8 @@ def single_policy(found: Sequence[Policy]) -> tuple[Policy | None, list[Problem]
     for policy in found:
         others = ", ".join(f"{o.source.file}:{o.source.line}" for o in found if o is not policy)
         problems.append(Problem(policy.source.file, policy.source.line, policy.source.column,
-                                f"a second policy: only one file may hold policy: (also at "
-                                f"{others})", "policy"))
+                                f"only one file may hold a policy; another is at {others}",
+                                "policy"))
     return None, problems
 
 

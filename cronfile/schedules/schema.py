@@ -252,7 +252,7 @@ def _pattern_hint(error: ValidationError) -> str:
         return "is not a valid environment variable name"
     if pattern == "^https?://":
         return "is not an http:// or https:// URL"
-    if pattern == "^[^\\s:]+$":
+    if pattern in ("^[^\\s:]+$", "^[^\\s:]*$"):  # run_as; a policy's run_as may list ""
         return "is not a user name (no spaces or ':')"
     if "A-Za-z0-9]([-A-Za-z0-9_./]" in pattern:
         return ("is not a valid label name: letters, digits, '-', '_', '.' and '/', starting "
@@ -264,7 +264,8 @@ def _pattern_hint(error: ValidationError) -> str:
 
 # The schema's patterns that get a message in words (see _pattern_hint).
 KNOWN_PATTERN_MARKERS = ("ms|s|m|h|d|w", "KiB", "[-a-z0-9]", "A-Za-z_", "^https?://",
-                         "^[^\\s:]+$", "A-Za-z0-9]([-A-Za-z0-9_./]", "\\S")
+                         "^[^\\s:]+$", "A-Za-z0-9]([-A-Za-z0-9_./]", "\\S", "(?!/)",
+                         "^[^\\s:]*$")
 
 
 def _alternatives(error: ValidationError) -> str:

@@ -238,9 +238,9 @@ def check_inventory(rule: PolicyRule, agents: Iterable[Agent], doc: YamlDoc | No
         return []
     problems = []
     for agent in agents:
-        where = doc.mark(("agents", agent.name)) if doc is not None else None
-        line, column = (where.line, where.column) if where is not None else (
-            agent.source.line, agent.source.column)
+        line, column = agent.source.line, agent.source.column
+        if doc is not None:
+            line, column = doc.mark(("agents", agent.name))
         problems.append(Problem(agent.source.file, line, column,
                                 f"{_shown(rule.path)} may only target agents, not declare them: "
                                 f"declare {agent.name} in a file the policy does not limit "

@@ -1,7 +1,8 @@
 """Does a policy slow ``cronfile validate``? The same 10,000 jobs with and without 10 rules.
 
-Generates the tree of ``bench/validate.py`` (1,000 files in 40 team directories), with the
-shell-string commands turned into argv lists (a ``commands`` rule refuses strings, and a
+Generates the tree of ``bench/validate.py`` (1,000 files in 40 team directories, the four
+that declare the inventory moved to ``platform/``), with the shell-string commands turned
+into argv lists (a ``commands`` rule refuses strings, and a
 refused job would measure error reporting, not checking), twice: once as is, once with a
 ``policy.yaml`` of 10 rules (9 team directories and ``""``) that every job passes and whose
 every check runs (targets against the inventory, ``local``, ``run_as``, ``commands``).
@@ -59,6 +60,12 @@ def make_trees(base: Path, files: int, jobs_per_file: int) -> tuple[Path, Path, 
     for path in plain.rglob("*.yaml"):
         text = _STRING_COMMAND.sub(r'    command: ["\1", "--n", "\2"]', path.read_text())
         path.write_text(text)
+    # The files that declare the inventory move to a platform directory, as in
+    # examples/teams: a directory whose rule limits the targets may not declare agents.
+    (plain / "platform").mkdir()
+    for path in sorted(plain.rglob("*.yaml")):
+        if "\nagents:\n" in path.read_text():
+            path.rename(plain / "platform" / path.name)
     with_policy = base / "policy" / "schedules"
     shutil.copytree(plain, with_policy)
     (with_policy / "policy.yaml").write_text(policy_text())

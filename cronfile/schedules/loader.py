@@ -406,6 +406,13 @@ def _source(doc: YamlDoc, path: tuple[str | int, ...]) -> Source:
     return Source(doc.file, m[0], m[1])
 
 
+def _entries(data: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """The ``name: value`` entries of a top-level section; none when the section is not a
+    mapping (the schema has reported it, and the other sections are still checked)."""
+    section = data.get(key)
+    return list(section.items()) if isinstance(section, dict) else []
+
+
 class _FileBuilder:
     """Builds one file's agents and jobs, applying the file's ``defaults``, and checks what
     the schema cannot (zones, schedules, one of schedule/trigger/after, ...).
@@ -436,17 +443,17 @@ class _FileBuilder:
 
     def build(self) -> None:
         data = self.doc.data
-        for name, raw in (data.get("calendars") or {}).items():
+        for name, raw in _entries(data, "calendars"):
             if isinstance(raw, dict) and name not in self.failed_calendars:
                 calendar = self.calendar(name, raw)
                 if calendar is not None:
                     self.result.calendars.append(calendar)
-        for name, raw in (data.get("agents") or {}).items():
+        for name, raw in _entries(data, "agents"):
             if name not in self.failed_agents:
                 agent = self.agent(name, raw)
                 if agent is not None:
                     self.result.agents.append(agent)
-        for name, raw in (data.get("jobs") or {}).items():
+        for name, raw in _entries(data, "jobs"):
             if not isinstance(raw, dict):
                 continue  # reported by the schema
             wrong = self.failed_jobs.get(name)

@@ -254,6 +254,8 @@ def _pattern_hint(error: ValidationError) -> str:
         return "is not an http:// or https:// URL"
     if pattern in ("^[^\\s:]+$", "^[^\\s:]*$"):  # run_as; a policy's run_as may list ""
         return "is not a user name (no spaces or ':')"
+    if "[0-9]{4}-[0-9]{2}-[0-9]{2}" in pattern:  # a calendar's dates
+        return "is not a date (write YYYY-MM-DD, e.g. 2026-12-24)"
     if "A-Za-z0-9]([-A-Za-z0-9_./]" in pattern:
         return ("is not a valid label name: letters, digits, '-', '_', '.' and '/', starting "
                 "and ending with a letter or digit")
@@ -265,7 +267,7 @@ def _pattern_hint(error: ValidationError) -> str:
 # The schema's patterns that get a message in words (see _pattern_hint).
 KNOWN_PATTERN_MARKERS = ("ms|s|m|h|d|w", "KiB", "[-a-z0-9]", "A-Za-z_", "^https?://",
                          "^[^\\s:]+$", "A-Za-z0-9]([-A-Za-z0-9_./]", "\\S", "(?!/)",
-                         "^[^\\s:]*$")
+                         "^[^\\s:]*$", "[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _alternatives(error: ValidationError) -> str:

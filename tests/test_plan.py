@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from fleetlib import free_port
 
+from cronfile.cli.access import RemoteCenter
 from cronfile.cli.plan import build_plan, empty_baseline, fire_text, placement, render_text, run_plan
 from cronfile.schedules.loader import load_schedules
 from cronfile.schedules.model import Agent, DesiredState, Job, Revision, Strategy, Targets, Transport
@@ -316,8 +318,9 @@ def test_no_baseline_and_center_and_usage(repo: Path) -> None:
     assert code == 2
     assert any("comparing against nothing" in line for line in lines(out))
     assert lines(out)[-1].startswith("Plan: 3 to add, 0 to change, 0 to remove.")
-    out, code = run_plan(repo / "schedules", center="https://center:8080", now=NOW)
-    assert code == 1 and "not supported yet: use --state DIR" in out
+    unreachable = RemoteCenter(f"http://127.0.0.1:{free_port()}", None)
+    out, code = run_plan(repo / "schedules", center=unreachable, now=NOW)
+    assert code == 1 and "error: cannot reach the center at http://127.0.0.1:" in out
     assert run_plan(repo / "schedules", fmt="yaml")[1] == 2
     assert run_plan(repo / "schedules", against="HEAD", state_dir=repo)[1] == 2
 

@@ -13,11 +13,15 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import socket
 import stat
+import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from cronfile.center.port import Operations, fire, run_now, sync
 
 log = logging.getLogger("cronfile.control")
 SOCKET_NAME = "control.sock"
@@ -54,24 +58,8 @@ def _private_socket_dir(path: Path) -> None:
         )
 
 
-class ControlTarget(Protocol):
-    """What the control socket asks of the center: the socket only speaks the protocol."""
-
-    def has_job(self, name: str) -> bool: ...
-
-    async def run_job(self, name: str) -> list[dict[str, Any]]:
-        """Start ``name`` now; what became of each start (see ``Center.perform``)."""
-        ...
-
-    def trigger(self, event: str) -> list[str]:
-        """Queue the jobs that run on ``event``; their names."""
-        ...
-
-    async def reload(self) -> dict[str, Any]: ...
-
-
 class ControlServer:
-    def __init__(self, state_dir: Path, center: ControlTarget) -> None:
+    def __init__(self, state_dir: Path, center: Operations) -> None:
         self.center = center
         self.state_dir = state_dir
         self.path = socket_path(state_dir)
@@ -99,7 +87,8 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=10)
             request = json.loads(line)
-            answer = await self.handle(request if isinstance(request, dict) else {})
+            answer = await self.handle(request if isinstance(request, dict) else {},
+                                       _peer_user(writer))
         except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
             answer = {"ok": False, "error": f"bad request: {exc}"}
         except Exception as exc:  # the client gets an answer whatever happens
@@ -112,30 +101,40 @@ class ControlServer:
         finally:
             writer.close()
 
-    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, request: dict[str, Any], peer: str = "control socket") -> dict[str, Any]:
         center = self.center
         op = request.get("op")
         if op == "run":
             name = request.get("job")
-            if not isinstance(name, str) or not center.has_job(name):
+            if not isinstance(name, str):
                 return {"ok": False, "error": f"no job named {name!r}"}
-            results = await center.run_job(name)
-            started = [r for r in results if r.get("status") == "started"]
-            if not started:
-                reasons = "; ".join(str(r.get("reason") or r.get("status")) for r in results)
-                return {"ok": False, "job": name, "results": results,
-                        "error": f"{name} did not start: {reasons or 'nothing to run'}"}
-            return {"ok": True, "job": name, "results": results}
+            return await run_now(center, name)
         if op == "trigger":
-            event = str(request.get("event"))
-            names = center.trigger(event)
-            return {"ok": True, "event": event, "jobs": names}
+            return fire(center, str(request.get("event")))
         if op == "reload":
-            result = await center.reload()
-            return {"ok": result.get("applied", False) or result.get("unchanged", False), **result}
+            return await sync(center)
+        if op == "stop":
+            return center.stop_run(str(request.get("run_id")), peer)
+        if op == "wait":
+            try:
+                timeout = min(float(request.get("timeout") or 60.0), 3600.0)
+            except (TypeError, ValueError):
+                return {"ok": False, "error": "timeout: expected seconds"}
+            return {"ok": True, "ended": await center.wait_run(str(request.get("run_id")), timeout)}
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def _peer_user(writer: asyncio.StreamWriter) -> str:
+    """Who is on the other end of the socket (SO_PEERCRED), for records like ``stopped_by``."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return f"{pwd.getpwuid(uid).pw_name} (control socket)"
+    except (OSError, KeyError, AttributeError):
+        return "control socket"
 
 
 class CenterUnavailable(Exception):
@@ -165,31 +164,3 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = 60.0) -> 
     if not isinstance(answer, dict) or not answer:
         raise CenterUnavailable(f"the center on {state_dir} gave no answer")
     return answer
-
-
-def apply_to_center(schedules: Path, state_dir: Path | None, center: str | None) -> tuple[str, int]:
-    """Validate locally, then have the center on ``state_dir`` load and apply the files."""
-    from cronfile.schedules.loader import load_schedules
-
-    if center:
-        return ("cronfile apply --center is not supported yet: run it on the center's host "
-                "with --state DIR\n", 2)
-    result = load_schedules(schedules)
-    if result.state is None:
-        lines = [p.render() for p in result.problems]
-        return "\n".join(lines) + "\nnot applied: fix the errors above\n", 1
-    try:
-        answer = request(state_dir or Path(".state"), {"op": "reload"})
-    except CenterUnavailable as exc:
-        return f"{exc}\n", 1
-    mine = result.state.revision.content_hash
-    theirs = (answer.get("revision") or {}).get("content_hash")
-    if theirs and theirs != mine:
-        return (f"the center reads other files than {schedules}: it runs {theirs}, these are "
-                f"{mine}. Point --schedules at the center's directory (or update it).\n", 1)
-    if answer.get("unchanged"):
-        return f"No changes: the center already runs revision {answer['revision']['content_hash']}.\n", 0
-    if answer.get("applied"):
-        d = answer.get("diff", {})
-        return f"Applied revision {answer['revision']['content_hash']}: {json.dumps(d)}\n", 0
-    return "rejected by the center:\n" + "\n".join(answer.get("errors", [])) + "\n", 1

@@ -28,21 +28,26 @@ import itertools
 import logging
 import os
 import signal
+import threading
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cronfile import gcpause
 from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_file
 from cronfile.center.alerts import Notifier, runtime_alerts
 from cronfile.center.control import ControlServer, ControlSocketError
+from cronfile.center.counters import RunMetrics
+from cronfile.center.gitsync import GitError, GitFollower
 from cronfile.center.options import CenterOptions
+from cronfile.center.port import AgentView, CenterSnapshot, RecentRun
 from cronfile.center.records import NoOutcomeRecord, RecordWriter
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
 from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
-from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns
+from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns, jitter_for
 from cronfile.center.statefiles import (
     CENTER_FILE,
     CenterError,
@@ -66,7 +71,13 @@ from cronfile.transports.hub import AgentHub
 from cronfile.transports.local import LocalExecutor
 from cronfile.transports.protocol import SecretsError
 
+if TYPE_CHECKING:
+    from cronfile.center.http import HttpServer
+
 log = logging.getLogger("cronfile.center")
+
+RECENT_RUNS = 12
+"""Finished runs kept in memory per job for the dashboard's strip of outcomes."""
 
 SLOT_MEMORY_S = 6 * 3600.0
 """Handled slots are remembered this long for once-per-slot checks in memory (jitter and
@@ -166,6 +177,15 @@ class Center:
         self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
         self._last_watermark = 0.0
         self._last_expect_check = 0.0
+        self.metrics = RunMetrics()
+        self.recent: dict[str, deque[RecentRun]] = {}
+        self._run_waiters: dict[str, asyncio.Event] = {}
+        self._dispatch_idle = threading.Event()  # clear while a burst is being dispatched
+        self._dispatch_idle.set()
+        self.http: HttpServer | None = None
+        self.git = None if options.git is None else GitFollower(
+            options.git, options.state, self.reloads.reload,
+            lambda: self._revision().get("git_commit"), self._event)
 
     # ------------------------------------------------------------------ records
 
@@ -196,10 +216,18 @@ class Center:
 
     def _event(self, name: str, **fields: Any) -> None:
         """Append an event on the writer thread (encoded here: its fields may change later)."""
+        if name == "revision_rejected":
+            self.metrics.revision_rejected()
         self.ledger.submit(self.ledger.write_events, encode_records([{"event": name, **fields}]))
 
     def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
-        """Every final outcome passes here once: notifications and expectations."""
+        """Every final outcome passes here once: metrics, notifications and expectations."""
+        self.metrics.run_finished(job_name, str(record["status"]), record.get("duration_s"))
+        strip = self.recent.get(job_name)
+        if strip is None:
+            strip = self.recent[job_name] = deque(maxlen=RECENT_RUNS)
+        strip.append(RecentRun(str(record.get("run_id")), str(record["status"]),
+                               record.get("duration_s"), record.get("scheduled_at")))
         job = self.desired.jobs.get(job_name) if self.desired else None
         if job is None:
             return
@@ -250,6 +278,11 @@ class Center:
         1 = crashed."""
         private_dir(self.state_dir)
         self._lock = lock_state_dir(self.state_dir)
+        if self.git is not None:  # the checkout the schedules are read from
+            try:
+                await asyncio.to_thread(self.git.prepare)
+            except GitError as exc:
+                raise CenterError(f"--git {self.git.options.url}: {exc}") from None
         # The schedules are loaded before the ledger is touched: a --retention too short
         # for them is refused (exit 2) before retention could remove anything.
         first = await asyncio.to_thread(self.loader.load, with_git=True)
@@ -292,6 +325,8 @@ class Center:
         if self.options.watch:
             self._spawn(self.reloads.watch(self.options.schedules, self._stopping), critical=True)
         self._spawn(self.reloads.run(), critical=True)
+        if self.git is not None:
+            self._spawn(self.git.run(self._stopping), critical=True)
         self._spawn(self._housekeeping(), critical=True)
         log.info("center running: %d jobs; state in %s", len(self.scheduler.job_names()),
                  self.state_dir)
@@ -340,6 +375,11 @@ class Center:
             write_agents_file(self.state_dir, self.hub)
             if self.desired is not None:
                 await sync_agent_daemons(self.hub, self.desired, self.router)
+        if self.options.http is not None:
+            from cronfile.center.http import HttpServer
+
+            self.http = HttpServer(self, self.options.http)
+            await self.http.start()
 
     # ------------------------------------------------------------------ what agents report
 
@@ -408,6 +448,71 @@ class Center:
                 due[name] = iso(now + job.trigger.delay_s)
         self._event("triggered", trigger_event=event, jobs=names, due=due)
         return names
+
+    def stop_run(self, run_id: str, requested_by: str) -> dict[str, Any]:
+        """Stop one running run; its final record says ``killed``, with ``stopped_by`` and
+        a ``reason`` naming who asked."""
+        run = self.running.get(run_id)
+        if run is None:
+            return {"ok": False, "run_id": run_id, "error": f"run {run_id} is not running"}
+        run.stop_reason = f"stopped by {requested_by}"
+        run.base["stopped_by"] = requested_by
+        self._event("run_stop_requested", run_id=run_id, job=run.job, by=requested_by)
+        self._spawn(run.handle.stop(run.stop_reason))
+        return {"ok": True, "run_id": run_id, "job": run.job}
+
+    async def wait_run(self, run_id: str, timeout: float) -> bool:
+        if run_id in self.running:
+            waiter = self._run_waiters.setdefault(run_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout=timeout)
+            except TimeoutError:
+                return False
+        # a final record is queued for a few milliseconds, then written by the ledger's
+        # writer thread: on disk before we answer (the writer runs submissions in order)
+        with contextlib.suppress(OSError):
+            self.records.flush()
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self.ledger.submit(lambda: None))
+        return True
+
+    # ------------------------------------------------------------------ what HTTP reads (port.py)
+
+    def current_revision(self) -> dict[str, Any]:
+        return self._revision()
+
+    def applied_state(self) -> DesiredState | None:
+        return self.desired
+
+    def wait_dispatch_idle(self, timeout: float) -> bool:
+        self._dispatch_idle.wait(timeout)
+        return self._dispatch_idle.is_set()
+
+    def snapshot(self) -> CenterSnapshot:
+        """O(jobs) copies on the loop (a few milliseconds at 10,000 jobs); the rendering
+        that reads it runs in a thread."""
+        running: dict[str, int] = {}
+        for run in self.running.values():
+            running[run.job] = running.get(run.job, 0) + 1
+        live = {a["name"]: a for a in self.hub.snapshot()} if self.hub is not None else {}
+        declared = dict(self.desired.agents) if self.desired is not None else {}
+        agents = []
+        for name in list(declared) + [n for n in live if n not in declared]:
+            conn = live.get(name)
+            if conn is not None:
+                agents.append(AgentView(name, True, conn["last_heartbeat"],
+                                        conn["connected_since"], conn["labels"]))
+            else:
+                agents.append(AgentView(name, False, labels=dict(declared[name].labels)))
+        rejection = self.reloads.last_rejection
+        return CenterSnapshot(
+            now=self.clock.time(), revision=self._revision(),
+            last_rejection=dict(rejection) if rejection else None,
+            jobs=tuple(self.desired.jobs.values()) if self.desired is not None else (),
+            next_fire=self.scheduler.next_fires(), last_slot=self.scheduler.last_slots(),
+            last_success=dict(self.last_success), running=running, agents=tuple(agents),
+            recent={name: tuple(strip) for name, strip in self.recent.items()},
+            git=self.git.state() if self.git is not None else None)
 
     def request_stop(self) -> None:
         if self.state is not RunState.CRASHED:
@@ -481,6 +586,9 @@ class Center:
         await self.router.close()
         with contextlib.suppress(Exception):
             await self.control.close()
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await self.http.close()
         self.records.flush()
         self._write_watermark(force=True)
         self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
@@ -537,7 +645,10 @@ class Center:
         self._wake.set()
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the schedules: apply the difference, or keep the last good revision."""
+        """Re-read the source (fetching the branch first when following git): apply the
+        difference, or keep the last good revision."""
+        if self.git is not None:
+            return await self.git.sync()
         return await self.reloads.reload()
 
     # ------------------------------------------------------------------ daemons
@@ -696,12 +807,14 @@ class Center:
         one): counted."""
         if not self._dispatching:
             gcpause.pause()
+            self._dispatch_idle.clear()
         self._dispatching += 1
 
     def _burst_ends(self) -> None:
         """The last overlapping burst is over: GC back on, deferred outcomes and records."""
         self._dispatching -= 1
         if not self._dispatching:
+            self._dispatch_idle.set()
             gcpause.resume()
             self._end_deferred_runs()
             self.records.flush()
@@ -725,6 +838,9 @@ class Center:
             if target.why:
                 base["route"] = target.why
             request = self._request(job, run_id, action.scheduled_at, action.attempt, target.env)
+            if action.reason == "schedule" and action.attempt == 1:
+                due = action.scheduled_at + jitter_for(job, action.scheduled_at)
+                self.metrics.dispatched(self.clock.time() - due)
             chunk.runs.append((action, target, request, base))
             records.append({**base, "record": "dispatched"})
             self.scheduler.started(job.name, run_id)
@@ -806,6 +922,9 @@ class Center:
                                          run.slot, run.attempt, run.agent, self.clock.time())
         if follow and not self._stopping.is_set():
             self._spawn(self.perform(follow))
+        waiter = self._run_waiters.pop(run.run_id, None)
+        if waiter is not None:
+            waiter.set()
         self._wake.set()
 
     def _stop_runs(self, job: str, reason: str) -> int:

@@ -10,6 +10,35 @@ from cronfile.state.ledger import DEFAULT_SEGMENT_BYTES
 from cronfile.state.retention import DEFAULT_RETENTION
 
 
+@dataclass(frozen=True)
+class HttpOptions:
+    """``--http HOST:PORT`` and its companions (see :mod:`cronfile.center.http`)."""
+
+    host: str
+    port: int
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False
+    idle_timeout_s: float = 15.0
+    body_timeout_s: float = 10.0
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class GitOptions:
+    """``--git URL --git-ref REF --git-poll DURATION`` (see :mod:`cronfile.center.gitsync`);
+    ``subdir`` is where the schedules are inside the repository (``--schedules``)."""
+
+    url: str
+    ref: str = "main"
+    poll_s: float = 30.0
+    subdir: str = "schedules"
+
+
 @dataclass
 class CenterOptions:
     schedules: Path
@@ -28,3 +57,5 @@ class CenterOptions:
     retention: str = DEFAULT_RETENTION
     """``--retention``: ledger segments older than this are removed (``forever``: none)."""
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    http: HttpOptions | None = None
+    git: GitOptions | None = None

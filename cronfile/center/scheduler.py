@@ -263,6 +263,20 @@ class Scheduler:
             floor = queued if floor is None else min(floor, queued)
         return floor
 
+    def next_fires(self) -> dict[str, float]:
+        """Each job's next scheduled slot, from the heap (O(heap), for metrics)."""
+        out: dict[str, float] = {}
+        for _due, _, kind, name, generation, slot, *_ in self._heap:
+            state = self._jobs.get(name)
+            if kind == "fire" and state is not None and state.generation == generation \
+                    and (name not in out or slot < out[name]):
+                out[name] = slot
+        return out
+
+    def last_slots(self) -> dict[str, float]:
+        """Each job's last slot handled (fired or recorded)."""
+        return {name: s.last_slot for name, s in self._jobs.items() if s.last_slot is not None}
+
     # ------------------------------------------------------------------ time passes
 
     def tick(self, now: float) -> list[Action]:

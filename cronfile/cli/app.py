@@ -111,6 +111,8 @@ def _plan_options(f: Any) -> Any:
                      help="Exit 0 when nothing changes, 2 when something does.")(f)
     f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
                      default="text", show_default=True)(f)
+    f = click.option("--token-file", type=click.Path(path_type=Path),
+                     help="With --center: the center's HTTP token (default: $CRONFILE_TOKEN).")(f)
     f = click.option("--center", "center", help="Compare with a running center (URL).")(f)
     f = click.option("--state", "state_dir", type=click.Path(path_type=Path),
                      help="Compare with what a center applied (its state directory).")(f)
@@ -119,13 +121,22 @@ def _plan_options(f: Any) -> Any:
 
 
 def _run_plan(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
-              fmt: str, detailed_exitcode: bool, window_s: float) -> None:
+              token_file: Path | None, fmt: str, detailed_exitcode: bool, window_s: float) -> None:
+    from cronfile.cli.access import AccessError, RemoteCenter, read_token
     from cronfile.cli.plan import run_plan
 
     given = [x for x in (against, state_dir, center) if x]
     if len(given) > 1:
         raise click.UsageError("use only one of --against, --state, --center")
-    out, code = run_plan(schedules, against=against, state_dir=state_dir, center=center,
+    if token_file and not center:
+        raise click.UsageError("--token-file goes with --center URL")
+    remote = None
+    if center:
+        try:
+            remote = RemoteCenter(center, read_token(token_file))
+        except AccessError as exc:
+            raise click.UsageError(str(exc)) from None
+    out, code = run_plan(schedules, against=against, state_dir=state_dir, center=remote,
                          fmt=fmt, detailed_exitcode=detailed_exitcode, window_s=window_s)
     _echo(out)
     sys.exit(code)
@@ -134,25 +145,30 @@ def _run_plan(schedules: Path, against: str | None, state_dir: Path | None, cent
 @cli.command()
 @_plan_options
 def plan(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
-         fmt: str, detailed_exitcode: bool, window_s: float) -> None:
+         token_file: Path | None, fmt: str, detailed_exitcode: bool, window_s: float) -> None:
     """What would change, terraform-style, and what it does in time and place."""
-    _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode, window_s)
+    _run_plan(schedules, against, state_dir, center, token_file, fmt, detailed_exitcode, window_s)
 
 
 @cli.command()
 @_plan_options
 @click.option("--dry-run", is_flag=True, help="Only show the plan (same as `cronfile plan`).")
 def apply(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
-          fmt: str, detailed_exitcode: bool, window_s: float, dry_run: bool) -> None:
-    """Push the validated desired state to a running center (--dry-run: plan only)."""
+          token_file: Path | None, fmt: str, detailed_exitcode: bool, window_s: float,
+          dry_run: bool) -> None:
+    """Make a running center apply its source now and report it (--dry-run: plan only)."""
     if dry_run:
-        _run_plan(schedules, against, state_dir, center, fmt, detailed_exitcode, window_s)
+        _run_plan(schedules, against, state_dir, center, token_file, fmt, detailed_exitcode,
+                  window_s)
         return
     if against or detailed_exitcode:
         raise click.UsageError("--against and --detailed-exitcode go with --dry-run (or use plan)")
-    from cronfile.center.control import apply_to_center
+    from cronfile.cli.apply import apply_to_center
 
-    out, code = apply_to_center(schedules, state_dir=state_dir, center=center)
+    if state_dir and center:
+        raise click.UsageError("use either --state or --center, not both")
+    access = _access(state_dir or Path(".state"), center, token_file)
+    out, code = apply_to_center(schedules, access)
     _echo(out)
     sys.exit(code)
 
@@ -195,10 +211,29 @@ STATE = click.option(
               help="Remove ledger segments older than this (e.g. 30d, 2w); 'forever' keeps all.")
 @click.option("--segment-bytes", type=click.IntRange(1024), default=None, hidden=True,
               help="Rotate the ledger's current files past this size (tests, benchmarks).")
+@click.option("--http", "http_addr", metavar="HOST:PORT",
+              help="Serve the HTTP API, /metrics and the dashboard here.")
+@click.option("--http-token-file", type=click.Path(path_type=Path),
+              help="The bearer token of the HTTP API (required off loopback).")
+@click.option("--http-tls-cert", type=click.Path(path_type=Path), help="Serve HTTPS with this cert.")
+@click.option("--http-tls-key", type=click.Path(path_type=Path), help="The key of --http-tls-cert.")
+@click.option("--http-insecure", is_flag=True,
+              help="Allow plain HTTP on a non-loopback address (the token travels in clear).")
+@click.option("--http-idle-timeout", type=click.FloatRange(0.1, 3600), default=15.0,
+              show_default=True,
+              help="Seconds an HTTP connection may take to send its headers, or sit idle.")
+@click.option("--git", "git_url", metavar="URL",
+              help="Follow this git repository (its --schedules subdirectory) by itself.")
+@click.option("--git-ref", default="main", show_default=True, help="The branch (or tag) to follow.")
+@click.option("--git-poll", default="30s", show_default=True, metavar="DURATION",
+              help="How often to fetch it (also on POST /api/v1/sync and cronfile apply).")
 def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
            accept_undeclared: bool, grace: float, no_watch: bool, heartbeat: float, lease: float,
            known_hosts: Path | None, tls_cert: Path | None, tls_key: Path | None,
-           tls_client_ca: Path | None, retention: str, segment_bytes: int | None) -> None:
+           tls_client_ca: Path | None, retention: str, segment_bytes: int | None,
+           http_addr: str | None, http_token_file: Path | None, http_tls_cert: Path | None,
+           http_tls_key: Path | None, http_insecure: bool, http_idle_timeout: float,
+           git_url: str | None, git_ref: str, git_poll: str) -> None:
     """Run the center: schedule, dispatch and record; hot-reload the schedules.
 
     Exit 2 when --retention is shorter than a job needs its history."""
@@ -209,18 +244,67 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
         parse_retention(retention)
     except RetentionError as exc:
         raise click.UsageError(str(exc)) from None
-    if not schedules.is_dir():
+    git = _git_options(git_url, git_ref, git_poll, schedules)
+    if git is not None:
+        from cronfile.center.gitsync import schedules_dir
+
+        schedules, no_watch = schedules_dir(state_dir, git), True  # the follower reloads
+    elif not schedules.is_dir():
         raise click.UsageError(f"--schedules {schedules}: not a directory")
     if listen is not None:
         _check_listen(listen, token_file)
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    http = _http_options(http_addr, http_token_file, http_tls_cert, http_tls_key, http_insecure,
+                         http_idle_timeout)
     sys.exit(run_center(CenterOptions(
         schedules, state_dir, listen, token_file, grace, not no_watch, accept_undeclared,
         heartbeat_s=heartbeat, lease_s=lease,
         known_hosts=str(known_hosts) if known_hosts else None,
-        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, http=http, git=git,
         retention=retention, **({"segment_bytes": segment_bytes} if segment_bytes else {}))))
+
+
+def _git_options(url: str | None, ref: str, poll: str, schedules: Path) -> Any:
+    """With ``--git``, ``--schedules`` names the directory inside the repository."""
+    if url is None:
+        return None
+    from cronfile.center.options import GitOptions
+    from cronfile.schedules.durations import parse_duration
+
+    try:
+        poll_s = parse_duration(poll)
+    except ValueError as exc:
+        raise click.UsageError(f"--git-poll {poll!r}: {exc}") from None
+    if poll_s < 1:
+        raise click.UsageError(f"--git-poll {poll!r}: at least 1s")
+    if schedules.is_absolute() or ".." in schedules.parts:
+        raise click.UsageError(f"--schedules {schedules}: with --git, a directory inside the "
+                               "repository (e.g. schedules)")
+    if not ref or ref.startswith("-"):
+        raise click.UsageError(f"--git-ref {ref!r}: expected a branch or tag name")
+    return GitOptions(url, ref, poll_s, str(schedules))
+
+
+def _http_options(addr: str | None, token_file: Path | None, cert: Path | None,
+                  key: Path | None, insecure: bool, idle_timeout: float) -> Any:
+    """The ``--http*`` options checked before anything starts: exposing the center by
+    mistake is a usage error (exit 2), never a warning (SPEC §6)."""
+    if addr is None:
+        if token_file or cert or key or insecure:
+            raise click.UsageError("--http-token-file, --http-tls-* and --http-insecure go "
+                                   "with --http HOST:PORT")
+        return None
+    from cronfile.center.http import HttpConfigError, check_options, parse_address
+    from cronfile.center.options import HttpOptions
+
+    try:
+        host, port = parse_address(addr)
+        options = HttpOptions(host, port, token_file, cert, key, insecure, idle_timeout)
+        check_options(options)
+    except HttpConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return options
 
 
 @cli.command()
@@ -296,23 +380,54 @@ def _state_dir_must_exist(state_dir: Path) -> None:
                                    "center's --state)")
 
 
-@cli.command()
-@STATE
-@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def status(state_dir: Path, fmt: str) -> None:
-    """The applied revision, last rejection, each job's next and last run, agents."""
-    from cronfile.state.applied import StateFileError
-    from cronfile.state.reports import build_status, render_status
+CENTER = click.option("--center", "center_url", metavar="URL",
+                      help="Talk to a center's HTTP API instead (e.g. https://cron.example:8443).")
+TOKEN_FILE = click.option("--token-file", type=click.Path(path_type=Path),
+                          help="The center's HTTP token (default: $CRONFILE_TOKEN).")
 
-    _state_dir_must_exist(state_dir)
+
+def _remote(f: Any) -> Any:
+    """``--state DIR`` (this host) or ``--center URL`` + ``--token-file F``: either way."""
+    return STATE(CENTER(TOKEN_FILE(f)))
+
+
+def _access(state_dir: Path, center_url: str | None, token_file: Path | None) -> Any:
+    from cronfile.cli.access import AccessError, connect
+
+    ctx = click.get_current_context()
+    if center_url and ctx.get_parameter_source("state_dir") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("use either --state or --center, not both")
+    if token_file and not center_url:
+        raise click.UsageError("--token-file goes with --center URL")
     try:
-        _echo(render_status(build_status(state_dir), fmt))
-    except StateFileError as exc:
+        return connect(state_dir, center_url, token_file)
+    except AccessError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _ask(call: Any, *args: Any) -> Any:
+    """One call to the center; an unreachable or refusing center is exit 1, one line."""
+    from cronfile.cli.access import AccessError
+
+    try:
+        return call(*args)
+    except AccessError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
-@STATE
+@_remote
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+def status(state_dir: Path, center_url: str | None, token_file: Path | None, fmt: str) -> None:
+    """The applied revision, last rejection, each job's next and last run, agents."""
+    from cronfile.state.reports import render_status
+
+    center = _access(state_dir, center_url, token_file)
+    _echo(render_status(_ask(center.status), fmt))
+
+
+@cli.command()
+@_remote
 @click.option("--job", help="Only this job.")
 @click.option("--status", "status_", help="Only runs with this status.",
               type=click.Choice(["succeeded", "failed", "timeout", "killed", "lost", "skipped",
@@ -322,20 +437,21 @@ def status(state_dir: Path, fmt: str) -> None:
 @click.option("--limit", type=click.IntRange(0), default=50, show_default=True,
               help="The latest N runs (0: all).")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def runs(state_dir: Path, job: str | None, status_: str | None, since: str | None,
-         until: str | None, limit: int, fmt: str) -> None:
+def runs(state_dir: Path, center_url: str | None, token_file: Path | None, job: str | None,
+         status_: str | None, since: str | None, until: str | None, limit: int,
+         fmt: str) -> None:
     """Runs recorded in the ledger, one line per run (newest segments read first)."""
     from cronfile.schedules.nexttimes import UsageError, parse_time
-    from cronfile.state.reports import query_runs, render_runs
+    from cronfile.state.reports import render_runs
 
-    _state_dir_must_exist(state_dir)
+    center = _access(state_dir, center_url, token_file)
     for name, value in (("--since", since), ("--until", until)):
         try:
             if value:
                 parse_time(value)
         except UsageError as exc:
             raise click.UsageError(str(exc).replace("--after", name)) from None
-    _echo(render_runs(query_runs(state_dir, job, status_, since, limit or None, until), fmt))
+    _echo(render_runs(_ask(center.runs, job, status_, since, limit or None, until), fmt))
 
 
 @cli.command()
@@ -352,34 +468,83 @@ def logs(run_id: str, state_dir: Path, fmt: str) -> None:
         raise click.ClickException(f"no run {run_id} in the ledger of {state_dir}")
     _echo(render_log(entry, fmt))
 
+def _outcome_line(view: dict[str, Any]) -> str:
+    exit_code = view.get("exit_code")
+    duration = view.get("duration_s")
+    parts = [f"{view.get('job')} run {view.get('run_id')} on {view.get('agent')}: "
+             f"{view.get('state')}"]
+    if exit_code is not None:
+        parts.append(f"exit {exit_code}")
+    if view.get("signal"):
+        parts.append(f"signal {view['signal']}")
+    if duration is not None:
+        parts.append(f"in {float(duration):.2f}s")
+    if view.get("reason"):
+        parts.append(f"({view['reason']})")
+    return " ".join(parts) + "\n"
+
 
 @cli.command("run")
 @click.argument("job")
-@STATE
-def run_(job: str, state_dir: Path) -> None:
+@_remote
+@click.option("--wait", "wait", is_flag=True,
+              help="Wait for the outcome; print the output tail; exit 0 only if it succeeded.")
+@click.option("--timeout", "wait_timeout", type=click.FloatRange(1), default=3600.0,
+              show_default=True, help="With --wait: give up waiting after this many seconds.")
+def run_(job: str, state_dir: Path, center_url: str | None, token_file: Path | None,
+         wait: bool, wait_timeout: float) -> None:
     """Run JOB now on the running center."""
-    from cronfile.center.control import CenterUnavailable, request
-
-    try:
-        answer = request(state_dir, {"op": "run", "job": job})
-    except CenterUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+    center = _access(state_dir, center_url, token_file)
+    answer = _ask(center.run_job, job)
     if not answer.get("ok"):
         raise click.ClickException(str(answer.get("error")))
-    _echo(f"started {job}; follow it with: cronfile runs --job {job} --state {state_dir}\n")
+    started = [r for r in answer.get("results") or [] if r.get("status") == "started"]
+    if not wait:
+        _echo(f"started {job}; follow it with: cronfile runs --job {job} {center.where}\n")
+        return
+    deadline = time.monotonic() + wait_timeout
+    code = 0
+    for result in started:
+        view = None
+        while time.monotonic() < deadline:
+            view = _ask(center.run, result["run_id"], min(60.0, deadline - time.monotonic()))
+            if view is not None and view.get("status"):
+                break
+        if view is None or not view.get("status"):
+            _echo("", f"{job} run {result['run_id']}: still running after {wait_timeout:g}s\n")
+            code = 1
+            continue
+        tail = str(view.get("output_tail") or "")
+        _echo(tail + ("" if not tail or tail.endswith("\n") else "\n"))
+        _echo("", _outcome_line(view))
+        if view.get("status") != "succeeded":
+            code = 1
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("run_id")
+@_remote
+def stop(run_id: str, state_dir: Path, center_url: str | None, token_file: Path | None) -> None:
+    """Stop a running run (recorded killed, with who asked)."""
+    center = _access(state_dir, center_url, token_file)
+    answer = _ask(center.stop, run_id)
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("error")))
+    view = _ask(center.run, run_id, 30.0)
+    if view is None or not view.get("status"):
+        _echo(f"asked {answer.get('job')} run {run_id} to stop; it has not ended yet\n")
+        return
+    _echo(_outcome_line(view))
 
 
 @cli.command()
 @click.argument("event")
-@STATE
-def trigger(event: str, state_dir: Path) -> None:
+@_remote
+def trigger(event: str, state_dir: Path, center_url: str | None, token_file: Path | None) -> None:
     """Fire EVENT: runs every job with trigger: {event: EVENT}."""
-    from cronfile.center.control import CenterUnavailable, request
-
-    try:
-        answer = request(state_dir, {"op": "trigger", "event": event})
-    except CenterUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+    center = _access(state_dir, center_url, token_file)
+    answer = _ask(center.trigger, event)
     jobs = answer.get("jobs") or []
     _echo(f"event {event}: {', '.join(jobs) if jobs else 'no job listens for it'}\n")
     sys.exit(0 if jobs else 1)

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from zoneinfo import ZoneInfoNotFoundError
 
+from cronfile.cli.access import AccessError, CenterAccess
 from cronfile.schedules import jobtimes
 from cronfile.schedules.diff import FieldChange, StateDiff, diff_states, field_changes
 from cronfile.schedules.dst import effect_on, transitions
@@ -67,7 +68,7 @@ class PlanError(Exception):
 class Baseline:
     """What the schedules are compared against."""
 
-    kind: str  # "none" | "git" | "state"
+    kind: str  # "none" | "git" | "state" | "center"
     label: str  # for people: "git HEAD (commit 1a2b3c4d5e6f)"
     state: DesiredState | None = None
     ref: str | None = None
@@ -99,6 +100,20 @@ def state_baseline(state_dir: Path) -> Baseline:
             f"{state_dir / APPLIED_FILE} does not exist (the center has applied nothing yet): "
             "comparing against nothing, so every job is shown as added",))
     return Baseline("state", label, state)
+
+
+def center_baseline(center: CenterAccess) -> Baseline:
+    """What a running center applied, fetched from its API (``/api/v1/applied``)."""
+    try:
+        state = center.applied()
+    except AccessError as exc:
+        raise PlanError(str(exc)) from None
+    label = f"center {center.where.removeprefix('--center ')}"
+    if state is None:
+        return Baseline("center", label, notes=(
+            "the center has applied nothing yet: comparing against nothing, so every job is "
+            "shown as added",))
+    return Baseline("center", label, state)
 
 
 def _git(args: list[str], cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -884,8 +899,9 @@ def _failure(fmt: str, message: str, problems: list[Problem] | None = None) -> s
 
 
 def run_plan(schedules: Path, *, against: str | None = None, state_dir: Path | None = None,
-             center: str | None = None, fmt: str = "text", detailed_exitcode: bool = False,
-             now: float | None = None, window_s: float = DEFAULT_WINDOW_S,
+             center: CenterAccess | None = None, fmt: str = "text",
+             detailed_exitcode: bool = False, now: float | None = None,
+             window_s: float = DEFAULT_WINDOW_S,
              fire_count: int = 3) -> tuple[str, int]:
     """Compare ``schedules`` with a baseline; (output, exit code)."""
     if fmt not in _RENDERERS:
@@ -900,9 +916,8 @@ def run_plan(schedules: Path, *, against: str | None = None, state_dir: Path | N
                         result.problems), 1
     try:
         if center is not None:
-            raise PlanError("plan --center is not supported yet: use --state DIR (the center's "
-                            "state directory) or --against REF")
-        if against is not None:
+            baseline = center_baseline(center)
+        elif against is not None:
             baseline = git_baseline(schedules, against)
         elif state_dir is not None:
             baseline = state_baseline(Path(state_dir))

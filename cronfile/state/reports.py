@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from cronfile.schedules.firetimes import JobTimer, to_datetime
-from cronfile.schedules.model import JobKind
+from cronfile.schedules.model import DesiredState, JobKind
 from cronfile.schedules.nexttimes import parse_time
 from cronfile.state import queries
 from cronfile.state.applied import read_applied
 from cronfile.state.checkpoint import current_summary
+from cronfile.state.gitstate import read_git_state
 
 
 def query_runs(state_dir: Path, job: str | None = None, status: str | None = None,
@@ -60,6 +61,26 @@ def render_log(entry: dict[str, Any], fmt: str) -> str:
     return out
 
 
+def run_records(state_dir: Path, run_id: str) -> list[dict[str, Any]]:
+    """Every record of one run, in order (:func:`cronfile.state.queries.find_run`)."""
+    return queries.find_run(state_dir, run_id)
+
+
+def fold_run(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's records folded as ``cronfile runs`` shows it, with its ``state``."""
+    view: dict[str, Any] = {"dispatched_ts": records[0].get("ts")}
+    for record in records:
+        view.update(record)
+    view["state"] = view.get("status") or ("running" if view.get("record") == "started"
+                                           else "dispatched")
+    return view
+
+
+def run_view(state_dir: Path, run_id: str) -> dict[str, Any] | None:
+    records = run_records(state_dir, run_id)
+    return fold_run(records) if records else None
+
+
 def render_runs(views: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(views, indent=2) + "\n"
@@ -91,9 +112,13 @@ def _center_alive(state_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
+def build_status(state_dir: Path, now: float | None = None,
+                 applied: DesiredState | None = None) -> dict[str, Any]:
+    """``applied``: the state the center holds in memory, when it is the center asking
+    (its HTTP API): the same as ``applied.json``, without parsing the files again."""
     now = time.time() if now is None else now
-    applied = read_applied(state_dir)
+    if applied is None:
+        applied = read_applied(state_dir)
     summary = current_summary(state_dir)
     last = {name: info["last"] for name, info in summary.jobs.items() if info.get("last")}
     running: dict[str, list[str]] = {}
@@ -127,8 +152,10 @@ def build_status(state_dir: Path, now: float | None = None) -> dict[str, Any]:
     if center is None:
         connected = []  # a stopped center has no connections, whatever the file says
     agents = _hosts(applied, connected, by_host)
+    git = read_git_state(state_dir)
     return {
         "center": {"running": center is not None, **(center or {})},
+        **({"git": git} if git is not None else {}),
         "revision": applied.revision.to_dict() if applied else None,
         "last_rejection": rejection and {"ts": rejection.get("ts"), "errors": rejection.get("errors")},
         "jobs": jobs,
@@ -173,6 +200,12 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
         lines.append(f"revision: {rev['content_hash']}{commit}")
     else:
         lines.append("revision: none applied")
+    git = status.get("git")
+    if git:
+        lines.append(f"git: {git.get('url')} {git.get('ref')}: newest seen "
+                     f"{str(git.get('seen') or '-')[:12]}, running "
+                     f"{str(git.get('running') or '-')[:12]}"
+                     + (f" ({git['why']})" if git.get("why") else ""))
     if status["last_rejection"]:
         lines.append(f"LAST CHANGE REJECTED at {status['last_rejection']['ts']} "
                      "(still running the revision above):")
@@ -205,5 +238,5 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["build_status", "query_runs", "render_log", "render_runs", "render_status", "run_log",
-           "to_datetime"]
+__all__ = ["build_status", "fold_run", "query_runs", "render_log", "render_runs", "render_status",
+           "run_log", "run_records", "run_view", "to_datetime"]

@@ -1,0 +1,224 @@
+"""How a client command reaches a center: its state directory (``--state DIR``, the
+center's own host) or its HTTP API (``--center URL``), behind one interface.
+
+Both give the same data (the HTTP API computes status and runs with the same functions over
+the same files), so the commands render it once and behave the same either way (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+from cronfile.schedules.model import DesiredState
+from cronfile.state.applied import StateFileError, read_applied, state_from_json
+from cronfile.state.reports import build_status, query_runs, run_view
+
+TOKEN_ENV = "CRONFILE_TOKEN"
+HTTP_TIMEOUT_S = 60.0
+
+
+class AccessError(Exception):
+    """The center could not be reached or refused: exit 1 with this message."""
+
+
+class CenterAccess(Protocol):
+    where: str  # how to name the center in messages and hints (``--state DIR``, ``--center URL``)
+
+    def status(self) -> dict[str, Any]: ...
+    def runs(self, job: str | None, status: str | None, since: str | None,
+             limit: int | None, until: str | None = None) -> list[dict[str, Any]]: ...
+    def run(self, run_id: str, wait_s: float = 0.0) -> dict[str, Any] | None: ...
+    def run_job(self, job: str) -> dict[str, Any]: ...
+    def trigger(self, event: str) -> dict[str, Any]: ...
+    def stop(self, run_id: str) -> dict[str, Any]: ...
+    def sync(self) -> dict[str, Any]: ...
+    def applied(self) -> DesiredState | None: ...
+
+
+def who() -> str:
+    """``user@host`` of whoever runs the command, for records such as ``stopped_by``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+class LocalCenter:
+    """The center on this host: files in its state directory, requests on its socket."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.where = f"--state {state_dir}"
+
+    def _request(self, payload: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        from cronfile.center.control import CenterUnavailable, request
+
+        try:
+            return request(self.state_dir, payload, timeout=timeout)
+        except CenterUnavailable as exc:
+            raise AccessError(str(exc)) from None
+
+    def _files(self) -> None:
+        if not self.state_dir.is_dir():
+            raise AccessError(f"no state directory at {self.state_dir} (use --state DIR, the "
+                              "center's --state)")
+
+    def status(self) -> dict[str, Any]:
+        self._files()
+        try:
+            return build_status(self.state_dir)
+        except StateFileError as exc:
+            raise AccessError(str(exc)) from None
+
+    def runs(self, job: str | None, status: str | None, since: str | None,
+             limit: int | None, until: str | None = None) -> list[dict[str, Any]]:
+        self._files()
+        return query_runs(self.state_dir, job, status, since, limit, until)
+
+    def run(self, run_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        if wait_s > 0:
+            self._request({"op": "wait", "run_id": run_id, "timeout": wait_s}, timeout=wait_s + 10)
+        self._files()
+        return run_view(self.state_dir, run_id)
+
+    def run_job(self, job: str) -> dict[str, Any]:
+        return self._request({"op": "run", "job": job})
+
+    def trigger(self, event: str) -> dict[str, Any]:
+        return self._request({"op": "trigger", "event": event})
+
+    def stop(self, run_id: str) -> dict[str, Any]:
+        return self._request({"op": "stop", "run_id": run_id})
+
+    def sync(self) -> dict[str, Any]:
+        return self._request({"op": "reload"})
+
+    def applied(self) -> DesiredState | None:
+        self._files()
+        try:
+            return read_applied(self.state_dir)
+        except StateFileError as exc:
+            raise AccessError(str(exc)) from None
+
+
+class RemoteCenter:
+    """A center's HTTP API (SPEC §6), with a bearer token."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise AccessError(f"--center {url!r}: expected a URL such as https://cron.example:8443")
+        self.base = url.rstrip("/")
+        self.token = token
+        self.where = f"--center {self.base}"
+
+    def _call(self, method: str, path: str, query: dict[str, Any] | None = None,
+              timeout: float = HTTP_TIMEOUT_S, ok: tuple[int, ...] = (200,)) -> tuple[int, bytes]:
+        if query:
+            path += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        request = urllib.request.Request(self.base + path, method=method,
+                                         data=b"" if method == "POST" else None)
+        request.add_header("X-Cronfile-User", who())
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout,
+                                        context=ssl.create_default_context()) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            if exc.code in ok:
+                return exc.code, body
+            if exc.code == 401:
+                hint = "give --token-file F or set CRONFILE_TOKEN" if not self.token \
+                    else "the token was refused"
+                raise AccessError(f"{self.base}: 401 unauthorized ({hint})") from None
+            raise AccessError(f"{self.base}{path.split('?')[0]}: HTTP {exc.code}: "
+                              f"{_error_text(body)}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AccessError(f"cannot reach the center at {self.base}: {reason}") from None
+
+    def _json(self, method: str, path: str, query: dict[str, Any] | None = None,
+              timeout: float = HTTP_TIMEOUT_S, ok: tuple[int, ...] = (200,)) -> Any:
+        _status, body = self._call(method, path, query, timeout, ok)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise AccessError(f"{self.base}{path}: the answer is not JSON") from None
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._json("GET", "/api/v1/status"))
+
+    def runs(self, job: str | None, status: str | None, since: str | None,
+             limit: int | None, until: str | None = None) -> list[dict[str, Any]]:
+        answer = self._json("GET", "/api/v1/runs", {"job": job, "status": status, "since": since,
+                                                    "until": until, "limit": limit or 0})
+        return list(answer)
+
+    def run(self, run_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        quoted = urllib.parse.quote(run_id, safe="")
+        answer = self._json("GET", f"/api/v1/runs/{quoted}",
+                            {"wait": wait_s} if wait_s > 0 else None,
+                            timeout=HTTP_TIMEOUT_S + wait_s, ok=(200, 404))
+        return answer.get("run") if isinstance(answer, dict) else None
+
+    def run_job(self, job: str) -> dict[str, Any]:
+        return dict(self._json("POST", f"/api/v1/jobs/{urllib.parse.quote(job, safe='')}/run",
+                               ok=(200, 404, 409)))
+
+    def trigger(self, event: str) -> dict[str, Any]:
+        return dict(self._json("POST", f"/api/v1/events/{urllib.parse.quote(event, safe='')}"))
+
+    def stop(self, run_id: str) -> dict[str, Any]:
+        return dict(self._json("POST", f"/api/v1/runs/{urllib.parse.quote(run_id, safe='')}/stop",
+                               ok=(200, 404)))
+
+    def sync(self) -> dict[str, Any]:
+        return dict(self._json("POST", "/api/v1/sync", ok=(200, 422)))
+
+    def applied(self) -> DesiredState | None:
+        status, body = self._call("GET", "/api/v1/applied", ok=(200, 404))
+        if status == 404:
+            return None
+        try:
+            return state_from_json(json.loads(body))
+        except (ValueError, StateFileError) as exc:
+            raise AccessError(f"{self.base}/api/v1/applied: cannot read it: {exc}") from None
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip()[:200]
+    return str(data.get("error") if isinstance(data, dict) else data)
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """``--token-file F``, else ``$CRONFILE_TOKEN``, else none."""
+    if token_file is not None:
+        try:
+            return token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AccessError(f"--token-file {token_file}: cannot read: {exc}") from None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def connect(state_dir: Path, center: str | None, token_file: Path | None) -> CenterAccess:
+    if center:
+        return RemoteCenter(center, read_token(token_file))
+    return LocalCenter(state_dir)
+
+
+__all__ = ["AccessError", "CenterAccess", "LocalCenter", "RemoteCenter", "connect", "who"]

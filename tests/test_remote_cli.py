@@ -71,6 +71,23 @@ def test_status_and_runs_print_the_same_either_way(center: HttpCenter) -> None:
     assert bad.returncode == 2 and "--since" in bad.stderr
 
 
+def test_logs_print_the_same_either_way(center: HttpCenter) -> None:
+    assert local(center, "trigger", "hello").returncode == 0
+    runs = center.wait_runs(lambda rs: finished(rs, "greet"), 10)
+    run_id = next(r["run_id"] for r in runs if r.get("job") == "greet" and r.get("status"))
+    for args in (["logs", run_id], ["logs", run_id, "--format", "json"]):
+        a, b = remote(center, *args), local(center, *args)
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), args
+        assert a.returncode == 0
+    text = remote(center, "logs", run_id).stdout
+    assert text.startswith(f"run {run_id} of greet\n")
+    assert text.endswith("--- output tail (17 chars) ---\nhello\nfrom greet\n")
+    a, b = remote(center, "logs", "no-such-run"), local(center, "logs", "no-such-run")
+    assert (a.returncode, a.stdout, b.returncode, b.stdout) == (1, "", 1, "")
+    assert a.stderr == f"Error: no run no-such-run in the ledger of {center.url}\n"
+    assert b.stderr == f"Error: no run no-such-run in the ledger of {center.state}\n"
+
+
 @pytest.mark.parametrize("via", ["remote", "local"])
 def test_run_wait_prints_the_tail_and_exits_with_the_outcome(center: HttpCenter, via: str) -> None:
     call = remote if via == "remote" else local

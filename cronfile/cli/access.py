@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from cronfile.schedules.model import DesiredState
 from cronfile.state.applied import StateFileError, read_applied, state_from_json
-from cronfile.state.reports import build_status, query_runs, run_view
+from cronfile.state.reports import build_status, log_entry, query_runs, run_log, run_view
 
 TOKEN_ENV = "CRONFILE_TOKEN"
 HTTP_TIMEOUT_S = 60.0
@@ -37,6 +37,7 @@ class CenterAccess(Protocol):
     def runs(self, job: str | None, status: str | None, since: str | None,
              limit: int | None, until: str | None = None) -> list[dict[str, Any]]: ...
     def run(self, run_id: str, wait_s: float = 0.0) -> dict[str, Any] | None: ...
+    def log(self, run_id: str) -> dict[str, Any] | None: ...
     def run_job(self, job: str) -> dict[str, Any]: ...
     def trigger(self, event: str) -> dict[str, Any]: ...
     def stop(self, run_id: str) -> dict[str, Any]: ...
@@ -90,6 +91,10 @@ class LocalCenter:
             self._request({"op": "wait", "run_id": run_id, "timeout": wait_s}, timeout=wait_s + 10)
         self._files()
         return run_view(self.state_dir, run_id)
+
+    def log(self, run_id: str) -> dict[str, Any] | None:
+        self._files()
+        return run_log(self.state_dir, run_id)
 
     def run_job(self, job: str) -> dict[str, Any]:
         return self._request({"op": "run", "job": job})
@@ -172,6 +177,12 @@ class RemoteCenter:
                             {"wait": wait_s} if wait_s > 0 else None,
                             timeout=HTTP_TIMEOUT_S + wait_s, ok=(200, 404))
         return answer.get("run") if isinstance(answer, dict) else None
+
+    def log(self, run_id: str) -> dict[str, Any] | None:
+        quoted = urllib.parse.quote(run_id, safe="")
+        answer = self._json("GET", f"/api/v1/runs/{quoted}", ok=(200, 404))
+        records = answer.get("records") if isinstance(answer, dict) else None
+        return log_entry(run_id, list(records)) if records else None
 
     def run_job(self, job: str) -> dict[str, Any]:
         return dict(self._json("POST", f"/api/v1/jobs/{urllib.parse.quote(job, safe='')}/run",

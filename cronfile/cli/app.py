@@ -456,17 +456,22 @@ def runs(state_dir: Path, center_url: str | None, token_file: Path | None, job: 
 
 @cli.command()
 @click.argument("run_id")
-@STATE
+@_remote
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def logs(run_id: str, state_dir: Path, fmt: str) -> None:
+def logs(run_id: str, state_dir: Path, center_url: str | None, token_file: Path | None,
+         fmt: str) -> None:
     """One run's records and its whole output tail (exit 1 if the ledger has no such run)."""
-    from cronfile.state.reports import render_log, run_log
+    from cronfile.state.reports import render_log
 
-    _state_dir_must_exist(state_dir)
-    entry = run_log(state_dir, run_id)
+    center = _access(state_dir, center_url, token_file)
+    if not center_url:
+        _state_dir_must_exist(state_dir)
+    entry = _ask(center.log, run_id)
     if entry is None:
-        raise click.ClickException(f"no run {run_id} in the ledger of {state_dir}")
+        where = state_dir if not center_url else center.where.removeprefix("--center ")
+        raise click.ClickException(f"no run {run_id} in the ledger of {where}")
     _echo(render_log(entry, fmt))
+
 
 def _outcome_line(view: dict[str, Any]) -> str:
     exit_code = view.get("exit_code")

@@ -35,8 +35,11 @@ def query_runs(state_dir: Path, job: str | None = None, status: str | None = Non
 def run_log(state_dir: Path, run_id: str) -> dict[str, Any] | None:
     """``cronfile logs RUN_ID``: the run's records in order and its whole output tail."""
     records = queries.find_run(state_dir, run_id)
-    if not records:
-        return None
+    return log_entry(run_id, records) if records else None
+
+
+def log_entry(run_id: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``cronfile logs`` renders, from a run's records (read here or sent by the API)."""
     tail = next((r.get("output_tail") for r in reversed(records)
                  if isinstance(r.get("output_tail"), str)), "")
     return {"run_id": run_id, "job": records[0].get("job"), "records": records,

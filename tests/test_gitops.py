@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from centerlib import finished
+from centerlib import cronfile_command, finished
 from httplib import HttpCenter
 
 GOOD = """\
@@ -156,3 +156,75 @@ def test_an_unreachable_repository_at_start_is_an_error(tmp_path: Path) -> None:
     assert center.proc is not None
     assert center.proc.wait(timeout=60) == 1
     assert "--git file://" in center.log_text() and "git clone" in center.log_text()
+
+
+def remote_cli(center: HttpCenter, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cronfile_command(), *args, "--center", center.url, "--token-file",
+                           str(center.token_path)], capture_output=True, text=True, timeout=60)
+
+
+def test_apply_revision_syncs_to_an_older_commit_of_the_branch(tmp_path: Path) -> None:
+    repo = Repo(tmp_path)
+    first = repo.commit(GOOD, "first")
+    git("checkout", "--quiet", "-b", "side", cwd=repo.work)
+    side = repo.commit(BETTER, "on another branch")  # `commit` pushes main: still first
+    git("push", "--quiet", "origin", "side", cwd=repo.work)
+    git("checkout", "--quiet", "main", cwd=repo.work)
+    second = repo.commit(BETTER, "second")
+    center = GitCenter(tmp_path, repo, "1s")
+    center.start()
+    try:
+        assert center.applied(second)
+
+        # back to the older commit of the branch, through the control socket
+        done = center.cli("apply", "--revision", first[:10])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"Applied commit {first} (revision ")
+        center.wait_events(lambda _: center.applied(first), 5, "the older commit applied")
+        before = len(center.runs())
+        center.wait_runs(lambda rs: len(rs) > before + 4, 10, "ticks after the sync")
+        new = center.runs()[before:]
+        assert all(r["revision"]["git_commit"] == first for r in new)
+        status = center.status()  # polls since then did not move it back to the branch's head
+        assert (status["git"]["running"], status["git"]["seen"], status["git"]["pinned"]) == \
+            (first, second, first)
+        assert status["git"]["why"].startswith("pinned by `cronfile apply --revision`")
+        assert "report" not in [j["job"] for j in status["jobs"]]
+
+        # a commit not on the branch (nor one of its ancestors), over HTTP: refused, no change
+        events = len(center.events())
+        for wrong in (side, "0123456789abcdef"):
+            refused = remote_cli(center, "apply", "--revision", wrong)
+            assert (refused.returncode, refused.stdout) == (1, (
+                "refused by the center, nothing changed:\n"
+                f"{wrong} is not a commit on main of {repo.url}\n")), refused.stderr
+        not_an_id = remote_cli(center, "apply", "--revision", "--upload-pack=touch x")
+        assert not_an_id.returncode == 1
+        assert "is not a commit id (expected hex digits)" in not_an_id.stdout
+        assert [e for e in center.events()[events:] if e.get("event", "").startswith("revision_")] \
+            == []
+        assert center.status()["git"]["running"] == first
+
+        # the next push is followed again
+        third = repo.commit(GOOD + "# third\n", "third")
+        center.wait_events(lambda _: center.applied(third), 1 + 1 + 5, "the next push")
+        center.wait_runs(lambda rs: center.status()["git"]["running"] == third, 5, "git.json")
+        status = center.status()
+        assert (status["git"]["pinned"], status["git"]["why"]) == (None, None)
+    finally:
+        center.stop()
+
+
+def test_apply_revision_without_git_is_a_usage_error(tmp_path: Path) -> None:
+    center = HttpCenter(tmp_path, watch=False)
+    center.write("jobs.yaml", GOOD)
+    center.start()
+    try:
+        for result in (center.cli("apply", "--revision", "abc1234"),
+                       remote_cli(center, "apply", "--revision", "abc1234")):
+            assert result.returncode == 2, result
+            assert "follows no git branch (it was started without --git URL)" in result.stderr
+            assert result.stdout == ""
+        assert len([e for e in center.events() if e.get("event") == "revision_applied"]) == 1
+    finally:
+        center.stop()

@@ -46,7 +46,8 @@ ROUTES = (
     ("POST", "/api/v1/jobs/{job}/run", "run a job now (`cronfile run`)"),
     ("POST", "/api/v1/runs/{run_id}/stop", "stop a running run; recorded `killed` with who asked"),
     ("POST", "/api/v1/events/{event}", "fire a trigger event (`cronfile trigger`)"),
-    ("POST", "/api/v1/sync", "re-read the source and apply it (`cronfile apply`)"),
+    ("POST", "/api/v1/sync", "re-read the source and apply it (`cronfile apply`); "
+                             "`?revision=SHA`: that commit of the followed branch"),
     ("GET", "/metrics", "Prometheus text format (same bearer token)"),
 )
 
@@ -214,7 +215,7 @@ class Api:
 
     async def sync(self, request: web.Request) -> web.Response:
         await self._drain_body(request)
-        answer = await sync(self.center)
+        answer = await sync(self.center, request.query.get("revision"))
         return _json(answer, 200 if answer.get("ok") else 422)
 
     async def metrics(self, request: web.Request) -> web.Response:

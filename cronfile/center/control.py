@@ -112,7 +112,8 @@ class ControlServer:
         if op == "trigger":
             return fire(center, str(request.get("event")))
         if op == "reload":
-            return await sync(center)
+            revision = request.get("revision")
+            return await sync(center, None if revision is None else str(revision))
         if op == "stop":
             return center.stop_run(str(request.get("run_id")), peer)
         if op == "wait":

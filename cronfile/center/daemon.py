@@ -644,11 +644,16 @@ class Center:
         self.reloads.store_applied(state)
         self._wake.set()
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, revision: str | None = None) -> dict[str, Any]:
         """Re-read the source (fetching the branch first when following git): apply the
-        difference, or keep the last good revision."""
+        difference, or keep the last good revision. ``revision``: a commit of the branch."""
         if self.git is not None:
-            return await self.git.sync()
+            return await self.git.sync(revision)
+        if revision is not None:
+            return {"applied": False, "refused": "no_git", "errors": [
+                "--revision: this center follows no git branch (it was started without --git "
+                "URL); it applies its --schedules directory, so run `cronfile apply` without "
+                "--revision"]}
         return await self.reloads.reload()
 
     # ------------------------------------------------------------------ daemons

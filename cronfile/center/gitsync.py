@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,10 +34,17 @@ log = logging.getLogger("cronfile.git")
 GIT_DIR = "git"
 GIT_TIMEOUT_S = 120.0
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0"}  # never wait for a password on a terminal
+COMMIT_ID = re.compile(r"[0-9a-fA-F]{4,64}")
+"""What ``apply --revision`` accepts: a (possibly abbreviated) commit id, never a ref name or
+anything git could read as an option."""
 
 
 class GitError(Exception):
     """A git command failed: its stderr, in one line."""
+
+
+class NotOnBranch(Exception):
+    """``apply --revision SHA`` named no commit of the branch the center follows."""
 
 
 def checkout_dir(state_dir: Path) -> Path:
@@ -79,6 +87,9 @@ class GitFollower:
         self.seen: str | None = previous.get("seen") if previous.get("url") == options.url else None
         self.rejected: dict[str, Any] | None = None
         self.fetch_error: str | None = None
+        self.pinned: dict[str, str] | None = None
+        """``apply --revision``: the older commit to run (``commit``) while the branch stays at
+        ``head``; dropped as soon as the branch moves, so the next push is followed again."""
 
     # ------------------------------------------------------------------ blocking git work
 
@@ -96,6 +107,23 @@ class GitFollower:
     def _checkout(self, commit: str) -> None:
         _git(["checkout", "--quiet", "--force", "--detach", commit], self.dir)
         _git(["clean", "--quiet", "-ffdx"], self.dir)
+
+    def _commit_on_branch(self, revision: str, head: str) -> str:
+        """The full id of ``revision``, which must be ``head`` or one of its ancestors."""
+        refusal = NotOnBranch(f"{revision} is not a commit on {self.options.ref} of "
+                              f"{self.options.url}")
+        if not COMMIT_ID.fullmatch(revision):
+            raise NotOnBranch(f"{revision!r} is not a commit id (expected hex digits)")
+        try:
+            commit = _git(["rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], self.dir)
+        except GitError:
+            raise refusal from None
+        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", commit, head],
+                                  cwd=self.dir, capture_output=True, timeout=GIT_TIMEOUT_S,
+                                  env={**os.environ, **GIT_ENV})
+        if ancestor.returncode != 0:
+            raise refusal
+        return commit
 
     def prepare(self) -> str:
         """Before the center's first load: a checkout of the ref (or of the last commit
@@ -115,9 +143,11 @@ class GitFollower:
 
     # ------------------------------------------------------------------ on the loop
 
-    async def sync(self) -> dict[str, Any]:
+    async def sync(self, revision: str | None = None) -> dict[str, Any]:
         """Fetch now; when the ref moved, check it out and reload (the reload's answer,
-        with ``git``)."""
+        with ``git``). With ``revision`` (``apply --revision``): run that commit of the
+        branch instead, until the branch moves; one not on the branch is refused and
+        nothing changes."""
         async with self._lock:
             try:
                 commit = await asyncio.to_thread(self._fetch)
@@ -132,17 +162,31 @@ class GitFollower:
                 self._event("git_fetched", url=self.options.url, ref=self.options.ref,
                             commit=commit, previous=self.seen)
             self.seen = commit
+            if revision is not None:
+                try:
+                    target = await asyncio.to_thread(self._commit_on_branch, revision, commit)
+                except NotOnBranch as exc:
+                    log.error("git: apply --revision refused: %s", exc)
+                    self._store()
+                    return {"applied": False, "refused": "not_on_branch", "errors": [str(exc)],
+                            "git": self.state()}
+                self.pinned = {"commit": target, "head": commit} if target != commit else None
+            elif self.pinned is not None and self.pinned["head"] != commit:
+                log.info("git: %s moved; following it again", self.options.ref)
+                self.pinned = None
+            target = self.pinned["commit"] if self.pinned else commit
             running = self._running_commit()
-            known_bad = self.rejected is not None and self.rejected["commit"] == commit
-            if (commit == running and self.rejected is None) or known_bad:
+            known_bad = self.rejected is not None and self.rejected["commit"] == target
+            if (target == running and self.rejected is None) or known_bad:
                 self._store()
                 return {"applied": False, "unchanged": True, "git": self.state()}
-            await asyncio.to_thread(self._checkout, commit)
+            await asyncio.to_thread(self._checkout, target)
             answer = await self._reload()
             if answer.get("applied") or answer.get("unchanged"):
                 self.rejected = None
             else:
-                self.rejected = {"commit": commit, "errors": list(answer.get("errors") or [])}
+                self.rejected = {"commit": target, "errors": list(answer.get("errors") or [])}
+                self.pinned = None
             self._store()
             return {**answer, "git": self.state()}
 
@@ -164,11 +208,14 @@ class GitFollower:
             why = f"cannot fetch: {self.fetch_error}"
         elif self.rejected is not None and self.rejected["commit"] == self.seen:
             why = "rejected: " + "; ".join(self.rejected["errors"][:5])
+        elif self.pinned is not None and running == self.pinned["commit"]:
+            why = (f"pinned by `cronfile apply --revision` until {self.options.ref} moves")
         elif self.seen and running != self.seen:
             why = "not applied yet"
         return {"url": self.options.url, "ref": self.options.ref, "poll_s": self.options.poll_s,
                 "seen": self.seen, "running": running, "why": why,
-                "rejected": self.rejected, "fetch_error": self.fetch_error, "ts": utc_ts()}
+                "rejected": self.rejected, "fetch_error": self.fetch_error,
+                "pinned": self.pinned["commit"] if self.pinned else None, "ts": utc_ts()}
 
     def _store(self) -> None:
         path = self.state_dir / GIT_STATE_FILE

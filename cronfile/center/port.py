@@ -73,8 +73,10 @@ class Operations(Protocol):
         """Queue the jobs that run on ``event``; their names."""
         ...
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the source now (``cronfile apply``); the reload's answer."""
+    async def reload(self, revision: str | None = None) -> dict[str, Any]:
+        """Re-read the source now (``cronfile apply``); the reload's answer. ``revision``
+        (``apply --revision``): that commit of the followed branch; a center that follows
+        no branch answers ``refused: "no_git"``."""
         ...
 
     def stop_run(self, run_id: str, requested_by: str) -> dict[str, Any]:
@@ -140,6 +142,6 @@ def fire(center: Operations, event: str) -> dict[str, Any]:
     return {"ok": True, "event": event, "jobs": center.trigger(event)}
 
 
-async def sync(center: Operations) -> dict[str, Any]:
-    result = await center.reload()
+async def sync(center: Operations, revision: str | None = None) -> dict[str, Any]:
+    result = await center.reload(revision)
     return {"ok": result.get("applied", False) or result.get("unchanged", False), **result}

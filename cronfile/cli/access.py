@@ -41,7 +41,7 @@ class CenterAccess(Protocol):
     def run_job(self, job: str) -> dict[str, Any]: ...
     def trigger(self, event: str) -> dict[str, Any]: ...
     def stop(self, run_id: str) -> dict[str, Any]: ...
-    def sync(self) -> dict[str, Any]: ...
+    def sync(self, revision: str | None = None) -> dict[str, Any]: ...
     def applied(self) -> DesiredState | None: ...
 
 
@@ -105,8 +105,10 @@ class LocalCenter:
     def stop(self, run_id: str) -> dict[str, Any]:
         return self._request({"op": "stop", "run_id": run_id})
 
-    def sync(self) -> dict[str, Any]:
-        return self._request({"op": "reload"})
+    def sync(self, revision: str | None = None) -> dict[str, Any]:
+        if revision is None:
+            return self._request({"op": "reload"})
+        return self._request({"op": "reload", "revision": revision})
 
     def applied(self) -> DesiredState | None:
         self._files()
@@ -195,8 +197,8 @@ class RemoteCenter:
         return dict(self._json("POST", f"/api/v1/runs/{urllib.parse.quote(run_id, safe='')}/stop",
                                ok=(200, 404)))
 
-    def sync(self) -> dict[str, Any]:
-        return dict(self._json("POST", "/api/v1/sync", ok=(200, 422)))
+    def sync(self, revision: str | None = None) -> dict[str, Any]:
+        return dict(self._json("POST", "/api/v1/sync", {"revision": revision}, ok=(200, 422)))
 
     def applied(self) -> DesiredState | None:
         status, body = self._call("GET", "/api/v1/applied", ok=(200, 404))

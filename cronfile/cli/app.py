@@ -153,22 +153,29 @@ def plan(schedules: Path, against: str | None, state_dir: Path | None, center: s
 @cli.command()
 @_plan_options
 @click.option("--dry-run", is_flag=True, help="Only show the plan (same as `cronfile plan`).")
+@click.option("--revision", metavar="SHA",
+              help="A center following git: sync to this commit of its branch.")
 def apply(schedules: Path, against: str | None, state_dir: Path | None, center: str | None,
           token_file: Path | None, fmt: str, detailed_exitcode: bool, window_s: float,
-          dry_run: bool) -> None:
+          dry_run: bool, revision: str | None) -> None:
     """Make a running center apply its source now and report it (--dry-run: plan only)."""
+    if dry_run and revision:
+        raise click.UsageError("--revision does not go with --dry-run")
     if dry_run:
         _run_plan(schedules, against, state_dir, center, token_file, fmt, detailed_exitcode,
                   window_s)
         return
     if against or detailed_exitcode:
         raise click.UsageError("--against and --detailed-exitcode go with --dry-run (or use plan)")
-    from cronfile.cli.apply import apply_to_center
+    from cronfile.cli.apply import RevisionUnsupported, apply_to_center
 
     if state_dir and center:
         raise click.UsageError("use either --state or --center, not both")
     access = _access(state_dir or Path(".state"), center, token_file)
-    out, code = apply_to_center(schedules, access)
+    try:
+        out, code = apply_to_center(schedules, access, revision)
+    except RevisionUnsupported as exc:
+        raise click.UsageError(str(exc)) from None
     _echo(out)
     sys.exit(code)
 

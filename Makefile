@@ -39,7 +39,7 @@ lock:
 demo: $(STAMP)
 	@echo "cronfile center: schedules/ -> state in .state/ (Ctrl-C to stop)"
 	@echo "  in another shell:  $(BIN)/cronfile runs --state .state   |   $(BIN)/cronfile status --state .state"
-	$(BIN)/cronfile center --schedules schedules --state .state
+	$(BIN)/cronfile center --schedules schedules --state .state --log-runs
 
 sshd:
 	@test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

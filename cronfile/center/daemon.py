@@ -47,6 +47,7 @@ from cronfile.center.records import NoOutcomeRecord, RecordWriter
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
 from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
+from cronfile.center.runlog import log_run
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns, jitter_for
 from cronfile.center.statefiles import (
     CENTER_FILE,
@@ -223,6 +224,8 @@ class Center:
     def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
         """Every final outcome passes here once: metrics, notifications and expectations."""
         self.metrics.run_finished(job_name, str(record["status"]), record.get("duration_s"))
+        if self.options.log_runs:
+            log_run(record)
         strip = self.recent.get(job_name)
         if strip is None:
             strip = self.recent[job_name] = deque(maxlen=RECENT_RUNS)

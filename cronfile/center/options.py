@@ -59,3 +59,5 @@ class CenterOptions:
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
     http: HttpOptions | None = None
     git: GitOptions | None = None
+    log_runs: bool = False
+    """``--log-runs``: one INFO line per finished run (:mod:`cronfile.center.runlog`)."""

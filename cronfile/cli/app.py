@@ -234,13 +234,15 @@ STATE = click.option(
 @click.option("--git-ref", default="main", show_default=True, help="The branch (or tag) to follow.")
 @click.option("--git-poll", default="30s", show_default=True, metavar="DURATION",
               help="How often to fetch it (also on POST /api/v1/sync and cronfile apply).")
+@click.option("--log-runs", is_flag=True,
+              help="Log one line per finished run: job, outcome, duration (for a terminal).")
 def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
            accept_undeclared: bool, grace: float, no_watch: bool, heartbeat: float, lease: float,
            known_hosts: Path | None, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, retention: str, segment_bytes: int | None,
            http_addr: str | None, http_token_file: Path | None, http_tls_cert: Path | None,
            http_tls_key: Path | None, http_insecure: bool, http_idle_timeout: float,
-           git_url: str | None, git_ref: str, git_poll: str) -> None:
+           git_url: str | None, git_ref: str, git_poll: str, log_runs: bool) -> None:
     """Run the center: schedule, dispatch and record; hot-reload the schedules.
 
     Exit 2 when --retention is shorter than a job needs its history."""
@@ -269,7 +271,8 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
         heartbeat_s=heartbeat, lease_s=lease,
         known_hosts=str(known_hosts) if known_hosts else None,
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, http=http, git=git,
-        retention=retention, **({"segment_bytes": segment_bytes} if segment_bytes else {}))))
+        retention=retention, log_runs=log_runs,
+        **({"segment_bytes": segment_bytes} if segment_bytes else {}))))
 
 
 def _git_options(url: str | None, ref: str, poll: str, schedules: Path) -> Any:

@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-latest lock lint typecheck unit bench sshd clean
+.PHONY: demo test test-quick test-latest lock lint typecheck unit bench sshd postgresql clean
 
 # Installs take the exact versions in requirements.lock, so a new upstream release cannot
 # turn main red for an unrelated change; `make test-latest` resolves the newest instead.
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 LATEST := .venv-latest
 # The same checks on the newest release of every dependency (no lock): a failure here is
 # an upstream change to act on (fix, then `make lock`), not a broken main.
-test-latest: sshd
+test-latest: sshd postgresql
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
@@ -46,6 +46,12 @@ sshd:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; } || \
 	  echo "sshd not installed: SSH tests will be skipped"
 
+# The HA tests start their own PostgreSQL server from Debian's package (SPEC §9).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
+	  echo "PostgreSQL not installed: HA tests will be skipped"
+
 lint: $(STAMP)
 	$(BIN)/ruff check cronfile tests bench
 
@@ -55,10 +61,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: $(STAMP) sshd lint typecheck unit
+test: $(STAMP) sshd postgresql lint typecheck unit
 
 # While editing: everything but the tests marked slow (CI and `make test` run those too).
-test-quick: $(STAMP) sshd lint typecheck
+test-quick: $(STAMP) sshd postgresql lint typecheck
 	$(BIN)/pytest -q -m 'not slow'
 
 bench: $(STAMP)

@@ -49,6 +49,7 @@ from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
 from cronfile.center.runlog import log_run
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns, jitter_for
+from cronfile.center.standby import HaCoordinator
 from cronfile.center.statefiles import (
     CENTER_FILE,
     CenterError,
@@ -63,7 +64,7 @@ from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
 from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunStatus
 from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
-from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields
+from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields, utc_ts
 from cronfile.state.private import private_dir
 from cronfile.state.retention import check_retention, parse_retention
 from cronfile.transports.daemons import DaemonSupervisor
@@ -159,6 +160,7 @@ class Center:
         self.last_success: dict[str, float] = {}
         self._success_alerted: set[str] = set()
         self._started_at = self.clock.time()
+        self._started_iso = utc_ts()
         self._success_watch: set[str] = set()
         self.hub: AgentHub | None = None  # the agent hub, when agents are enabled
         self.router = Router(self.local, options.known_hosts, self._spawn)
@@ -187,6 +189,8 @@ class Center:
         self.git = None if options.git is None else GitFollower(
             options.git, options.state, self.reloads.reload,
             lambda: self._revision().get("git_commit"), self._event)
+        self.ha = HaCoordinator(options.ha, self._ha_event) if options.ha else None
+        self._center_file_view: dict[str, Any] | None = None  # what center.json says of HA
 
     # ------------------------------------------------------------------ records
 
@@ -220,6 +224,28 @@ class Center:
         if name == "revision_rejected":
             self.metrics.revision_rejected()
         self.ledger.submit(self.ledger.write_events, encode_records([{"event": name, **fields}]))
+
+    def _ha_event(self, event: dict[str, Any]) -> None:
+        """leader_acquired / leader_released / leader_lost: recorded, shown in center.json;
+        a takeover recovers the gap as a restart would (SPEC §9)."""
+        fields = dict(event)
+        self._event(str(fields.pop("event")), **fields)
+        self._write_center_file()
+        if event["event"] == "leader_acquired":
+            self._spawn(self._take_over(), critical=True)
+
+    def _write_center_file(self) -> None:
+        self._center_file_view = self.ha.view() if self.ha is not None else None
+        write_center_file(self.state_dir, self.options, self._started_iso, ha=self._center_file_view)
+
+    async def _take_over(self) -> None:
+        """Slots of the last lease's span may be the old leader's: what it claimed is done,
+        the rest follows each job's catch_up, exactly as after a restart."""
+        assert self.ha is not None
+        since = self.clock.time() - self.ha.settings.lease_s - 2 * self.ha.settings.renew_interval_s
+        for job, slot, target in await self.ha.claimed_since(since):
+            self.done_slots.add((job, round(slot, 3), target))
+        self._catch_up(since)
 
     def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
         """Every final outcome passes here once: metrics, notifications and expectations."""
@@ -300,7 +326,9 @@ class Center:
         since = self._read_watermark()
         if any(dropped.values()):
             self._event("ledger_repaired", dropped_bytes=dropped)
-        write_center_file(self.state_dir, self.options)
+        if self.ha is not None:
+            await asyncio.to_thread(self.ha.prepare)
+        self._write_center_file()
         self._event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
                     listen=self.options.listen)
         self._recover_ledger()
@@ -319,7 +347,9 @@ class Center:
         self._requeue_pending()
         self._install_signals()
         await self._start_services()
-        if since is not None:
+        if self.ha is not None:
+            self._spawn(self.ha.run(), critical=True, name="ha")
+        elif since is not None:
             # Agents reconnect after a restart: give them one heartbeat before catch-up
             # decides that a slot has no agent.
             delay = self.options.heartbeat_s if self.hub else 0.0
@@ -550,6 +580,10 @@ class Center:
             loop.add_signal_handler(signal.SIGHUP, self.reloads.requested.set)
 
     async def _shutdown(self) -> None:
+        if self.ha is not None:
+            # First of all: release the lease, so a standby leads within a second while
+            # this center drains its runs (and it dispatches nothing more from here on).
+            await self.ha.stop()
         for task in list(self._tasks):
             if task.get_name() not in ("run", "daemon"):
                 task.cancel()
@@ -711,7 +745,10 @@ class Center:
             self._end_deferred_runs()
             self._burst_begins()  # from the tick on: it makes the objects of every due run
             try:
-                await self.perform(self.scheduler.tick(now))
+                actions = self.scheduler.tick(now)
+                if self.ha is not None and not self.ha.leading():
+                    actions = []  # a standby keeps its timers current and does nothing
+                await self.perform(actions)
             finally:
                 self._burst_ends()
             self._write_watermark()
@@ -720,6 +757,8 @@ class Center:
                 self._check_success_within()
                 if self.hub is not None:
                     write_agents_file(self.state_dir, self.hub)
+            if self.ha is not None and self.ha.view() != self._center_file_view:
+                self._write_center_file()  # role, term, lease: at most once a tick
             due = self.scheduler.next_due()
             delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
             if delay > 0:
@@ -792,6 +831,8 @@ class Center:
             unreaped, reap_after = 0, DISPATCH_REAP_FIRST
             for part in chunks:
                 chunk = self._prepare_chunk(part)
+                if self.ha is not None:
+                    chunk = await self._claim_chunk(chunk)
                 # durable BEFORE any of its runs starts (written on the writer thread)
                 await asyncio.wrap_future(self.ledger.submit(self.ledger.write_runs, chunk.data))
                 results.extend(await self._start_chunk(chunk))
@@ -805,6 +846,25 @@ class Center:
         finally:
             self._burst_ends()
         return results
+
+    async def _claim_chunk(self, chunk: _Chunk) -> _Chunk:
+        """HA: keep only the runs PostgreSQL let this leader claim, with its term in their
+        ``dispatched`` records (the claim and those records are one statement there)."""
+        assert self.ha is not None
+        term = self.ha.elector.term
+        wanted = [(action, target, request.run_id, {**base, "record": "dispatched", "term": term})
+                  for action, target, request, base in chunk.runs]
+        won = await self.ha.claim(wanted)
+        kept = _Chunk()
+        records = []
+        for run, (_, _, run_id, record) in zip(chunk.runs, wanted, strict=True):
+            if run_id in won:
+                kept.runs.append(run)
+                records.append(record)
+            else:
+                self.scheduler.not_started(run[0].job.name, run_id)
+        kept.data = encode_records(records)
+        return kept
 
     def _burst_begins(self) -> None:
         """A burst of starts is under way (a tick and its dispatch, or any dispatch): no

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cronfile.ha.elector import HaSettings
 from cronfile.schedules.model import DEFAULT_KILL_GRACE_S
 from cronfile.state.ledger import DEFAULT_SEGMENT_BYTES
 from cronfile.state.retention import DEFAULT_RETENTION
@@ -61,3 +62,4 @@ class CenterOptions:
     git: GitOptions | None = None
     log_runs: bool = False
     """``--log-runs``: one INFO line per finished run (:mod:`cronfile.center.runlog`)."""
+    ha: HaSettings | None = None  # --ha DSN --name NAME: stand by or lead (SPEC §9)

@@ -472,6 +472,12 @@ class Scheduler:
                 state.running = set()
             state.running.add(run_id)
 
+    def not_started(self, name: str, run_id: str) -> None:
+        """Undo :meth:`started` for a run that was never sent (another center claimed it)."""
+        state = self._jobs.get(name)
+        if state is not None and state.running:
+            state.running.discard(run_id)
+
     def finished(self, name: str, run_id: str, status: RunStatus, exit_code: int | None,
                  slot: float, attempt: int, target: str | None, now: float) -> list[Action]:
         """A run ended: maybe retry it, maybe start the jobs that come ``after`` it."""

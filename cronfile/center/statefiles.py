@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from cronfile.center.options import CenterOptions
 from cronfile.center.recovery import parse_iso
-from cronfile.state.ledger import utc_ts
 from cronfile.state.private import FILE_MODE
 
 WATERMARK_FILE = "watermark"
@@ -44,10 +44,31 @@ def write_watermark(state_dir: Path, mark: float) -> None:
     os.replace(tmp, path)
 
 
-def write_center_file(state_dir: Path, options: CenterOptions) -> None:
-    info = {"pid": os.getpid(), "started_at": utc_ts(), "listen": options.listen,
-            "schedules": str(options.schedules)}
-    (state_dir / CENTER_FILE).write_text(json.dumps(info) + "\n")
+def write_center_file(state_dir: Path, options: CenterOptions, started_at: str,
+                      ha: dict[str, Any] | None = None) -> None:
+    """With ``--ha`` it also names the replica, its role, term and the lease it last saw
+    (``status --format json`` shows them under ``center``), and the DSN (so ``status
+    --state`` can find the shared ledger), rewritten at every change of role."""
+    info: dict[str, Any] = {"pid": os.getpid(), "started_at": started_at, "listen": options.listen,
+                            "schedules": str(options.schedules)}
+    if ha is not None and options.ha is not None:
+        info.update(ha, ha_dsn=dsn_without_password(options.ha.dsn))
+    tmp = state_dir / (CENTER_FILE + ".tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, state_dir / CENTER_FILE)  # readers never see half a file
+
+
+def dsn_without_password(dsn: str) -> str:
+    """center.json is world-readable: a password in the DSN stays out of it (readers get
+    it from the DSN they are given, or from libpq's PGPASSFILE)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # psycopg.ProgrammingError for a malformed DSN: name none at all
+        return ""
+    parts.pop("password", None)
+    return make_conninfo(**{k: str(v) for k, v in parts.items()})
 
 
 class CenterError(Exception):

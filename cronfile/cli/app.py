@@ -236,13 +236,23 @@ STATE = click.option(
               help="How often to fetch it (also on POST /api/v1/sync and cronfile apply).")
 @click.option("--log-runs", is_flag=True,
               help="Log one line per finished run: job, outcome, duration (for a terminal).")
+@click.option("--ha", "ha_dsn", metavar="DSN",
+              help="PostgreSQL DSN shared by the replicas: lead through a lease, or stand by.")
+@click.option("--name", "ha_name", help="This replica's name (with --ha).")
+@click.option("--ha-lease", "ha_lease_s", default="15s", show_default=True, callback=_window,
+              help="How long a leader's lease lasts without a renew (by the database's clock).")
+@click.option("--ha-renew-deadline", "ha_renew_deadline_s", default="10s", show_default=True,
+              callback=_window,
+              help="A leader that cannot renew for this long (its own clock) stops dispatching.")
 def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Path | None,
            accept_undeclared: bool, grace: float, no_watch: bool, heartbeat: float, lease: float,
            known_hosts: Path | None, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, retention: str, segment_bytes: int | None,
            http_addr: str | None, http_token_file: Path | None, http_tls_cert: Path | None,
            http_tls_key: Path | None, http_insecure: bool, http_idle_timeout: float,
-           git_url: str | None, git_ref: str, git_poll: str, log_runs: bool) -> None:
+           git_url: str | None, git_ref: str, git_poll: str, log_runs: bool,
+           ha_dsn: str | None, ha_name: str | None, ha_lease_s: float,
+           ha_renew_deadline_s: float) -> None:
     """Run the center: schedule, dispatch and record; hot-reload the schedules.
 
     Exit 2 when --retention is shorter than a job needs its history."""
@@ -272,7 +282,25 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
         known_hosts=str(known_hosts) if known_hosts else None,
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, http=http, git=git,
         retention=retention, log_runs=log_runs,
+        ha=_ha_settings(ha_dsn, ha_name, ha_lease_s, ha_renew_deadline_s),
         **({"segment_bytes": segment_bytes} if segment_bytes else {}))))
+
+
+def _ha_settings(dsn: str | None, name: str | None, lease_s: float, renew_deadline_s: float) -> Any:
+    """``--ha``/``--name``/``--ha-lease``/``--ha-renew-deadline`` checked together (exit 2)."""
+    if dsn is None:
+        if name is not None:
+            raise click.UsageError("--name goes with --ha")
+        return None
+    if not name:
+        raise click.UsageError("--ha needs --name (this replica's name)")
+    from cronfile.ha.elector import HaSettings
+
+    try:
+        return HaSettings(dsn=dsn, name=name, lease_s=lease_s, renew_deadline_s=renew_deadline_s,
+                          renew_interval_s=min(2.0, renew_deadline_s / 3))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _git_options(url: str | None, ref: str, poll: str, schedules: Path) -> Any:

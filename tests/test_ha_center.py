@@ -152,3 +152,31 @@ def test_center_ha_usage_errors(tmp_path: Path) -> None:
 
 def parse(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_sigstopped_leader_resumed_after_a_takeover_dispatches_nothing(pg: PgServer, tmp_path: Path) -> None:
+    """Split brain: a leader frozen past its lease (SIGSTOP) wakes up (SIGCONT) believing
+    nothing happened; its renew deadline has passed and its claims carry a stale term."""
+    dsn = pg.new_database()
+    a, b, marks = pair(tmp_path, dsn)
+    try:
+        a.start()
+        a.wait_events(lambda es: any(e.get("event") == "leader_acquired" for e in es), 10, "a leads")
+        b.start()
+        a.wait_runs(lambda rs: len(dispatched(rs, "tick")) >= 2, 10, "a dispatching")
+        a.signal(signal.SIGSTOP)
+        frozen_dispatches = len(dispatched(a.runs()))
+        b.wait_events(lambda es: any(e.get("event") == "leader_acquired" for e in es),
+                      LEASE_S + 2 + 3, "b to take over")
+        b.wait_runs(lambda rs: len(dispatched(rs, "tick")) >= 2, 10, "b dispatching")
+        a.signal(signal.SIGCONT)
+        a.wait_events(lambda es: any(e.get("event") == "leader_lost" for e in es), 5, "a to step down")
+        lost = events_named(a, "leader_lost")
+        assert [(e["term"], e["reason"]) for e in lost] == [(1, "renew_deadline")]
+        b.wait_runs(lambda rs: len(dispatched(rs, "tick")) >= 5, 10, "b keeps dispatching")
+        assert len(dispatched(a.runs())) == frozen_dispatches
+        assert wait_for(lambda: a.status()["role"] == "standby", 5, "a standby in status")
+    finally:
+        b.stop()
+        a.stop()
+    check_once_per_slot(marks, dsn)

@@ -137,6 +137,15 @@ def test_sigterm_hands_over_to_the_standby(pg: PgServer, tmp_path: Path) -> None
         b.stop()
         a.stop()
     check_once_per_slot(marks, dsn)
+    # PostgreSQL holds the ledger of record: every run record and event either center wrote
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT center, kind, body FROM cronfile_records ORDER BY seq").fetchall()
+    for c in (a, b):
+        mine = [(kind, body) for center, kind, body in rows if center == c.name]
+        jsonl_runs = sorted((r["run_id"], r["record"]) for r in c.runs())
+        assert sorted((body["run_id"], body["record"]) for kind, body in mine if kind == "run") == jsonl_runs
+        events = [body["event"] for kind, body in mine if kind == "event"]
+        assert events == [e["event"] for e in c.events()]
 
 
 def test_center_ha_usage_errors(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ class Center:
         self.ledger = Ledger(options.state, segment_bytes=options.segment_bytes,
                              retention_s=parse_retention(options.retention),
                              retention_text=options.retention)
+        self.ha = HaCoordinator(options.ha, self._ha_event) if options.ha else None
         self._history = LedgerSummary()  # what start-up needs from the ledger's history
         self.loader = ScheduleLoader(options.schedules)
         self.scheduler = Scheduler()
@@ -189,7 +190,6 @@ class Center:
         self.git = None if options.git is None else GitFollower(
             options.git, options.state, self.reloads.reload,
             lambda: self._revision().get("git_commit"), self._event)
-        self.ha = HaCoordinator(options.ha, self._ha_event) if options.ha else None
         self._center_file_view: dict[str, Any] | None = None  # what center.json says of HA
 
     # ------------------------------------------------------------------ records
@@ -213,6 +213,8 @@ class Center:
                 loop.call_soon_threadsafe(self._append_failed, batch, done.exception())
 
         self.ledger.submit(self.ledger.write_runs, encode_records(batch)).add_done_callback(written)
+        if self.ha is not None:
+            self.ha.mirror("run", batch)
 
     def _append_failed(self, batch: list[dict[str, Any]], exc: BaseException | None) -> None:
         log.error("writing %d run records failed, kept for the next write: %s", len(batch), exc)
@@ -224,6 +226,8 @@ class Center:
         if name == "revision_rejected":
             self.metrics.revision_rejected()
         self.ledger.submit(self.ledger.write_events, encode_records([{"event": name, **fields}]))
+        if self.ha is not None:
+            self.ha.mirror("event", [{"event": name, **fields}])
 
     def _ha_event(self, event: dict[str, Any]) -> None:
         """leader_acquired / leader_released / leader_lost: recorded, shown in center.json;
@@ -631,6 +635,8 @@ class Center:
         self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
                     pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
                                                          if r.base.get("transport") == "tcp"))
+        if self.ha is not None:
+            await self.ha.close()
         await asyncio.to_thread(self.ledger.close)  # drains the writer, leaves a checkpoint
         with contextlib.suppress(OSError):
             (self.state_dir / CENTER_FILE).unlink()

@@ -9,6 +9,9 @@ the gap, and the slots the old leader claimed count as done.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +20,7 @@ import psycopg
 
 from cronfile.center.routing import Target
 from cronfile.center.scheduler import StartRun
-from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer
+from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer, append_records
 from cronfile.ha.elector import Elector, HaSettings
 from cronfile.ha.migrations import migrate
 from cronfile.schedules.model import Strategy
@@ -25,6 +28,7 @@ from cronfile.schedules.model import Strategy
 __all__ = ["HaCoordinator", "claim_target"]
 
 FAN_OUT = (Strategy.ALL, Strategy.SHARD)
+log = logging.getLogger(__name__)
 
 
 def claim_target(action: StartRun, target: Target) -> str:
@@ -40,6 +44,7 @@ class HaCoordinator:
         self.settings = settings
         self.elector = Elector(settings, on_event)
         self.claimer = Claimer(settings.dsn, settings.name, settings.connect_timeout_s)
+        self._outbox: asyncio.Queue[tuple[str, list[dict[str, Any]]]] = asyncio.Queue()
 
     def prepare(self) -> None:
         """Create or migrate the schema (blocking; called once, before the loop runs)."""
@@ -56,7 +61,7 @@ class HaCoordinator:
     async def claim(self, starts: Sequence[tuple[StartRun, Target, str, dict[str, Any]]]) -> set[str]:
         """Claim (action, target, run_id, dispatched record) tuples; returns the run_ids won.
 
-        Scheduled first attempts are keyed on their slot; retries and manual/triggered runs
+        Scheduled (and caught-up) first attempts are keyed on their slot; retries and manual/triggered runs
         have no slot of their own (NULL) and are fenced by the lease and their run_id alone.
         """
         term = self.elector.term
@@ -64,7 +69,7 @@ class HaCoordinator:
             return set()
         claims = []
         for action, target, run_id, record in starts:
-            keyed = action.reason == "schedule" and action.attempt == 1
+            keyed = action.reason in ("schedule", "catch_up") and action.attempt == 1
             slot = datetime.fromtimestamp(action.scheduled_at, UTC) if keyed else None
             claims.append(Claim(job=action.job.name, scheduled_at=slot,
                                 target=claim_target(action, target), run_id=run_id,
@@ -72,17 +77,80 @@ class HaCoordinator:
         return await self.claimer.claim(term, claims, self.leading)
 
     async def claimed_since(self, since: float) -> list[tuple[str, float, str]]:
-        """Slots claimed (by any leader) at or after ``since``: done, for catch-up."""
-        async with await psycopg.AsyncConnection.connect(self.settings.dsn, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT job, extract(epoch FROM scheduled_at)::float8, target FROM cronfile_claims"
-                " WHERE scheduled_at >= to_timestamp(%s)", (since,))
-            return [(str(j), float(s), str(t)) for j, s, t in await cur.fetchall()]
+        """Slots claimed (by any leader) at or after ``since``: done, for catch-up.
+
+        If the database cannot say (it went away at this very moment), none: catch-up then
+        tries every slot of the gap, and the claims (keyed on the slot) still refuse the
+        ones the old leader ran.
+        """
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                    self.settings.dsn, autocommit=True,
+                    connect_timeout=max(1, round(self.settings.connect_timeout_s))) as conn:
+                cur = await conn.execute(
+                    "SELECT job, extract(epoch FROM scheduled_at)::float8, target FROM cronfile_claims"
+                    " WHERE scheduled_at >= to_timestamp(%s)", (since,))
+                return [(str(j), float(s), str(t)) for j, s, t in await cur.fetchall()]
+        except (psycopg.Error, OSError) as exc:
+            log.warning("ha: cannot read the old leader's claims (%s); the claims will tell", exc)
+            return []
+
+    def mirror(self, kind: str, records: Sequence[dict[str, Any]]) -> None:
+        """Copy records this center writes to its JSONL into PostgreSQL too (``run`` or
+        ``event``), in the background: the JSONL write stays the one on the hot path, and a
+        database outage delays the copy instead of the center. ``dispatched`` records are
+        skipped: their claim already inserted them."""
+        wanted = [r for r in records if r.get("record") != "dispatched"]
+        if wanted:
+            self._outbox.put_nowait((kind, wanted))
+
+    async def _ship(self) -> None:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        backoff = 0.1
+        while True:
+            kind, records = await self._outbox.get()
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(self.settings.dsn, autocommit=True)
+                    await append_records(conn, self.settings.name, self.elector.term, kind, records)
+                    backoff = 0.1
+                    break
+                except (psycopg.OperationalError, OSError) as exc:
+                    log.warning("ha: copying records to PostgreSQL failed (%s); retrying", exc)
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    conn = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                except psycopg.Error as exc:  # the batch itself is bad: say so, do not loop on it
+                    log.error("ha: PostgreSQL refused %d %s records (%s); they stay in the JSONL only",
+                              len(records), kind, exc)
+                    break
+            self._outbox.task_done()
 
     async def run(self) -> None:
-        await self.elector.run()
+        """The elector and the record shipper, until cancelled or stopped."""
+        shipper = asyncio.create_task(self._ship(), name="ha-records")
+        try:
+            await self.elector.run()
+        finally:
+            shipper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shipper
 
     async def stop(self) -> None:
+        """Release the lease (first thing at shutdown: a standby leads at once)."""
         await self.elector.stop(release=True)
         await self.claimer.close()
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """Last thing at shutdown: copy the records still queued (center_stopped too)."""
+        shipper = asyncio.create_task(self._ship(), name="ha-records-drain")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox.join(), timeout)
+        shipper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await shipper
 

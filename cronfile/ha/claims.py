@@ -96,7 +96,7 @@ async def claim_slots(
         "slots": [c.scheduled_at for c in claims],
         "targets": [c.target for c in claims],
         "run_ids": [c.run_id for c in claims],
-        "bodies": [json.dumps(c.dispatched) for c in claims],
+        "bodies": [json.dumps(c.dispatched, default=str) for c in claims],
     }
     cur = await conn.execute(_CLAIM, params)
     return {row[0] for row in await cur.fetchall()}
@@ -111,7 +111,7 @@ async def append_records(
 ) -> int:
     """Append §4 records (``kind`` is ``run`` or ``event``); return how many were written."""
     rows = [
-        (kind, r.get("ts"), r.get("run_id"), r.get("job"), center, term, json.dumps(r))
+        (kind, r.get("ts"), r.get("run_id"), r.get("job"), center, term, json.dumps(r, default=str))
         for r in records
     ]
     if not rows:

@@ -22,7 +22,7 @@ from centerlib import CenterProc, cli, dispatched, wait_for  # noqa: E402
 from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
 
 _reason = skip_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
 LEASE_S, DEADLINE_S = 3.0, 2.0
 
@@ -66,15 +66,26 @@ def events_named(center: CenterProc, name: str) -> list[dict[str, Any]]:
     return [e for e in center.events() if e.get("event") == name]
 
 
-def check_once_per_slot(marks: Path, dsn: str) -> Counter[str]:
+def check_once_per_slot(marks: Path, dsn: str, *centers: CenterProc) -> Counter[str]:
     """The checker: every slot's mark was written at most once (by whichever center ran it),
-    and PostgreSQL holds exactly one claim per slot."""
-    slots = Counter(line.split()[0] for line in marks.read_text().splitlines() if line.strip())
+    PostgreSQL holds exactly one claim per slot, every run a center dispatched (its JSONL)
+    was claimed by it, and every run that left a mark had been dispatched."""
+    lines = [line.split() for line in marks.read_text().splitlines() if line.strip()]
+    slots = Counter(slot for slot, _run_id in lines)
     assert [s for s, n in slots.items() if n > 1] == []
     with psycopg.connect(dsn) as conn:
         assert conn.execute(
             "SELECT count(*) FROM (SELECT 1 FROM cronfile_claims GROUP BY job, scheduled_at, target"
             " HAVING count(*) > 1) d").fetchone() == (0,)
+        claims = dict(conn.execute("SELECT run_id, holder FROM cronfile_claims").fetchall())
+    sent: set[str] = set()
+    for c in centers:
+        assert isinstance(c, HaCenter)
+        ids = {r["run_id"] for r in dispatched(c.runs())}
+        assert {claims.get(i) for i in ids} <= {c.name}, f"{c.name} dispatched a run it had not claimed"
+        sent |= ids
+    if centers:
+        assert {run_id for _slot, run_id in lines} <= sent
     return slots
 
 
@@ -115,7 +126,7 @@ def test_sigkill_the_leader_the_standby_leads_and_no_slot_runs_twice(pg: PgServe
     finally:
         b.stop()
         a.stop()
-    check_once_per_slot(marks, dsn)
+    check_once_per_slot(marks, dsn, a, b)
 
 
 def test_sigterm_hands_over_to_the_standby(pg: PgServer, tmp_path: Path) -> None:
@@ -136,7 +147,7 @@ def test_sigterm_hands_over_to_the_standby(pg: PgServer, tmp_path: Path) -> None
     finally:
         b.stop()
         a.stop()
-    check_once_per_slot(marks, dsn)
+    check_once_per_slot(marks, dsn, a, b)
     # PostgreSQL holds the ledger of record: every run record and event either center wrote
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT center, kind, body FROM cronfile_records ORDER BY seq").fetchall()
@@ -188,4 +199,4 @@ def test_sigstopped_leader_resumed_after_a_takeover_dispatches_nothing(pg: PgSer
     finally:
         b.stop()
         a.stop()
-    check_once_per_slot(marks, dsn)
+    check_once_per_slot(marks, dsn, a, b)

@@ -107,7 +107,8 @@ def wait_event(events: Path, name: str, timeout: float, after: int = 0) -> float
     return None
 
 
-def bench_cronfile(n: int, tmp: Path) -> dict:
+def bench_cronfile(n: int, tmp: Path, extra: tuple[str, ...] = ()) -> dict:
+    """One burst of ``n`` jobs; ``extra`` center options (bench/ha_dispatch.py adds --ha)."""
     root = tmp / f"cf{n}"
     shutil.rmtree(root, ignore_errors=True)
     sched, state = root / "schedules", root / "state"
@@ -118,7 +119,7 @@ def bench_cronfile(n: int, tmp: Path) -> dict:
     write_schedules(sched, n, slot)
     log = (root / "center.log").open("wb")
     proc = subprocess.Popen([*CRONFILE, "center", "--schedules", str(sched), "--state", str(state),
-                             "--no-watch"], stdout=log, stderr=subprocess.STDOUT,
+                             "--no-watch", *extra], stdout=log, stderr=subprocess.STDOUT,
                             cwd=str(root))
     res: dict = {"n": n, "slot": slot}
     try:

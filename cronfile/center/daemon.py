@@ -246,6 +246,7 @@ class Center:
         """Slots of the last lease's span may be the old leader's: what it claimed is done,
         the rest follows each job's catch_up, exactly as after a restart."""
         assert self.ha is not None
+        await self.ha.claimer.warm()
         since = self.clock.time() - self.ha.settings.lease_s - 2 * self.ha.settings.renew_interval_s
         for job, slot, target in await self.ha.claimed_since(since):
             self.done_slots.add((job, round(slot, 3), target))
@@ -835,10 +836,15 @@ class Center:
         self._burst_begins()
         try:
             unreaped, reap_after = 0, DISPATCH_REAP_FIRST
-            for part in chunks:
-                chunk = self._prepare_chunk(part)
-                if self.ha is not None:
-                    chunk = await self._claim_chunk(chunk)
+            # HA: the claim of the next chunk is in flight while this one spawns (one at a
+            # time, on the claimer's one connection), so the round trips overlap the spawns.
+            claiming = self._claim_ahead(chunks, 0)
+            for index, part in enumerate(chunks):
+                if claiming is None:
+                    chunk = self._prepare_chunk(part)
+                else:
+                    chunk = await claiming
+                    claiming = self._claim_ahead(chunks, index + 1)
                 # durable BEFORE any of its runs starts (written on the writer thread)
                 await asyncio.wrap_future(self.ledger.submit(self.ledger.write_runs, chunk.data))
                 results.extend(await self._start_chunk(chunk))
@@ -852,6 +858,12 @@ class Center:
         finally:
             self._burst_ends()
         return results
+
+    def _claim_ahead(self, chunks: list[list[tuple[StartRun, Target]]],
+                     index: int) -> asyncio.Future[_Chunk] | None:
+        if self.ha is None or index >= len(chunks):
+            return None
+        return asyncio.ensure_future(self._claim_chunk(self._prepare_chunk(chunks[index])))
 
     async def _claim_chunk(self, chunk: _Chunk) -> _Chunk:
         """HA: keep only the runs PostgreSQL let this leader claim, with its term in their

@@ -111,17 +111,18 @@ async def append_records(
 ) -> int:
     """Append §4 records (``kind`` is ``run`` or ``event``); return how many were written."""
     rows = [
-        (kind, r.get("ts"), r.get("run_id"), r.get("job"), center, term, json.dumps(r, default=str))
+        {"ts": r.get("ts"), "run_id": r.get("run_id"), "job": r.get("job"), "body": r}
         for r in records
     ]
     if not rows:
         return 0
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body)"
-            " VALUES (%s, coalesce(%s::timestamptz, now()), %s, %s, %s, %s, %s::jsonb)",
-            rows,
-        )
+    # One statement for the batch (not one per record): the copy runs beside dispatch.
+    await conn.execute(
+        "INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body)"
+        " SELECT %(kind)s, coalesce((e->>'ts')::timestamptz, now()), e->>'run_id', e->>'job',"
+        " %(center)s, %(term)s, e->'body' FROM jsonb_array_elements(%(rows)s::jsonb) AS e",
+        {"kind": kind, "center": center, "term": term, "rows": json.dumps(rows, default=str)},
+    )
     return len(rows)
 
 
@@ -168,6 +169,11 @@ class Claimer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
         return set()
+
+    async def warm(self) -> None:
+        """Connect now (a new leader does it at once), so the first claim does not pay for it."""
+        with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+            await self._connection()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is not None and not self._conn.closed:

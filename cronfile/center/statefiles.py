@@ -47,8 +47,8 @@ def write_watermark(state_dir: Path, mark: float) -> None:
 def write_center_file(state_dir: Path, options: CenterOptions, started_at: str,
                       ha: dict[str, Any] | None = None) -> None:
     """With ``--ha`` it also names the replica, its role, term and the lease it last saw
-    (``status --format json`` shows them under ``center``), and the DSN (so ``status
-    --state`` can find the shared ledger), rewritten at every change of role."""
+    (``status --format json`` shows them under ``center``) and the database it uses (the
+    DSN without its password), rewritten whenever one of them changes."""
     info: dict[str, Any] = {"pid": os.getpid(), "started_at": started_at, "listen": options.listen,
                             "schedules": str(options.schedules)}
     if ha is not None and options.ha is not None:

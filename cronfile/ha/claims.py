@@ -171,9 +171,13 @@ class Claimer:
         return set()
 
     async def warm(self) -> None:
-        """Connect now (a new leader does it at once), so the first claim does not pay for it."""
+        """Connect now and run the claim statement once on nothing (a new leader does it at
+        once), so the first real claim pays neither the connection nor a cold catalog."""
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
-            await self._connection()
+            conn = await self._connection()
+            empty: list[Any] = []
+            await conn.execute(_CLAIM, {"holder": self.holder, "term": 0, "jobs": empty, "slots": empty,
+                                        "targets": empty, "run_ids": empty, "bodies": empty})
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is not None and not self._conn.closed:

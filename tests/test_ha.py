@@ -343,3 +343,25 @@ def test_postgres_restart_under_load_loses_and_doubles_no_claim(pg: PgServer, ds
             " HAVING count(*) <> 1").fetchall()
         assert per_run == []
         assert conn.execute("SELECT count(*) FROM cronfile_records").fetchone() == (slots,)
+
+
+def test_metrics_of_a_replica_say_whether_it_leads_and_its_term() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cronfile.center.counters import RunMetrics
+    from cronfile.center.metrics import render
+    from cronfile.center.port import CenterSnapshot
+
+    def scrape(ha: dict[str, Any] | None) -> dict[str, list[tuple[dict[str, str], float]]]:
+        snap = CenterSnapshot(now=0.0, revision={}, last_rejection=None, jobs=(), next_fire={},
+                              last_slot={}, last_success={}, running={}, agents=(), recent={}, ha=ha)
+        text = render(snap, RunMetrics()).decode()
+        return {f.name: [(s.labels, s.value) for s in f.samples]
+                for f in text_string_to_metric_families(text)}
+
+    view = {"name": "b", "role": "standby", "term": 7, "lease_holder": "a", "lease_expires_at": None}
+    families = scrape(view)
+    assert families["cronfile_center_leader"] == [({"center": "b"}, 0.0)]
+    assert families["cronfile_center_term"] == [({"center": "b"}, 7.0)]
+    assert scrape({**view, "role": "leader"})["cronfile_center_leader"] == [({"center": "b"}, 1.0)]
+    assert "cronfile_center_leader" not in scrape(None)  # without --ha: no such series

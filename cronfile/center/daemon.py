@@ -550,7 +550,8 @@ class Center:
             next_fire=self.scheduler.next_fires(), last_slot=self.scheduler.last_slots(),
             last_success=dict(self.last_success), running=running, agents=tuple(agents),
             recent={name: tuple(strip) for name, strip in self.recent.items()},
-            git=self.git.state() if self.git is not None else None)
+            git=self.git.state() if self.git is not None else None,
+            ha=self.ha.view() if self.ha is not None else None)
 
     def request_stop(self) -> None:
         if self.state is not RunState.CRASHED:

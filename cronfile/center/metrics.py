@@ -97,6 +97,17 @@ def snapshot_families(snap: CenterSnapshot,
         revision.add_metric([str(snap.revision.get("content_hash") or ""),
                              str(snap.revision.get("git_commit") or "")], 1)
     yield revision
+    if snap.ha is not None:  # --ha (SPEC §9): this replica's role and the term it last saw
+        name = str(snap.ha["name"])
+        leader = GaugeMetricFamily("cronfile_center_leader", "1 while this replica leads.",
+                                   labels=["center"])
+        leader.add_metric([name], 1 if snap.ha.get("role") == "leader" else 0)
+        yield leader
+        term = GaugeMetricFamily("cronfile_center_term", "The lease term this replica last saw.",
+                                 labels=["center"])
+        if snap.ha.get("term") is not None:
+            term.add_metric([name], float(snap.ha["term"]))
+        yield term
 
 
 def render(snapshot: CenterSnapshot, live: RunMetrics,

@@ -57,6 +57,7 @@ class CenterSnapshot:
     agents: tuple[AgentView, ...]
     recent: Mapping[str, tuple[RecentRun, ...]]
     git: Mapping[str, Any] | None = None  # following a branch: url, ref, seen, running, why
+    ha: Mapping[str, Any] | None = None  # with --ha: name, role, term, lease_holder, ...
 
 
 class Operations(Protocol):

@@ -68,9 +68,11 @@ class FleetCenter(CenterProc):
 class AgentProc(ChildProc):
     """One ``cronfile agent`` subprocess (the installed CLI, as a user runs it)."""
 
-    def __init__(self, root: Path, center: FleetCenter, name: str, *extra: str) -> None:
+    def __init__(self, root: Path, center: FleetCenter, name: str, *extra: str,
+                 port: int | None = None) -> None:
         self.root = root
         self.center = center
+        self.port = port  # where it connects: the center's port unless a proxy is between
         self.name = name
         self.extra = extra
         self.state = root / f"agent-{name}"
@@ -78,7 +80,7 @@ class AgentProc(ChildProc):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> AgentProc:
-        argv = [*cronfile_command(), "agent", "--center", f"127.0.0.1:{self.center.port}",
+        argv = [*cronfile_command(), "agent", "--center", f"127.0.0.1:{self.port or self.center.port}",
                 "--name", self.name, "--token-file", str(self.center.token_file),
                 "--state", str(self.state), *self.extra]
         before = self.center.connects(self.name)

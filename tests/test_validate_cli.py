@@ -254,6 +254,16 @@ SEMANTIC_CASES = [
     Case("after-unknown-job",
          {"a.yaml": GOOD + "  report:\n    command: x\n    after: [nightly, nightley-2]\n"},
          [Expect("a.yaml", 8, 22, "no job named 'nightley-2' (did you mean 'nightly'?)")]),
+    Case("ssh-transport-to-agent-without-ssh",
+         {"a.yaml": job('schedule: "@daily"\ntargets: {agents: [web-1], transport: ssh}',
+                        head="agents:\n  web-1: {labels: {role: web}}\n")},
+         [Expect("a.yaml", 8, 32, "transport: ssh, but agent 'web-1' declares no ssh:")]),
+    Case("ssh-transport-to-labelled-agent-without-ssh",
+         {"a.yaml": job('schedule: "@daily"\ntargets: {labels: {role: web}, transport: ssh}',
+                        head="agents:\n  web-1: {labels: {role: web}}\n"
+                             "  web-2: {labels: {role: web}, ssh: {host: web-2}}\n")},
+         [Expect("a.yaml", 9, 36, "transport: ssh, but agent 'web-1' declares no ssh:")],
+         exact=True),
     Case("after-cycle",
          {"a.yaml": "apiVersion: cronfile/v1\njobs:\n"
                     "  a: {command: x, after: c}\n  b: {command: x, after: a}\n"

@@ -874,6 +874,8 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
             problems.append(_located(doc, job, ("targets", "labels"),
                                      f"no declared agent has the labels {wanted}",
                                      Severity.WARNING))
+        if job.targets.transport is Transport.SSH:
+            problems.extend(_ssh_unreachable(doc, job, agents))
     problems.extend(_cycles(jobs, docs))
     return problems
 
@@ -891,6 +893,19 @@ def check_policy(results: list[FileResult]) -> tuple[Policy | None, list[Problem
             problems.extend(check_jobs(rule, r.jobs, agents, r.doc))
             problems.extend(check_inventory(rule, r.agents, r.doc))
     return policy, problems
+
+
+def _ssh_unreachable(doc: YamlDoc | None, job: Job, agents: list[Agent]) -> list[Problem]:
+    """``transport: ssh`` to an agent that declares no ``ssh:`` could never run there: every
+    slot would be ``no_agent``. Said at validate time, naming the agent."""
+    by_name = {a.name: a for a in agents}
+    wanted = set(job.targets.labels)
+    targeted = [by_name[n] for n in job.targets.agents if n in by_name]
+    targeted += [a for a in agents if wanted and wanted <= set(a.labels) and a not in targeted]
+    return [_located(doc, job, ("targets", "transport"),
+                     f"transport: ssh, but agent {a.name!r} declares no ssh: (declare "
+                     f"agents.{a.name}.ssh, or use transport: auto or tcp)")
+            for a in targeted if a.ssh is None]
 
 
 def _located(doc: YamlDoc | None, job: Job, sub: tuple[str | int, ...], message: str,

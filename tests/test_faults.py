@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from centerlib import finished, read_jsonl, wait_for  # noqa: E402
 from faultlib import FaultRun, check_ledger, mark_command, read_marks  # noqa: E402
+from fleetlib import AgentProc  # noqa: E402
+from test_fleet import Fleet  # noqa: E402
 
 AGENTS = ["a1", "a2", "a3"]
 
@@ -77,3 +81,45 @@ def test_every_slot_of_every_target_has_exactly_one_final_record(tmp_path: Path)
     verdict = check_ledger(runs, read_marks(marks), targets, (begin, end))
     assert not verdict.problems, f"{verdict.summary()}\n{fleet.describe()}"
     assert verdict.statuses["succeeded"] > 0, verdict.summary()
+
+
+# --------------------------------------------------------------------------- targeted faults
+
+
+def _acked(agent: AgentProc) -> set[str]:
+    return {str(r["acked"]) for r in read_jsonl(agent.state / "outbox.jsonl") if "acked" in r}
+
+
+def test_an_outcome_is_acked_only_once_its_record_is_durable(tmp_path: Path) -> None:
+    """The agent forgets an outcome once acked: whatever it has acked must be in the
+    ledger already. A SIGSTOPped agent holds a dispatch; the other agent's outcomes keep
+    coming meanwhile (issue 9, item 19: acked at once, recorded only after the stall)."""
+    fleet = Fleet(tmp_path)
+    try:
+        c = fleet.start_center("  a1: {}\n  a2: {}\n", heartbeat=2.0, lease=30.0, jobs="""\
+  fast:
+    schedule: "*/1 * * * * *"
+    command: "true"
+    targets: {agents: [a1]}
+  stuck:
+    schedule: "*/1 * * * * *"
+    command: "true"
+    targets: {agents: [a2]}
+""")
+        a1, a2 = fleet.agent("a1"), fleet.agent("a2")
+        c.until(lambda rs: finished(rs, "fast", "succeeded") and finished(rs, "stuck", "succeeded"),
+                10, "both jobs to run")
+        os.kill(a2.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        seen: set[str] = set()
+        while time.monotonic() - stopped < 4.0:  # inside the hub's 3 heartbeats of patience
+            acked = _acked(a1)
+            recorded = {r["run_id"] for r in finished(c.runs())}
+            assert acked <= recorded, f"acked, not recorded: {sorted(acked - recorded)}"
+            seen |= acked
+            time.sleep(0.02)
+        os.kill(a2.pid, signal.SIGCONT)
+        before = len(seen)
+        wait_for(lambda: len(_acked(a1)) > before + 2, 15, "acks after the stall")
+    finally:
+        fleet.close()

@@ -28,7 +28,8 @@ class AgentListener(Protocol):
 
     def agent_disconnected(self, name: str) -> None: ...
 
-    def agent_outcome(self, run_id: str, agent: str, outcome: dict[str, Any]) -> None: ...
+    async def agent_outcome(self, run_id: str, agent: str, outcome: dict[str, Any]) -> None:
+        """Returns once the outcome is durable: the hub acks it to the agent then."""
 
 
 def write_agents_file(state_dir: Path, hub: AgentHub) -> None:

@@ -179,6 +179,8 @@ class Center:
         self.state = RunState.STARTING
         self._lock: int | None = None
         self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
+        # tcp runs of this center whose final record is not queued yet (see _outcome_recorded)
+        self._agent_runs_ending: dict[str, asyncio.Future[None]] = {}
         self._last_watermark = 0.0
         self._last_expect_check = 0.0
         self.metrics = RunMetrics()
@@ -220,6 +222,26 @@ class Center:
         log.error("writing %d run records failed, kept for the next write: %s", len(batch), exc)
         for record in batch:
             self.records.add(record)
+
+    def _final_queued(self, run_id: str) -> None:
+        ending = self._agent_runs_ending.pop(run_id, None)
+        if ending is not None and not ending.done():
+            ending.set_result(None)
+
+    async def _outcome_recorded(self, run_id: str) -> bool:
+        """Wait until the final record of a run this center sent to an agent is durable;
+        False when no such run is in flight here (the caller records the outcome itself).
+
+        The hub acks an agent's outcome only when :meth:`agent_outcome` returns: the agent
+        forgets what is acked, so an ack ahead of the record would lose the outcome with a
+        center killed in between. The record is written by the run's watcher (possibly
+        deferred past a burst), so this waits for it to be queued and then writes it."""
+        ending = self._agent_runs_ending.get(run_id)
+        if ending is None:
+            return False
+        await asyncio.shield(ending)
+        self.records.flush()
+        return True
 
     def _event(self, name: str, **fields: Any) -> None:
         """Append an event on the writer thread (encoded here: its fields may change later)."""
@@ -432,11 +454,13 @@ class Center:
         if self.hub is not None:
             write_agents_file(self.state_dir, self.hub)
 
-    def agent_outcome(self, run_id: str, agent: str, outcome: dict[str, Any]) -> None:
-        """An outcome the hub did not resolve a handle with: a run in flight when the
-        center restarted (its one outcome), or one recorded ``lost`` (superseded, once)."""
-        if run_id in self.running:
-            return  # the run's handle resolves and the center records it there
+    async def agent_outcome(self, run_id: str, agent: str, outcome: dict[str, Any]) -> None:
+        """Every outcome an agent delivers; returns once it is durable (the hub acks it
+        then). A run of this center: its handle resolved, its watcher writes the record.
+        Otherwise a run in flight when the center restarted (its one outcome), or one
+        recorded ``lost`` (superseded, once)."""
+        if await self._outcome_recorded(run_id):
+            return
         # Only the agent a run was sent to may report its outcome: run ids are
         # predictable, and a forged "succeeded" would fire chains and hide failures.
         expected = (self._awaiting_agents.get(run_id) or self.lost_bases.get(run_id)
@@ -930,6 +954,8 @@ class Center:
                 self.metrics.dispatched(self.clock.time() - due)
             chunk.runs.append((action, target, request, base))
             records.append({**base, "record": "dispatched"})
+            if target.transport == "tcp":
+                self._agent_runs_ending[run_id] = asyncio.get_running_loop().create_future()
             self.scheduler.started(job.name, run_id)
         chunk.data = encode_records(records)
         return chunk
@@ -968,6 +994,7 @@ class Center:
         refused = NoOutcomeRecord(base, RunStatus.FAILED, reason,
                                   finished_at=iso(self.clock.time())).to_json()
         self.records.add(refused)
+        self._final_queued(request.run_id)
         self._outcome(action.job.name, refused)
         follow = self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED,
                                          None, action.scheduled_at, action.attempt,
@@ -1002,6 +1029,7 @@ class Center:
             outcome = replace(outcome, reason=run.stop_reason)
         final = {**run.base, "record": "finished", **outcome_fields(outcome)}
         self.records.add(final)
+        self._final_queued(run.run_id)
         self._outcome(run.job, final)
         if outcome.status is RunStatus.LOST:
             self.lost_bases[run.run_id] = run.base

@@ -14,8 +14,11 @@ Outcomes have two consumers, and both see each outcome once:
   dispatched before a center restart, and real outcomes that arrive after their handle
   already resolved ``lost``, which the center records as superseding the ``lost`` one).
 
-The hub acks an outcome only after ``on_outcome`` returned without raising, so an outcome
-the center failed to record is delivered again on the agent's next connection. An outcome
+The hub acks an outcome only after ``on_outcome`` returned without raising, and the center's
+``on_outcome`` returns only once the outcome's record is durable, so an outcome the center
+failed to record (or had not yet written when it died) is delivered again on the agent's
+next connection. The handle resolves first: the center's record of a run it dispatched is
+written by the handle's watcher, and ``on_outcome`` waits for that record. An outcome
 of a run_id already delivered is acked and not passed on again; the hub remembers a bounded
 window of recent run_ids for this, so the center must still deduplicate by run_id (it has
 to anyway: the window does not survive a restart).
@@ -369,6 +372,7 @@ class AgentHub:
         self.max_handshakes = max_handshakes
         self._dedupe_window = dedupe_window
         self._delivered: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._recording: set[str] = set()  # outcomes passed to on_outcome, not acked yet
         self._conns: dict[str, _Connection] = {}
         self._handles: dict[str, RemoteRunHandle] = {}
         self._desired_daemons: dict[str, Daemons] = {}
@@ -889,6 +893,11 @@ class AgentHub:
                 raise ProtocolError(f"unexpected {msg.TYPE} message from an agent")
 
     async def _on_finished(self, conn: _Connection, msg: Finished) -> None:
+        """Resolve the run's handle, then record and ack in a task of its own: the ack waits
+        until ``on_outcome`` says the outcome is durable (an outcome acked and then lost
+        with the center would be gone for good: the agent drops what is acked), and the
+        read loop must not wait meanwhile (the center may be waiting on this very agent's
+        next frame to finish a dispatch, which is when it makes records durable)."""
         run_id = msg.run_id
         handle = self._handles.get(run_id)
         if handle is not None and handle.agent != conn.name:
@@ -898,25 +907,33 @@ class AgentHub:
                         conn.name, run_id, handle.agent)
             return
         conn.running.discard(run_id)
-        # Keyed by sender too: what another agent claimed about this run_id must not make
-        # the real outcome look like a duplicate.
-        delivered_key = f"{conn.name}\0{run_id}"
-        if delivered_key not in self._delivered:
-            try:
-                await _call(self.on_outcome, run_id, conn.name, msg.outcome_dict())
-            except Exception:
-                # Not acked: the agent keeps it and delivers it again on its next
-                # connection, when the center may be able to record it.
-                log.exception("recording the outcome of run %s failed", run_id)
-                return
-            self._delivered[delivered_key] = None
-            while len(self._delivered) > self._dedupe_window:
-                self._delivered.popitem(last=False)
         # A handle may wait on a run_id already delivered (the center dispatched it again
         # and the agent answered with the outcome it kept): it gets the outcome, the record
         # callback does not get it twice.
         handle = self._handles.pop(run_id, None)
         if handle is not None:
             handle._resolve(msg.to_outcome())
-        await conn.send(Ack(run_id=run_id))
-        conn.seen()
+        # Keyed by sender too: what another agent claimed about this run_id must not make
+        # the real outcome look like a duplicate.
+        delivered_key = f"{conn.name}\0{run_id}"
+        if delivered_key in self._delivered:
+            await conn.send(Ack(run_id=run_id))
+        elif delivered_key not in self._recording:  # else: the first delivery's ack covers it
+            self._recording.add(delivered_key)
+            self._spawn(self._record_then_ack(conn, msg, delivered_key))
+
+    async def _record_then_ack(self, conn: _Connection, msg: Finished, delivered_key: str) -> None:
+        run_id = msg.run_id
+        try:
+            await _call(self.on_outcome, run_id, conn.name, msg.outcome_dict())
+        except Exception:
+            # Not acked: the agent keeps it and delivers it again on its next
+            # connection, when the center may be able to record it.
+            log.exception("recording the outcome of run %s failed", run_id)
+            return
+        finally:
+            self._recording.discard(delivered_key)
+        self._delivered[delivered_key] = None
+        while len(self._delivered) > self._dedupe_window:
+            self._delivered.popitem(last=False)
+        await self._send_quietly(conn, Ack(run_id=run_id))

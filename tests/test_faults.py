@@ -13,12 +13,17 @@ long run, and ``CRONFILE_FAULT_SEED`` to replay a sequence (a failure prints its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -123,3 +128,73 @@ def test_an_outcome_is_acked_only_once_its_record_is_durable(tmp_path: Path) -> 
         wait_for(lambda: len(_acked(a1)) > before + 2, 15, "acks after the stall")
     finally:
         fleet.close()
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "512k") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (root only; skipped elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; the filler file, to delete to make room again.
+
+    tmpfs allocates whole pages: an append into a file's last, partly used page would still
+    succeed, so the files already there are first padded to a page boundary with newlines
+    (blank lines, which every JSONL reader here skips)."""
+    for path in disk.iterdir():
+        if path.is_file():
+            with open(path, "ab") as f:
+                f.write(b"\n" * (-path.stat().st_size % 4096))
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0")
+    return filler
+
+
+def test_an_agent_with_a_full_disk_tells_the_center_and_the_job_goes_on(tmp_path: Path) -> None:
+    """The agent refuses a run it cannot journal (once per slot needs the journal) and says
+    so: the center records ``failed`` with the reason, no ``started``; when there is room
+    again the job runs again (issue 9, item 21: no word to the center, a false
+    ``started``, and under ``forbid`` the job skipped until the lease)."""
+    marks = tmp_path / "marks"
+    fleet = Fleet(tmp_path)
+    with small_disk(tmp_path / "agent-a1") as disk:
+        try:
+            c = fleet.start_center("  a1: {}\n", lease=60.0, jobs=f"""\
+  journal:
+    schedule: "*/1 * * * * *"
+    command: '{mark_command(marks).replace("'", "''")}'
+    targets: {{agents: [a1]}}
+""")
+            fleet.agent("a1")
+            c.until(lambda rs: finished(rs, "journal", "succeeded"), 10, "a first run")
+            filler = fill(disk)
+            runs = c.until(lambda rs: any("cannot journal" in str(r.get("reason"))
+                                          for r in finished(rs, "journal", "failed")),
+                           10, "the agent to report that it cannot journal")
+            refused = [r for r in finished(runs, "journal", "failed")
+                       if "cannot journal" in str(r.get("reason"))]
+            assert refused[0]["reason"].startswith("agent a1 cannot journal the run (")
+            ids = {r["run_id"] for r in refused}
+            assert not [r for r in runs if r["run_id"] in ids and r.get("record") == "started"]
+            assert not ids & {m.run_id for m in read_marks(marks)}
+            filler.unlink()
+            count = len(finished(runs, "journal", "succeeded"))
+            c.until(lambda rs: len(finished(rs, "journal", "succeeded")) > count + 1, 10,
+                    "the job to run again once there is room")
+        finally:
+            fleet.close()

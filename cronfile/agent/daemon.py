@@ -116,7 +116,9 @@ class _GroupLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        self._fh = os.fdopen(fd, "ab")
+        # Unbuffered: a failed write (a full disk) must not leave bytes in a buffer that a
+        # later write would flush after all (a journal line for a run that never ran).
+        self._fh = os.fdopen(fd, "ab", buffering=0)
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -153,9 +155,18 @@ class _GroupLog:
             self._flusher = None
 
     def _write(self, data: bytes) -> None:
-        self._fh.write(data)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        fd = self._fh.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            # All or nothing: half a batch would be a torn line in the middle of the file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
 
     @property
     def idle(self) -> bool:
@@ -680,10 +691,15 @@ class Agent:
         try:
             await self.state.accept(msg)
         except OSError as exc:
-            # Not journaled means we could not guarantee "once": do not run it.
+            # Not journaled means we could not guarantee "once": do not run it, and say so
+            # (not stored: there is no room; if this is lost, the center's lease decides).
             self.inflight.discard(run_id)
             self.state.forget(run_id)
             log.error("cannot journal run %s (%s): not running it", run_id, exc)
+            now = _now()
+            await self._send(Finished.from_outcome(run_id, RunOutcome(
+                RunStatus.FAILED, now, now,
+                reason=f"agent {self.name} cannot journal the run ({exc.strerror or exc}): not run")))
             return
         try:
             outcome = await self._run(msg)

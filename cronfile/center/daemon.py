@@ -979,8 +979,9 @@ class Center:
                 started.append((action, run))
         for action, run in started:
             run.timer = self._watch_max_runtime(run, action.job)
-            self.records.add({**run.base, "record": "started",
-                          "started_at": iso(run.handle.started_at.timestamp())})
+            if run.handle.confirmed:  # never a ``started`` the host did not confirm
+                self.records.add({**run.base, "record": "started",
+                                  "started_at": iso(run.handle.started_at.timestamp())})
             results.append({"run_id": run.run_id, "agent": run.agent, "status": "started"})
             self._watch_run(run, action)
         return results

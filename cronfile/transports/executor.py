@@ -71,6 +71,10 @@ class RunHandle(abc.ABC):
     """The run's process id on the host where it runs, when known: for reports (``status``,
     an agent's ``started`` message). Not necessarily a process of THIS host, so never a
     thing to signal: :meth:`stop` and :meth:`kill_now` do that."""
+    confirmed: bool = True
+    """Whether the host confirmed that the run started. A remote start can return before
+    the agent answers (a dark agent, a start timeout) or end without ever starting (the
+    agent refused it): the center records ``started`` only for a confirmed start."""
 
     @abc.abstractmethod
     async def wait(self) -> RunOutcome:

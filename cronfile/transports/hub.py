@@ -251,6 +251,7 @@ class RemoteRunHandle(RunHandle):
         self.agent = agent
         self.run_id = run_id
         self.started_at = _now()  # the dispatch time until the agent reports its start
+        self.confirmed = False  # until the agent's ``started``
         self.pid: int | None = None
         # Set when the agent answered (started or finished) or its link dropped: what
         # start() waits for, so a dead link does not hold start() for start_timeout_s.
@@ -881,6 +882,7 @@ class AgentHub:
                 if handle is not None:
                     handle.started_at = msg.started_at
                     handle.pid = msg.pid
+                    handle.confirmed = True
                     handle.replied.set()
             elif isinstance(msg, Ping):
                 await conn.send(Pong(seq=msg.seq))

@@ -22,12 +22,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from centerlib import finished, read_jsonl, wait_for  # noqa: E402
+from centerlib import finished, parse_ts, read_jsonl, wait_for  # noqa: E402
 from faultlib import FaultRun, check_ledger, mark_command, read_marks  # noqa: E402
 from fleetlib import AgentProc  # noqa: E402
 from test_fleet import Fleet  # noqa: E402
@@ -198,3 +199,44 @@ def test_an_agent_with_a_full_disk_tells_the_center_and_the_job_goes_on(tmp_path
                     "the job to run again once there is room")
         finally:
             fleet.close()
+
+
+def test_all_and_shard_record_no_agent_for_each_unreachable_declared_agent(tmp_path: Path) -> None:
+    """SPEC §2: under ``all`` and ``shard`` an unreachable declared agent gets its own
+    ``no_agent`` record for every slot (issue 9, item 5: the slots ran on a subset and
+    nothing recorded the other agent); shard indices stay those of the whole set."""
+    fleet = Fleet(tmp_path)
+    try:
+        c = fleet.start_center("  a1: {labels: {pool: p}}\n  a2: {labels: {pool: p}}\n", jobs="""\
+  fan:
+    schedule: "*/1 * * * * *"
+    command: "true"
+    targets: {labels: {pool: p}, strategy: all}
+  split:
+    schedule: "*/1 * * * * *"
+    command: 'echo "$CRONFILE_SHARD_INDEX/$CRONFILE_SHARD_TOTAL"'
+    targets: {labels: {pool: p}, strategy: shard}
+""")
+        fleet.agent("a1")
+        connected = time.time()
+
+        def slots(rs: list[dict[str, Any]], job: str) -> dict[str, dict[str, str]]:
+            out: dict[str, dict[str, str]] = {}
+            for r in finished(rs, job):
+                if (parse_ts(r["scheduled_at"]) or 0) > connected + 1:
+                    out.setdefault(r["scheduled_at"], {})[r["agent"]] = r["status"]
+            return out
+
+        runs = c.until(lambda rs: len(slots(rs, "fan")) >= 3 and len(slots(rs, "split")) >= 3,
+                       15, "three slots of each job")
+        for job in ("fan", "split"):
+            for slot, outcomes in slots(runs, job).items():
+                assert outcomes in ({"a1": "succeeded", "a2": "no_agent"},
+                                    {"a2": "no_agent"}, {"a1": "succeeded"}), (job, slot, outcomes)
+        complete = [o for o in slots(runs, "fan").values() if len(o) == 2]
+        assert len(complete) >= 2, slots(runs, "fan")
+        no_agent = [r for r in finished(runs, "fan", "no_agent") if r["agent"] == "a2"]
+        assert no_agent[0]["reason"] == "agent a2 is not connected"
+        assert {r["output_tail"] for r in finished(runs, "split", "succeeded")} == {"0/2\n"}
+    finally:
+        fleet.close()

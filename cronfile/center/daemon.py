@@ -821,6 +821,11 @@ class Center:
                     if action.attempt == 1 and action.reason == "schedule" and key in self.done_slots:
                         continue  # already in the ledger: once per slot
                     self.done_slots.add(key)
+                    if target.executor is None:  # a target of all/shard that is not reachable
+                        results.append(self._record_slot(RecordSlot(
+                            action.job, action.scheduled_at, RunStatus.NO_AGENT, target.why,
+                            attempt=action.attempt), agent=target.agent))
+                        continue
                     starts.append((action, target))
         if starts:
             results.extend(await self._dispatch(starts))
@@ -1051,9 +1056,13 @@ class Center:
             self._spawn(run.handle.stop(reason))
         return len(runs)
 
-    def _record_slot(self, action: RecordSlot) -> dict[str, Any]:
+    def _record_slot(self, action: RecordSlot, agent: str | None = None) -> dict[str, Any]:
+        """The record of a slot that does not run: for ``agent`` when given, else for
+        what the job targets (its one target, or the names and labels it asked for)."""
         job = action.job
-        if job.targets.is_local_only:
+        if agent is not None:
+            transport = None
+        elif job.targets.is_local_only:
             agent, transport = LOCAL_AGENT, "local"
         else:  # no single target: name what the job asked for; no transport was used
             wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]

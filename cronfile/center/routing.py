@@ -10,6 +10,12 @@ agent is *available* when it can be reached through the job's transport:
 Then the strategy picks among the available ones: ``one`` round-robin, ``all`` every one,
 ``hash`` a stable one per job (rendezvous hashing, so adding an agent moves only the jobs
 it wins), ``failover`` the first in declared order, ``shard`` every one told its index.
+
+Under ``all`` and ``shard`` every matching agent is a target of its own, reachable or not
+(SPEC §2): one that cannot be reached comes back as a :class:`Target` without an executor,
+its ``why`` saying why, and the center records ``no_agent`` for it. A shard's index and
+total count every matching agent, so an unreachable one leaves its own share undone (and
+recorded), and the others' shares do not shift under them.
 When a job names both ``agents`` and ``labels``, it targets the union (as ``cronfile plan`` shows).
 """
 
@@ -107,6 +113,14 @@ class Router:
             return Target(name, self.ssh_executor(agent), "ssh", why=why)
         return None
 
+    def _unreachable(self, job: Job, name: str) -> Target:
+        agent = self.inventory.get(name)
+        if job.targets.transport is Transport.TCP or agent is None or agent.ssh is None:
+            why = f"agent {name} is not connected"
+        else:
+            why = f"agent {name} is not reachable over SSH"
+        return Target(name, None, "", why=why)
+
     def ssh_executor(self, agent: Agent) -> Executor:
         """One SSH executor (one reused connection) per agent, rebuilt when its config changes."""
         from cronfile.transports.ssh import SshExecutor
@@ -132,23 +146,26 @@ class Router:
     def resolve(self, job: Job) -> list[Target]:
         if job.targets.is_local_only:
             return [t for t in [self._reach(job, LOCAL_AGENT)] if t is not None]
-        available = [t for t in (self._reach(job, n) for n in self.candidates(job)) if t]
-        if not available:
-            return []
+        candidates = self.candidates(job)
+        reached = {n: self._reach(job, n) for n in candidates}
+        available = [t for t in reached.values() if t is not None]
         strategy = job.targets.strategy
         if strategy is Strategy.ALL:
-            return available
+            return [reached[n] or self._unreachable(job, n) for n in candidates]
+        if strategy is Strategy.SHARD:
+            ordered = sorted(candidates)
+            total = str(len(ordered))
+            targets = [reached[n] or self._unreachable(job, n) for n in ordered]
+            for index, target in enumerate(targets):
+                target.env = (("CRONFILE_SHARD_INDEX", str(index)), ("CRONFILE_SHARD_TOTAL", total))
+            return targets
+        if not available:
+            return []
         if strategy is Strategy.FAILOVER:
             return available[:1]
         if strategy is Strategy.HASH:
             chosen = _rendezvous(job.name, [t.agent for t in available])
             return [t for t in available if t.agent == chosen]
-        if strategy is Strategy.SHARD:
-            ordered = sorted(available, key=lambda t: t.agent)
-            total = str(len(ordered))
-            for index, target in enumerate(ordered):
-                target.env = (("CRONFILE_SHARD_INDEX", str(index)), ("CRONFILE_SHARD_TOTAL", total))
-            return ordered
         counter = self.round_robin.setdefault(job.name, itertools.count())
         return [available[next(counter) % len(available)]]
 

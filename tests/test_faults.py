@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from centerlib import finished, parse_ts, read_jsonl, wait_for  # noqa: E402
 from faultlib import FaultRun, check_ledger, mark_command, read_marks  # noqa: E402
-from fleetlib import AgentProc  # noqa: E402
+from fleetlib import AgentProc, FleetCenter  # noqa: E402
 from test_fleet import Fleet  # noqa: E402
 
 AGENTS = ["a1", "a2", "a3"]
@@ -238,5 +238,73 @@ def test_all_and_shard_record_no_agent_for_each_unreachable_declared_agent(tmp_p
         no_agent = [r for r in finished(runs, "fan", "no_agent") if r["agent"] == "a2"]
         assert no_agent[0]["reason"] == "agent a2 is not connected"
         assert {r["output_tail"] for r in finished(runs, "split", "succeeded")} == {"0/2\n"}
+    finally:
+        fleet.close()
+
+
+LOCAL_EVERY_SECOND = """\
+  tick:
+    schedule: "*/1 * * * * *"
+    command: "true"
+"""
+
+
+def test_a_center_killed_right_after_its_start_leaves_the_outage_to_its_successor(
+        tmp_path: Path) -> None:
+    """Down for a while, up for less than a heartbeat, killed: the next center still
+    records every slot of the outage (issue 9, item 18a: the catch-up waited a heartbeat
+    while the loop already moved the watermark past the outage)."""
+    c = FleetCenter(tmp_path, heartbeat=2.0)
+    c.write("jobs.yaml", "apiVersion: cronfile/v1\njobs:\n" + LOCAL_EVERY_SECOND)
+    try:
+        c.start()
+        c.until(lambda rs: finished(rs, "tick", "succeeded"), 10, "a first run")
+        begin = time.time()
+        c.kill()
+        outage_end = wait_for(lambda: time.time() > begin + 2.5 and time.time(), 5, "an outage")
+        c.start()
+        c.kill()  # ready: its loop ran, a heartbeat has not passed
+        c.start()
+        end = time.time()
+        c.until(lambda rs: any((parse_ts(r["scheduled_at"]) or 0) > end + 1
+                               for r in finished(rs, "tick")), 10, "the last center to run")
+    finally:
+        c.stop()
+    verdict = check_ledger(c.runs(), None, {"tick": ["local"]}, (begin, end))
+    assert not verdict.problems, verdict.summary()
+    assert verdict.statuses["missed"] >= int(outage_end - begin) - 1, verdict.summary()
+
+
+def test_after_a_restart_starts_wait_for_agents_that_were_connected(tmp_path: Path) -> None:
+    """An agent that was connected to the previous center gets a bounded time to come back:
+    its slots run when it does, not ``no_agent`` (issue 9, item 13); one that stays away is
+    ``no_agent`` after that time."""
+    fleet = Fleet(tmp_path)
+    try:
+        c = fleet.start_center("  a1: {}\n  a2: {}\n", jobs="""\
+  on-a1:
+    schedule: "*/1 * * * * *"
+    command: "true"
+    targets: {agents: [a1]}
+""")
+        a1 = fleet.agent("a1")
+        c.until(lambda rs: finished(rs, "on-a1", "succeeded"), 10, "a first run")
+        os.kill(a1.pid, signal.SIGSTOP)  # it will notice the restart late
+        try:
+            c.kill()
+            c.start()
+            restarted = time.time()
+            wait_for(lambda: time.time() > restarted + 1.5, 5, "slots while a1 is away")
+        finally:
+            os.kill(a1.pid, signal.SIGCONT)
+        runs = c.until(lambda rs: any((parse_ts(r["scheduled_at"]) or 0) > restarted + 2
+                                      for r in finished(rs, "on-a1", "succeeded")),
+                       15, "a1 to run again")
+        after = [r for r in finished(runs, "on-a1")
+                 if (parse_ts(r["scheduled_at"]) or 0) > restarted]
+        assert after and all(r["status"] == "succeeded" for r in after), \
+            [(r["scheduled_at"], r["status"]) for r in after]
+        verdict = check_ledger(runs, None, {"on-a1": ["a1"]}, (restarted, restarted + 3))
+        assert not verdict.problems, verdict.summary()
     finally:
         fleet.close()

@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -54,6 +55,7 @@ from cronfile.center.statefiles import (
     CENTER_FILE,
     CenterError,
     lock_state_dir,
+    read_known_agents,
     read_watermark,
     write_center_file,
     write_watermark,
@@ -182,6 +184,13 @@ class Center:
         # tcp runs of this center whose final record is not queued yet (see _outcome_recorded)
         self._agent_runs_ending: dict[str, asyncio.Future[None]] = {}
         self._last_watermark = 0.0
+        self._last_tick: float | None = None  # every slot up to it was handed to perform()
+        # After a restart, agents that were connected before get a bounded time to come
+        # back before a start that needs them is recorded no_agent (see _park).
+        self._awaiting_reconnect: set[str] = set()
+        self._reconnect_deadline = 0.0
+        self._parked: list[StartRun] = []
+        self._agents_changed = False
         self._last_expect_check = 0.0
         self.metrics = RunMetrics()
         self.recent: dict[str, deque[RecentRun]] = {}
@@ -272,7 +281,7 @@ class Center:
         since = self.clock.time() - self.ha.settings.lease_s - 2 * self.ha.settings.renew_interval_s
         for job, slot, target in await self.ha.claimed_since(since):
             self.done_slots.add((job, round(slot, 3), target))
-        self._catch_up(since)
+        await self._catch_up(since)
 
     def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
         """Every final outcome passes here once: metrics, notifications and expectations."""
@@ -351,6 +360,8 @@ class Center:
         # Read how far the previous center got BEFORE this one writes anything: the
         # fallback (no watermark file) is the logs' last timestamp.
         since = self._read_watermark()
+        self._last_tick = since
+        known_agents = read_known_agents(self.state_dir)
         if any(dropped.values()):
             self._event("ledger_repaired", dropped_bytes=dropped)
         if self.ha is not None:
@@ -374,13 +385,17 @@ class Center:
         self._requeue_pending()
         self._install_signals()
         await self._start_services()
+        if self.hub is not None and self.desired is not None:
+            self._awaiting_reconnect = {n for n in known_agents if n in self.desired.agents}
+            self._reconnect_deadline = self.clock.time() + reconnect_grace_s(self.options)
         if self.ha is not None:
             self._spawn(self.ha.run(), critical=True, name="ha")
         elif since is not None:
-            # Agents reconnect after a restart: give them one heartbeat before catch-up
-            # decides that a slot has no agent.
-            delay = self.options.heartbeat_s if self.hub else 0.0
-            self._spawn(self._catch_up_after(since, delay), critical=True)
+            # At once, before the first tick can move the watermark: a center killed
+            # before its catch-up is durable must leave the outage to its successor. Starts
+            # that need an agent not back yet wait for it (bounded: _park).
+            await self._catch_up(since)
+            self.records.flush()
         self._spawn(self._scheduler_loop(), critical=True)
         if self.options.watch:
             self._spawn(self.reloads.watch(self.options.schedules, self._stopping), critical=True)
@@ -447,6 +462,8 @@ class Center:
         self._event("agent_connected", agent=name)
         if self.hub is not None:
             write_agents_file(self.state_dir, self.hub)
+        self._awaiting_reconnect.discard(name)
+        self._agents_changed = True
         self._wake.set()
 
     def agent_disconnected(self, name: str) -> None:
@@ -657,7 +674,7 @@ class Center:
             with contextlib.suppress(Exception):
                 await self.http.close()
         self.records.flush()
-        self._write_watermark(force=True)
+        self._write_watermark(force=True)  # as far as the last tick got, not the clock
         self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
                     pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
                                                          if r.base.get("transport") == "tcp"))
@@ -775,6 +792,7 @@ class Center:
                 log.warning("wall clock stepped by %+.1fs", drift)
                 mono0, wall0 = self.clock.monotonic(), now
             self._end_deferred_runs()
+            await self._unpark(now)
             self._burst_begins()  # from the tick on: it makes the objects of every due run
             try:
                 actions = self.scheduler.tick(now)
@@ -783,6 +801,8 @@ class Center:
                 await self.perform(actions)
             finally:
                 self._burst_ends()
+            # Stamped with the tick's own time: a tick that stalled handled nothing after it.
+            self._last_tick = now
             self._write_watermark()
             if now - self._last_expect_check >= 5.0:
                 self._last_expect_check = now
@@ -811,16 +831,24 @@ class Center:
                 self._stop_runs(action.job, action.reason)
             elif isinstance(action, StartRun):
                 targets = self.targets_for(action.job, action.target)
+                if not targets and self._park(action, self.router.candidates(action.job)
+                                              if action.target is None else [action.target]):
+                    continue
                 if not targets:
                     results.append(self._record_slot(RecordSlot(
                         action.job, action.scheduled_at, RunStatus.NO_AGENT,
-                        self._no_agent_reason(action.job, action.target), attempt=action.attempt)))
+                        self._no_agent_reason(action.job, action.target, action.attempt),
+                        attempt=action.attempt), agent=action.target))
                     continue
                 for target in targets:
                     key = (action.job.name, round(action.scheduled_at, 3), target.agent)
                     if action.attempt == 1 and action.reason == "schedule" and key in self.done_slots:
                         continue  # already in the ledger: once per slot
                     self.done_slots.add(key)
+                    if target.executor is None and self._park(
+                            replace(action, target=target.agent), [target.agent]):
+                        self.done_slots.discard(key)  # not handled yet: parked
+                        continue
                     if target.executor is None:  # a target of all/shard that is not reachable
                         results.append(self._record_slot(RecordSlot(
                             action.job, action.scheduled_at, RunStatus.NO_AGENT, target.why,
@@ -831,6 +859,30 @@ class Center:
             results.extend(await self._dispatch(starts))
         return results
 
+    def _park(self, action: StartRun, agents: Iterable[str]) -> bool:
+        """Right after a restart, a start that needs an agent which was connected to the
+        previous center and is not back yet waits for it (SPEC §2: no_agent only for an
+        agent that is not reachable; one reconnecting in a second is). True if parked."""
+        if not self._awaiting_reconnect:
+            return False
+        if self.clock.time() >= self._reconnect_deadline:
+            self._awaiting_reconnect.clear()
+            return False
+        if not self._awaiting_reconnect.intersection(agents):
+            return False
+        self._parked.append(action)
+        return True
+
+    async def _unpark(self, now: float) -> None:
+        """Start the parked starts once their agent is back, or record them when it did
+        not come back in time."""
+        if not self._parked or not (self._agents_changed or now >= self._reconnect_deadline):
+            return
+        self._agents_changed = False
+        parked: list[Action] = list(self._parked)
+        self._parked = []
+        await self.perform(parked)
+
     def targets_for(self, job: Job, only: str | None = None) -> list[Target]:
         """Where a start goes; a retry (``only``) goes back to the target that failed and
         nowhere else: re-running another shard or another agent would be wrong. (fleet is
@@ -839,9 +891,9 @@ class Center:
             return self.router.resolve_retry(job, only)
         return self.router.resolve(job)
 
-    def _no_agent_reason(self, job: Job, only: str | None = None) -> str:
+    def _no_agent_reason(self, job: Job, only: str | None = None, attempt: int = 1) -> str:
         if only is not None:
-            return f"retry: agent {only} is not reachable"
+            return f"{'retry: ' if attempt > 1 else ''}agent {only} is not reachable"
         wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
         return f"no connected agent matches targets ({', '.join(wanted) or 'local'})"
 
@@ -1123,11 +1175,6 @@ class Center:
                 self.scheduler.finished(start.job, start.run_id, start.status, start.exit_code,
                                         start.slot, start.attempt, start.agent, start.ended)
 
-    async def _catch_up_after(self, since: float, delay: float) -> None:
-        if delay > 0:
-            await asyncio.sleep(delay)
-        self._catch_up(since)
-
     async def _housekeeping(self) -> None:
         """Once a minute: forget handled slots older than any start can be (the ledger
         keeps them; memory need not), and give up on agents that never came back."""
@@ -1149,7 +1196,7 @@ class Center:
                     self.records.add(record)
                     self._outcome(str(base.get("job")), record)
 
-    def _catch_up(self, since: float) -> None:
+    async def _catch_up(self, since: float) -> None:
         now = self.clock.time()
         actions: list[Action] = []
         done_by_job: dict[str, set[float]] = {}
@@ -1161,22 +1208,34 @@ class Center:
             job_since = max(since, self.missed_until.get(name, since))
             actions.extend(self.scheduler.catch_up(name, job_since, now, done))
         if actions:
-            self._spawn(self.perform(actions))
+            await self.perform(actions)
 
     def _read_watermark(self) -> float | None:
         """How far the previous center got (see :func:`~cronfile.center.statefiles.read_watermark`)."""
         return read_watermark(self.state_dir, self._history.last_ts)
 
     def _write_watermark(self, force: bool = False) -> None:
+        """Every slot up to the mark has a durable record or a durable ``dispatched``: the
+        mark is the last tick's time (not the clock's: a tick that stalled handled nothing
+        after it), held below starts that wait (delayed, parked), written after the
+        records it passes."""
         now = self.clock.time()
-        if not force and now - self._last_watermark < 1.0:
+        if self._last_tick is None or (not force and now - self._last_watermark < 1.0):
             return
         self._last_watermark = now
         self.records.flush()  # queued skipped/missed records must be durable before the mark passes them
-        floor = self.scheduler.pending_start_floor()
+        floors = [f - 0.001 for f in (self.scheduler.pending_start_floor(),
+                                      min((a.scheduled_at for a in self._parked), default=None))
+                  if f is not None]
         # on the writer thread, after the records flushed above: the mark never passes them
-        self.ledger.submit(write_watermark, self.state_dir,
-                           now if floor is None else min(now, floor - 0.001))
+        self.ledger.submit(write_watermark, self.state_dir, min([self._last_tick, *floors]))
+
+
+def reconnect_grace_s(options: CenterOptions) -> float:
+    """How long after a restart a start waits for an agent that was connected before:
+    agents notice the restart at once and reconnect after a short random backoff; a few
+    heartbeats bound it, and never more than 30 s."""
+    return min(max(3 * options.heartbeat_s, 3.0), 30.0)
 
 
 def return_free_memory() -> None:

@@ -71,6 +71,17 @@ def dsn_without_password(dsn: str) -> str:
     return make_conninfo(**{k: str(v) for k, v in parts.items()})
 
 
+def read_known_agents(state_dir: Path) -> set[str]:
+    """The agents connected to the previous center (its last ``agents.json``)."""
+    try:
+        value = json.loads((state_dir / "agents.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(value, list):
+        return set()
+    return {str(a["name"]) for a in value if isinstance(a, dict) and "name" in a}
+
+
 class CenterError(Exception):
     """The center cannot start (the message says why)."""
 

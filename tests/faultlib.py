@@ -212,10 +212,10 @@ def check_ledger(runs: list[dict[str, Any]], marks: list[Mark] | None,
         job = record.get("job")
         if job not in targets or int(record.get("attempt") or 1) != 1:
             continue
-        agents = str(record.get("agent") or "").split(",")
-        named = [a for a in agents if a in targets[job]]
-        if not named:  # a record naming what the job asked for (labels): every target
-            named = list(targets[job])
+        agent = str(record.get("agent") or "")
+        named = [a for a in agent.split(",") if a in targets[job]]
+        if not named and ("," in agent or "=" in agent):
+            named = list(targets[job])  # it names what the job asked for: every target
         status = str(record.get("status"))
         for slot in _covered_slots(record, slots):
             for agent in named:

@@ -26,7 +26,7 @@ from localuser import ensure_other_user, run_as
 from cronfile.agent.daemon import AgentState
 from cronfile.schedules.model import Agent, RunStatus
 from cronfile.state.ledger import iso
-from cronfile.transports.executor import RunRequest
+from cronfile.transports.executor import HostUnavailable, RunRequest
 from cronfile.transports.hub import AgentHub
 from cronfile.transports.protocol import (
     MAX_PREAUTH_FRAME,
@@ -1000,4 +1000,21 @@ def test_mutual_tls_binds_the_client_certificate_to_the_agent_name(tmp_path: Pat
             await f.connected("a1")
 
     fleet: Any = None
+    run(go())
+
+
+def test_a_start_on_an_agent_that_just_left_is_host_unavailable(tmp_path: Path) -> None:
+    """Routed while connected, gone when sent: the center records ``no_agent`` for that
+    (issue 9, item 20), not a failed run with retries and notifications."""
+    async def go() -> None:
+        async with Fleet(tmp_path) as fleet:
+            proc = fleet.agent("a1")
+            await fleet.connected("a1")
+            executor = fleet.hub.executor_for("a1")
+            assert executor is not None
+            proc.kill()
+            await until(lambda: not fleet.hub.is_connected("a1"), "a1 to be gone")
+            with pytest.raises(HostUnavailable, match="agent a1 is not connected"):
+                await executor.start(req("r-gone", "true"))
+
     run(go())

@@ -308,3 +308,39 @@ def test_after_a_restart_starts_wait_for_agents_that_were_connected(tmp_path: Pa
         assert not verdict.problems, verdict.summary()
     finally:
         fleet.close()
+
+
+def test_a_dark_agent_holds_up_no_one_else(tmp_path: Path) -> None:
+    """A SIGSTOPped agent: local runs and the other agent's runs go on, slot by slot, and
+    under ``strategy: all`` with ``forbid`` the job is skipped only where its run is stuck
+    (issue 9, item 20: starts waited on each executor in turn, up to the dark agent's start
+    timeout, and forbid skipped the job on every agent)."""
+    fleet = Fleet(tmp_path)
+    try:
+        c = fleet.start_center("  a1: {}\n  a2: {}\n", heartbeat=2.0, lease=30.0, jobs="""\
+  loc:
+    schedule: "*/1 * * * * *"
+    command: "true"
+  fan:
+    schedule: "*/1 * * * * *"
+    command: "true"
+    targets: {agents: [a1, a2], strategy: all}
+""")
+        fleet.agent("a1")
+        a2 = fleet.agent("a2")
+        c.until(lambda rs: len(finished(rs, "fan", "succeeded")) >= 2, 10, "fan on both agents")
+        os.kill(a2.pid, signal.SIGSTOP)
+        stopped = time.time()
+        try:
+            c.until(lambda rs: any((parse_ts(r["scheduled_at"]) or 0) > stopped + 4
+                                   for r in finished(rs, "fan") if r["agent"] == "a1"),
+                    15, "four slots on a1 while a2 is dark")
+        finally:
+            os.kill(a2.pid, signal.SIGCONT)
+        runs = c.runs()
+        window = (stopped, stopped + 4)
+        verdict = check_ledger(runs, None, {"loc": ["local"], "fan": ["a1"]}, window)
+        assert not verdict.problems, verdict.summary()
+        assert verdict.statuses == {"succeeded": verdict.slots}, verdict.summary()
+    finally:
+        fleet.close()

@@ -24,7 +24,6 @@ import contextlib
 import enum
 import gc
 import hashlib
-import itertools
 import logging
 import os
 import signal
@@ -70,7 +69,14 @@ from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields, u
 from cronfile.state.private import private_dir
 from cronfile.state.retention import check_retention, parse_retention
 from cronfile.transports.daemons import DaemonSupervisor
-from cronfile.transports.executor import RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.executor import (
+    Executor,
+    HostUnavailable,
+    RunHandle,
+    RunOutcome,
+    RunRefused,
+    RunRequest,
+)
 from cronfile.transports.hub import AgentHub
 from cronfile.transports.local import LocalExecutor
 from cronfile.transports.protocol import SecretsError
@@ -183,6 +189,7 @@ class Center:
         self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
         # tcp runs of this center whose final record is not queued yet (see _outcome_recorded)
         self._agent_runs_ending: dict[str, asyncio.Future[None]] = {}
+        self._starting: dict[str, tuple[str, str]] = {}  # remote starts under way: (job, agent)
         self._last_watermark = 0.0
         self._last_tick: float | None = None  # every slot up to it was handed to perform()
         # After a restart, agents that were connected before get a bounded time to come
@@ -798,7 +805,7 @@ class Center:
                 actions = self.scheduler.tick(now)
                 if self.ha is not None and not self.ha.leading():
                     actions = []  # a standby keeps its timers current and does nothing
-                await self.perform(actions)
+                await self.perform(actions, wait=False)
             finally:
                 self._burst_ends()
             # Stamped with the tick's own time: a tick that stalled handled nothing after it.
@@ -818,10 +825,12 @@ class Center:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
-    async def perform(self, actions: list[Action]) -> list[dict[str, Any]]:
+    async def perform(self, actions: list[Action], wait: bool = True) -> list[dict[str, Any]]:
         """Carry out the scheduler's actions; starts are batched (one fsync per chunk).
         Returns what became of each start: ``{"run_id", "agent", "status"}`` with status
-        ``started``, or the record of a slot that did not run (for ``cronfile run``)."""
+        ``started``, or the record of a slot that did not run (for ``cronfile run``).
+        ``wait=False``: starts on remote hosts go on in the background (the scheduler loop
+        must not wait for a dark agent) and their results are not returned."""
         results: list[dict[str, Any]] = []
         starts: list[tuple[StartRun, Target]] = []
         for action in actions:
@@ -854,10 +863,21 @@ class Center:
                             action.job, action.scheduled_at, RunStatus.NO_AGENT, target.why,
                             attempt=action.attempt), agent=target.agent))
                         continue
+                    if action.forbid_busy_targets and self._busy(action.job.name, target.agent):
+                        results.append(self._record_slot(RecordSlot(
+                            action.job, action.scheduled_at, RunStatus.SKIPPED,
+                            "previous run still running on this target (concurrency: forbid)",
+                            attempt=action.attempt), agent=target.agent))
+                        continue
                     starts.append((action, target))
         if starts:
-            results.extend(await self._dispatch(starts))
+            results.extend(await self._dispatch(starts, wait))
         return results
+
+    def _busy(self, job: str, agent: str) -> bool:
+        """A run of ``job`` on ``agent`` is in flight (being started, or running)."""
+        return (job, agent) in self._starting.values() or any(
+            r.job == job and r.agent == agent for r in self.running.values())
 
     def _park(self, action: StartRun, agents: Iterable[str]) -> bool:
         """Right after a restart, a start that needs an agent which was connected to the
@@ -881,7 +901,7 @@ class Center:
         self._agents_changed = False
         parked: list[Action] = list(self._parked)
         self._parked = []
-        await self.perform(parked)
+        await self.perform(parked, wait=False)
 
     def targets_for(self, job: Job, only: str | None = None) -> list[Target]:
         """Where a start goes; a retry (``only``) goes back to the target that failed and
@@ -906,7 +926,8 @@ class Center:
             timeout_s=job.timeout_s, output_keep=job.output_keep,
         )
 
-    async def _dispatch(self, starts: list[tuple[StartRun, Target]]) -> list[dict[str, Any]]:
+    async def _dispatch(self, starts: list[tuple[StartRun, Target]],
+                        wait: bool = True) -> list[dict[str, Any]]:
         """Dispatch in chunks. A chunk's ``dispatched`` records are written and fsynced
         (one write, one fsync) before any of its runs starts. A long burst lets the loop
         reap finished children as it goes (see :data:`DISPATCH_REAP_EVERY`). The first chunk
@@ -929,7 +950,7 @@ class Center:
                     claiming = self._claim_ahead(chunks, index + 1)
                 # durable BEFORE any of its runs starts (written on the writer thread)
                 await asyncio.wrap_future(self.ledger.submit(self.ledger.write_runs, chunk.data))
-                results.extend(await self._start_chunk(chunk))
+                results.extend(await self._start_chunk(chunk, wait))
                 unreaped += len(chunk.runs)
                 if unreaped >= reap_after and part is not chunks[-1]:
                     # two loop passes: the first starts watching the runs just spawned
@@ -1013,27 +1034,51 @@ class Center:
             records.append({**base, "record": "dispatched"})
             if target.transport == "tcp":
                 self._agent_runs_ending[run_id] = asyncio.get_running_loop().create_future()
+            if target.executor is not self.local:
+                self._starting[run_id] = (job.name, target.agent)
             self.scheduler.started(job.name, run_id)
         chunk.data = encode_records(records)
         return chunk
 
-    async def _start_chunk(self, chunk: _Chunk) -> list[dict[str, Any]]:
-        """Start a chunk's runs back to back; the bookkeeping of those that started (records,
-        watchers) comes after the last spawn, so no run waits for another's."""
+    async def _start_chunk(self, chunk: _Chunk, wait: bool = True) -> list[dict[str, Any]]:
+        """Start a chunk's runs. Each executor's group starts on its own: local runs here,
+        back to back; remote ones (agents, SSH) in a task each, so that one dark host,
+        whose start can take its executor's whole start timeout, holds nobody else's
+        (with ``wait=False`` not even this call's)."""
+        groups: dict[Executor, list[tuple[StartRun, Target, RunRequest, dict[str, Any]]]] = {}
+        for run in chunk.runs:
+            assert run[1].executor is not None
+            groups.setdefault(run[1].executor, []).append(run)
+        remote = [self._spawn(self._start_group(executor, runs), name="start")
+                  for executor, runs in groups.items() if executor is not self.local]
+        results = await self._start_group(self.local, groups[self.local]) \
+            if self.local in groups else []
+        if wait and remote:
+            for done in await asyncio.gather(*remote, return_exceptions=True):
+                if isinstance(done, list):
+                    results.extend(done)
+        return results
+
+    async def _start_group(self, executor: Executor,
+                           runs: list[tuple[StartRun, Target, RunRequest, dict[str, Any]]]
+                           ) -> list[dict[str, Any]]:
+        """Start one executor's runs back to back; the bookkeeping of those that started
+        (records, watchers) comes after the last spawn, so no run waits for another's."""
         results: list[dict[str, Any]] = []
         started: list[tuple[StartRun, _Running]] = []
-        for executor, group in itertools.groupby(chunk.runs, key=lambda run: run[1].executor):
-            runs = list(group)
-            assert executor is not None
+        try:
             handles = await executor.start_many([request for _, _, request, _ in runs])
-            for (action, target, request, base), handle in zip(runs, handles, strict=True):
-                if isinstance(handle, Exception):  # RunRefused, or anything else: recorded
-                    results.append(self._refused(action, target, request, base, handle))
-                    continue
-                run = _Running(request.run_id, action.job.name, target.agent,
-                               action.scheduled_at, action.attempt, handle, base)
-                self.running[run.run_id] = run
-                started.append((action, run))
+        finally:
+            for _, _, request, _ in runs:
+                self._starting.pop(request.run_id, None)
+        for (action, target, request, base), handle in zip(runs, handles, strict=True):
+            if isinstance(handle, Exception):  # RunRefused, or anything else: recorded
+                results.append(self._refused(action, target, request, base, handle))
+                continue
+            run = _Running(request.run_id, action.job.name, target.agent,
+                           action.scheduled_at, action.attempt, handle, base)
+            self.running[run.run_id] = run
+            started.append((action, run))
         for action, run in started:
             run.timer = self._watch_max_runtime(run, action.job)
             if run.handle.confirmed:  # never a ``started`` the host did not confirm
@@ -1045,16 +1090,19 @@ class Center:
 
     def _refused(self, action: StartRun, target: Target, request: RunRequest,
                  base: dict[str, Any], exc: Exception) -> dict[str, Any]:
-        """A run that could not start: recorded failed (no ``started`` record)."""
+        """A run that could not start: recorded failed (no ``started`` record), or
+        ``no_agent`` when its host was not there to take it (an agent that disconnected
+        between routing and sending: nothing failed, nothing to retry)."""
         if not isinstance(exc, RunRefused):
             log.exception("starting run %s of %s failed", request.run_id, request.job)
         reason = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
-        refused = NoOutcomeRecord(base, RunStatus.FAILED, reason,
+        status = RunStatus.NO_AGENT if isinstance(exc, HostUnavailable) else RunStatus.FAILED
+        refused = NoOutcomeRecord(base, status, reason,
                                   finished_at=iso(self.clock.time())).to_json()
         self.records.add(refused)
         self._final_queued(request.run_id)
         self._outcome(action.job.name, refused)
-        follow = self.scheduler.finished(action.job.name, request.run_id, RunStatus.FAILED,
+        follow = self.scheduler.finished(action.job.name, request.run_id, status,
                                          None, action.scheduled_at, action.attempt,
                                          target.agent, self.clock.time())
         if follow:

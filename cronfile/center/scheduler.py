@@ -34,6 +34,7 @@ from cronfile.schedules.model import (
     JobKind,
     RunStatus,
     SkipIndex,
+    Strategy,
     skip_index,
 )
 
@@ -48,6 +49,10 @@ class StartRun:
     attempt: int = 1
     reason: str = "schedule"
     target: str | None = None  # a retry goes back to the target that failed
+    forbid_busy_targets: bool = False
+    """``concurrency: forbid`` under ``all``/``shard`` while a previous run is in flight:
+    skip the slot only on the targets still running it (the center knows which), so one
+    stuck agent does not stop the job on every other."""
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,9 @@ class Scheduler:
                                f"could not start within starting_deadline ({deadline:g}s); "
                                f"{now - intended:.1f}s late")]
         if state.running and reason not in ("manual", "on_change"):
+            if job.concurrency is Concurrency.FORBID and job.targets.strategy in (
+                    Strategy.ALL, Strategy.SHARD) and not job.targets.is_local_only:
+                return [StartRun(job, slot, attempt, reason, target, forbid_busy_targets=True)]
             if job.concurrency is Concurrency.FORBID:
                 return [RecordSlot(job, slot, RunStatus.SKIPPED,
                                    "previous run still running (concurrency: forbid)")]

@@ -62,6 +62,11 @@ class RunRefused(Exception):
     """
 
 
+class HostUnavailable(RunRefused):
+    """The host was not there to take the run (an agent that disconnected between routing
+    and sending): the slot is ``no_agent``, not a failed run to retry or alert on."""
+
+
 class RunHandle(abc.ABC):
     """A run in progress."""
 

@@ -63,7 +63,15 @@ from typing import Any
 
 from cronfile import __version__
 from cronfile.schedules.model import Agent, RunStatus
-from cronfile.transports.executor import Executor, ExecutorInfo, RunHandle, RunOutcome, RunRefused, RunRequest
+from cronfile.transports.executor import (
+    Executor,
+    ExecutorInfo,
+    HostUnavailable,
+    RunHandle,
+    RunOutcome,
+    RunRefused,
+    RunRequest,
+)
 from cronfile.transports.peercred import loopback_peer_uid
 from cronfile.transports.protocol import (
     MAX_FRAME,
@@ -544,7 +552,7 @@ class AgentHub:
     async def _dispatch(self, name: str, request: RunRequest) -> RemoteRunHandle:
         conn = self._conns.get(name)
         if conn is None:
-            raise RunRefused(f"agent {name} is not connected")
+            raise HostUnavailable(f"agent {name} is not connected")
         existing = self._handles.get(request.run_id)
         if existing is not None:  # the same run dispatched twice: one run, one handle
             return existing

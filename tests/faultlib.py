@@ -288,7 +288,9 @@ class FaultRun:
         self.proxy.__enter__()
         self.center.start()
         for name in self.agent_names:
-            agent = AgentProc(self.root, self.center, name, port=self.proxy.port)
+            # a center in a crash loop must not push agents' reconnect backoff to minutes
+            agent = AgentProc(self.root, self.center, name, "--backoff-max", "2",
+                              port=self.proxy.port)
             self.agents[name] = agent
             agent.start()
 

@@ -62,7 +62,7 @@ from cronfile.center.statefiles import (
 from cronfile.clock import Clock, SystemClock
 from cronfile.schedules.diff import StateDiff, diff_states
 from cronfile.schedules.loader import LOCAL_AGENT, ScheduleLoader
-from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunStatus
+from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange, RunStatus, Strategy
 from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
 from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields, utc_ts
@@ -1245,18 +1245,34 @@ class Center:
                     self._outcome(str(base.get("job")), record)
 
     async def _catch_up(self, since: float) -> None:
+        """Record (or run, ``catch_up: latest``) the slots the previous center did not
+        handle. Under ``all``/``shard`` a slot is handled only when every target has it: a
+        center killed between the targets of one slot leaves the rest of it missing, and
+        those targets get their own ``missed``."""
         now = self.clock.time()
         actions: list[Action] = []
-        done_by_job: dict[str, set[float]] = {}
-        for job_name, slot, _agent in self.done_slots:
-            done_by_job.setdefault(job_name, set()).add(slot)
+        done_by_job: dict[str, dict[float, set[str]]] = {}
+        for job_name, slot, agent in self.done_slots:
+            done_by_job.setdefault(job_name, {}).setdefault(slot, set()).add(agent)
         for name in self.scheduler.job_names():
-            done = done_by_job.get(name, set())
+            job = self.scheduler.job(name)
+            handled = done_by_job.get(name, {})
             # a center killed before its first watermark already recorded part of the outage
             job_since = max(since, self.missed_until.get(name, since))
+            done = set(handled)
+            if job is not None and job.targets.strategy in (Strategy.ALL, Strategy.SHARD) \
+                    and not job.targets.is_local_only:
+                expected = set(self.router.candidates(job))
+                for slot, agents in sorted(handled.items()):
+                    if job_since < slot <= now and not expected <= agents:
+                        for agent in sorted(expected - agents):
+                            self._record_slot(RecordSlot(
+                                job, slot, RunStatus.MISSED,
+                                "the center stopped before it recorded this target's start"),
+                                agent=agent)
             actions.extend(self.scheduler.catch_up(name, job_since, now, done))
         if actions:
-            await self.perform(actions)
+            await self.perform(actions, wait=False)
 
     def _read_watermark(self) -> float | None:
         """How far the previous center got (see :func:`~cronfile.center.statefiles.read_watermark`)."""

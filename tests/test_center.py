@@ -209,8 +209,9 @@ def test_hot_reload_add_job_and_reject_invalid_edit(center: Any) -> None:
                             if parse_ts(r["scheduled_at"]) > mark + 1], 10,  # type: ignore[operator]
                 "the old job to keep running")
     status = c.cli("status")
-    assert status.returncode == 0
+    assert status.returncode == 1  # the last change is bad (issue 9, item 10)
     assert "REJECTED" in status.stdout and "b.yaml:6" in status.stdout
+    assert "(still running the revision above)" in status.stdout
     sj = json.loads(c.cli("status", "--format", "json").stdout)
     assert sj["last_rejection"]["errors"] == rej["errors"]
     assert sj["revision"]["content_hash"] == ev["revision"]["content_hash"]
@@ -494,7 +495,10 @@ def test_runs_filters_and_json(center: Any) -> None:
     assert c.cli("runs", "--since", "not-a-time").returncode == 2
     sj = json.loads(c.cli("status", "--format", "json").stdout)
     assert {j["job"]: j["last_status"] for j in sj["jobs"]} == {"bad": "failed", "ok": "succeeded"}
-    assert all(j["next"] for j in sj["jobs"])
+    # stopped: no NEXT time that nobody will keep (issue 9, item 17)
+    assert [j["next"] for j in sj["jobs"]] == [None, None]
+    text = c.cli("status").stdout
+    assert text.count("- (center not running)") == 2, text
 
 
 @pytest.mark.slow
@@ -534,3 +538,63 @@ def test_sigkill_restarts_never_run_a_slot_twice_nor_lose_one(center: Any) -> No
     assert lost and all(r["job"] in ("tick", "slow") for r in lost)
     starts = [e for e in c.events() if e.get("event") == "center_started"]
     assert len(starts) == kills + 1
+
+
+def test_a_first_start_on_invalid_files_exits_1_with_the_errors_once(center: Any) -> None:
+    """No applied.json to fall back on: the center says so and exits 1, instead of running
+    0 jobs with exit 0 and "keeping the last good revision" it never had (issue 9, item 10)."""
+    c = center()
+    c.write("a.yaml", _yaml('  a: {command: x, schedule: "bad"}\n'))
+    c.start(wait=False)
+    assert c.proc is not None
+    assert c.proc.wait(timeout=20) == 1, c.log_text()
+    log = c.log_text()
+    assert log.count("a.yaml:3:") == 1, log
+    assert "no valid revision to run" in log and "keeping the last good revision" not in log
+    events = c.events()
+    [rejected] = [e for e in events if e.get("event") == "revision_rejected"]
+    assert rejected["kept"] is None
+    assert [e["reason"] for e in events if e.get("event") == "center_stopped"] == ["invalid_schedules"]
+    assert not (c.state / "center.json").exists()
+
+
+def test_a_start_on_invalid_files_names_the_revision_it_keeps(center: Any) -> None:
+    """Invalid files at start, a good applied.json: that revision runs, and the rejection
+    says so (issue 9, item 22: ``kept: null``)."""
+    c = center()
+    c.write("a.yaml", _yaml(f'  tick: {{command: "true", schedule: {EVERY_SECOND}}}\n'))
+    c.start()
+    good = c.wait_events(lambda es: [e for e in es if e.get("event") == "revision_applied"], 10,
+                         "the first revision")[0]["revision"]
+    c.stop()
+    c.write("a.yaml", _yaml('  tick: {command: "true", schedule: "bad"}\n'))
+    c.start()
+    rejected = c.wait_events(lambda es: [e for e in es if e.get("event") == "revision_rejected"],
+                             10, "the rejection")
+    assert [e["kept"] for e in rejected] == [good]
+
+
+def test_status_shows_owner_description_and_what_starts_each_job(center: Any) -> None:
+    """Issue 9, item 17: owner and description, ``on event X`` and ``after Y`` instead of "-"."""
+    c = center()
+    c.write("a.yaml", _yaml(f"""\
+  nightly:
+    schedule: {EVERY_SECOND}
+    command: "true"
+    owner: team-billing
+    description: Sends the invoices
+  hooked:
+    trigger: {{event: deployed}}
+    command: "true"
+  chained:
+    after: [nightly]
+    command: "true"
+"""))
+    c.start()
+    c.wait_runs(lambda rs: finished(rs, "nightly", "succeeded"), 10, "a run")
+    out = c.cli("status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line and line[0] != " "}
+    assert "on event deployed" in rows["hooked"]
+    assert "after nightly" in rows["chained"]
+    assert "  owner: team-billing; Sends the invoices" in out.stdout.splitlines()

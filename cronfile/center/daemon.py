@@ -378,15 +378,22 @@ class Center:
                     listen=self.options.listen)
         self._recover_ledger()
         if first.state is None:
-            self.reloads.reject(first.problems)
             try:
                 previous = read_applied(self.state_dir)
             except StateFileError as exc:
                 log.error("cannot use the last applied revision: %s", exc)
                 previous = None
-            if previous is not None:
-                log.warning("schedules are invalid; keeping the last applied revision")
-                self._apply(previous, initial=True)
+            self.reloads.reject(first.problems, kept=previous)
+            if previous is None:
+                # Nothing good to fall back on: a center running 0 jobs with exit 0 would
+                # look healthy while it runs nothing at all.
+                log.error("no valid revision to run (none was ever applied here): not starting")
+                self._event("center_stopped", reason="invalid_schedules", pid=os.getpid())
+                self.ledger.close()
+                with contextlib.suppress(OSError):
+                    (self.state_dir / CENTER_FILE).unlink()
+                return 1
+            self._apply(previous, initial=True)
         else:
             self._apply(first.state, initial=True)
         self._requeue_pending()

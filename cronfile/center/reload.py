@@ -48,14 +48,20 @@ class Reloader:
         self._store_wanted: DesiredState | None = None
         self._store_task: asyncio.Task[Any] | None = None
 
-    def reject(self, problems: Iterable[Any]) -> None:
+    def reject(self, problems: Iterable[Any], kept: DesiredState | None = None) -> None:
+        """Record and log a rejected revision, once: the same errors again (the watcher's
+        second look, a touch of an unchanged file) are not news. ``kept``: what runs
+        instead, when that is not the current revision (at start: applied.json's)."""
         errors = [p.render() for p in problems if p.severity.value == "error"]
+        if self.last_rejection is not None and self.last_rejection["errors"] == errors:
+            return
+        kept = kept or self._current()
         self.last_rejection = {"ts": utc_ts(), "errors": errors}
-        current = self._current()
         self._event("revision_rejected", errors=errors,
-                    kept=current.revision.to_dict() if current else None)
-        log.error("schedules rejected (%d errors); keeping the last good revision:\n  %s",
-                  len(errors), "\n  ".join(errors[:20]))
+                    kept=kept.revision.to_dict() if kept else None)
+        log.error("schedules rejected (%d errors); %s:\n  %s", len(errors),
+                  "keeping the last good revision" if kept else "no good revision to keep",
+                  "\n  ".join(errors[:20]))
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the schedules: apply the difference, or keep the last good revision."""

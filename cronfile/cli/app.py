@@ -461,7 +461,10 @@ def status(state_dir: Path, center_url: str | None, token_file: Path | None, fmt
     from cronfile.state.reports import render_status
 
     center = _access(state_dir, center_url, token_file)
-    _echo(render_status(_ask(center.status), fmt))
+    report = _ask(center.status)
+    _echo(render_status(report, fmt))
+    if report.get("last_rejection"):  # the thing checked is bad (SPEC §3): a change was rejected
+        sys.exit(1)
 
 
 @cli.command()

@@ -131,10 +131,12 @@ def build_status(state_dir: Path, now: float | None = None,
     rejection = summary.rejection
     notify_failures = summary.notify_failures
     jobs = []
+    center = _center_alive(state_dir)
     if applied is not None:
         for name, job in sorted(applied.jobs.items()):
             nxt = None
-            if job.schedules and job.kind is JobKind.CRON and not job.suspend:
+            # A stopped center fires nothing: a NEXT time would be a promise nobody keeps.
+            if job.schedules and job.kind is JobKind.CRON and not job.suspend and center:
                 t = JobTimer.for_job(job.schedules, job.timezone, name).next_after(now)
                 nxt = to_datetime(t, job.timezone).isoformat() if t else None
             lv = last.get(name, {})
@@ -147,11 +149,12 @@ def build_status(state_dir: Path, now: float | None = None,
                 "running": running.get(name, []),
                 "description": job.description, "owner": job.owner,
                 "last_notify_failure": notify_failures.get(name),
+                "trigger": job.trigger.event if job.trigger else None,
+                "after": list(job.after),
             })
     connected: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, ValueError):
         connected = json.loads((state_dir / "agents.json").read_text())
-    center = _center_alive(state_dir)
     if center is None:
         connected = []  # a stopped center has no connections, whatever the file says
     agents = _hosts(applied, connected, by_host)
@@ -192,6 +195,21 @@ def _hosts(applied: Any, connected: list[dict[str, Any]],
     return out
 
 
+def _when(job: dict[str, Any], center_running: bool) -> str:
+    """The NEXT column: a time, or what starts the job instead."""
+    if job["suspend"]:
+        return "suspended"
+    if job["kind"] == "daemon":
+        return "daemon"
+    if job.get("trigger"):
+        return f"on event {job['trigger']}"
+    if job.get("after"):
+        return f"after {', '.join(job['after'])}"
+    if not center_running:
+        return "- (center not running)"
+    return str(job["next"] or "-")
+
+
 def render_status(status: dict[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(status, indent=2) + "\n"
@@ -210,16 +228,19 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
                      f"{str(git.get('running') or '-')[:12]}"
                      + (f" ({git['why']})" if git.get("why") else ""))
     if status["last_rejection"]:
-        lines.append(f"LAST CHANGE REJECTED at {status['last_rejection']['ts']} "
-                     "(still running the revision above):")
+        kept = "still running the revision above" if rev else "no revision is running"
+        lines.append(f"LAST CHANGE REJECTED at {status['last_rejection']['ts']} ({kept}):")
         lines.extend(f"  {e}" for e in status["last_rejection"]["errors"] or [])
     lines.append("")
     lines.append(f"{'JOB':<28} {'NEXT':<27} {'LAST':<10} {'VIA':<10} RUNNING")
     for j in status["jobs"]:
-        nxt = j["next"] or ("suspended" if j["suspend"] else j["kind"] if j["kind"] == "daemon" else "-")
         via = f"{j['last_transport'] or '-'}"
-        lines.append(f"{j['job']:<28} {nxt:<27} {str(j['last_status'] or '-'):<10} {via:<10} "
-                     f"{len(j['running']) or ''}")
+        lines.append(f"{j['job']:<28} {_when(j, c['running']):<27} "
+                     f"{str(j['last_status'] or '-'):<10} {via:<10} {len(j['running']) or ''}")
+        about = "; ".join(x for x in (j.get("owner") and f"owner: {j['owner']}",
+                                      j.get("description")) if x)
+        if about:
+            lines.append(f"  {about}")
     failed = [j for j in status["jobs"] if j.get("last_notify_failure")]
     if failed:
         lines.append("")

@@ -1018,3 +1018,21 @@ def test_a_start_on_an_agent_that_just_left_is_host_unavailable(tmp_path: Path) 
                 await executor.start(req("r-gone", "true"))
 
     run(go())
+
+
+def test_a_refused_agent_backs_off_exponentially_and_never_fast() -> None:
+    """Issue 9, item 17: a refused agent (bad token, undeclared name) retried forever at a
+    fast pace. Refusals double the wait, at least half of it each time, up to 5 minutes;
+    ordinary reconnects keep their full jitter."""
+    import random
+
+    from cronfile.agent.daemon import REFUSED_BACKOFF_MAX_S, reconnect_delay
+
+    rng = random.Random(9)
+    for refused in range(1, 14):
+        cap = min(REFUSED_BACKOFF_MAX_S, 0.5 * 2 ** refused)
+        delays = [reconnect_delay(5, refused, 0.5, 2.0, rng) for _ in range(200)]
+        assert min(delays) >= cap / 2 and max(delays) <= cap, (refused, min(delays), max(delays))
+    assert reconnect_delay(0, 40, 0.5, 2.0, rng) <= REFUSED_BACKOFF_MAX_S
+    ordinary = [reconnect_delay(5, 0, 0.5, 2.0, rng) for _ in range(200)]
+    assert max(ordinary) <= 2.0 and min(ordinary) < 0.5

@@ -598,3 +598,29 @@ def test_status_shows_owner_description_and_what_starts_each_job(center: Any) ->
     assert "on event deployed" in rows["hooked"]
     assert "after nightly" in rows["chained"]
     assert "  owner: team-billing; Sends the invoices" in out.stdout.splitlines()
+
+
+def test_the_log_names_every_bad_outcome_and_runs_lists_slots_in_order(center: Any) -> None:
+    """Issue 9, item 17: one log line per failed/missed run, and ``runs`` in slot order so
+    that the missed slots of an outage (recorded at the next start) sit where they belong."""
+    c = center()
+    c.write("a.yaml", _yaml(f'  bad: {{command: "exit 7", schedule: {EVERY_SECOND}}}\n'))
+    c.start()
+    c.wait_runs(lambda rs: finished(rs, "bad", "failed"), 10, "a failed run")
+    c.stop()
+    down = time.time()
+    wait_for(lambda: time.time() > down + 2.5, 5, "an outage")
+    c.start()
+    c.wait_runs(lambda rs: finished(rs, "bad", "missed") and
+                [r for r in finished(rs, "bad", "failed") if parse_ts(r["scheduled_at"]) > down + 3],
+                10, "the outage recorded and a run after it")
+    c.stop()
+    log = c.log_text()
+    failed = finished(c.runs(), "bad", "failed")[0]
+    assert (f"job bad slot {failed['scheduled_at']} on local attempt 1: failed (exit 7) "
+            f"[run {failed['run_id']}]") in log, log
+    assert "job bad slot" in log and ": missed" in log and "the center was not running" in log
+    views = json.loads(c.cli("runs", "--format", "json", "--limit", "0").stdout)
+    slots = [v["scheduled_at"] for v in views]
+    assert slots == sorted(slots), slots
+    assert "missed" in {v["status"] for v in views}

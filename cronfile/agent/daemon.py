@@ -92,6 +92,25 @@ BACKOFF_MAX_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 STABLE_CONNECTION_S = 10.0
 """A connection that lasted this long resets the reconnect backoff."""
+REFUSED_BACKOFF_MAX_S = 300.0
+"""A refusal (bad token, undeclared name) is a configuration problem that retrying will
+not fix by itself: back off up to five minutes, not hammer the center every few seconds."""
+
+
+def reconnect_delay(attempt: int, refused: int, initial_s: float, max_s: float,
+                    rng: random.Random | None = None) -> float:
+    """How long to wait before the next connection attempt.
+
+    ``attempt`` failures in a row: full jitter up to ``initial_s * 2**attempt`` (capped at
+    ``max_s``), so a fleet reconnecting to a restarted center spreads out. ``refused``
+    refusals in a row: at least half of ``initial_s * 2**refused`` (capped at
+    :data:`REFUSED_BACKOFF_MAX_S`), doubling each time; jitter can never bring a refused
+    agent back at a fast pace."""
+    rng = rng or random.Random()
+    if refused:
+        cap = min(REFUSED_BACKOFF_MAX_S, max(initial_s, 0.1) * 2 ** min(refused, 30))
+        return rng.uniform(cap / 2, cap)
+    return rng.uniform(0, min(max_s, initial_s * 2 ** min(attempt, 30)))
 JOURNAL_KEEP = 100_000
 """Run ids kept in the journal across compactions (the dedupe memory of the agent): the
 center only re-sends recent runs (after a reconnect or its own restart), never old ones."""
@@ -460,12 +479,14 @@ class Agent:
     # --- the connection ----------------------------------------------------------------
 
     async def run_until_stopped(self) -> int:
-        attempt = 0
+        attempt = refused = 0
         while not self._stopping.is_set():
             connected_for = 0.0
+            was_refused = False
             try:
                 connected_for = await self._connect_once()
             except CenterRefused as exc:
+                was_refused = True
                 log.error("the center refused this agent: %s", exc)
             except ProtocolError as exc:
                 log.warning("protocol error talking to the center: %s", exc)
@@ -474,10 +495,12 @@ class Agent:
                          exc.__class__.__name__ if not str(exc) else exc)
             if connected_for >= STABLE_CONNECTION_S:
                 attempt = 0  # a center that welcomes and drops us at once still backs off
+            refused = refused + 1 if was_refused else 0
             if self._stopping.is_set():
                 break
-            delay = random.uniform(0, min(self.backoff_max_s,
-                                          self.backoff_initial_s * 2 ** attempt))
+            delay = reconnect_delay(attempt, refused, self.backoff_initial_s, self.backoff_max_s)
+            if refused:
+                log.info("trying again in %.0fs", delay)
             attempt = min(attempt + 1, 30)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)

@@ -105,6 +105,26 @@ slower past ~2,000 descriptors (a 10,000-run burst: p99 1.35x the bare burst whe
 every 1,024, 1.11x every 512)."""
 
 
+LOGGED_OUTCOMES = frozenset({RunStatus.FAILED, RunStatus.TIMEOUT, RunStatus.LOST,
+                             RunStatus.MISSED, RunStatus.NO_AGENT})
+"""Outcomes an operator tailing the center's log must see: one line each."""
+
+
+def describe_outcome(record: dict[str, Any]) -> str:
+    """One log line for a final record: what ran where, how it ended and why."""
+    what = f"job {record.get('job')} slot {record.get('scheduled_at')}"
+    if record.get("count"):
+        what += f" ({record['count']} slots to {record.get('last_scheduled_at')})"
+    how = str(record.get("status"))
+    if record.get("exit_code") is not None:
+        how += f" (exit {record['exit_code']})"
+    elif record.get("signal") is not None:
+        how += f" (signal {record['signal']})"
+    why = f": {record['reason']}" if record.get("reason") else ""
+    return f"{what} on {record.get('agent')} attempt {record.get('attempt')}: {how}{why} " \
+           f"[run {record.get('run_id')}]"
+
+
 def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
     """Deterministic: the same (slot, target, attempt) always has the same id, which is what
     lets an agent (and the ledger) recognise a run it has already seen."""
@@ -291,7 +311,11 @@ class Center:
         await self._catch_up(since)
 
     def _outcome(self, job_name: str, record: dict[str, Any]) -> None:
-        """Every final outcome passes here once: metrics, notifications and expectations."""
+        """Every final outcome passes here once: the log line, metrics, notifications and
+        expectations."""
+        status = RunStatus(record["status"])
+        if status in LOGGED_OUTCOMES:
+            log.warning("%s", describe_outcome(record))
         self.metrics.run_finished(job_name, str(record["status"]), record.get("duration_s"))
         if self.options.log_runs:
             log_run(record)
@@ -303,7 +327,6 @@ class Center:
         job = self.desired.jobs.get(job_name) if self.desired else None
         if job is None:
             return
-        status = RunStatus(record["status"])
         if status is RunStatus.SUCCEEDED:
             self.last_success[job_name] = self.clock.time()
             self._success_alerted.discard(job_name)

@@ -178,7 +178,20 @@ def query_runs(state_dir: Path, query: RunQuery) -> list[dict[str, Any]]:
         if query.limit:
             complete = complete[: query.limit]
     complete.reverse()
+    # In slot order, not write order: the missed slots of an outage are recorded when the
+    # next center starts, after runs that came later. (Stable: ties keep write order.)
+    complete.sort(key=_when_scheduled)
     return complete
+
+
+def _when_scheduled(view: dict[str, Any]) -> float:
+    """A run's place in time: its slot (a bounded ``missed`` range: its first slot), or
+    when it was first recorded for runs without one (daemons)."""
+    text = view.get("scheduled_at") or view.get("dispatched_ts") or view.get("ts")
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def find_run(state_dir: Path, run_id: str) -> list[dict[str, Any]]:

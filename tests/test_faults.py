@@ -344,3 +344,25 @@ def test_a_dark_agent_holds_up_no_one_else(tmp_path: Path) -> None:
         assert verdict.statuses == {"succeeded": verdict.slots}, verdict.summary()
     finally:
         fleet.close()
+
+
+def test_a_center_on_a_full_disk_stops_cleanly_and_says_so(tmp_path: Path) -> None:
+    """Records it cannot write stop the center (a center that schedules what it cannot
+    record breaks once per slot); its shutdown then must not crash on the same full disk,
+    and says why it stopped (issue 9, item 21: an internal error, no center_stopped)."""
+    c = FleetCenter(tmp_path)
+    c.write("jobs.yaml", "apiVersion: cronfile/v1\njobs:\n" + LOCAL_EVERY_SECOND)
+    with small_disk(c.state, "1m") as disk:
+        try:
+            c.start()
+            c.until(lambda rs: finished(rs, "tick", "succeeded"), 10, "a first run")
+            fill(disk)
+            assert c.proc is not None
+            code = c.proc.wait(timeout=20)
+            log = c.log_text()
+            assert code == 1, log
+            assert "Traceback" not in log, log
+            stopped = [e for e in c.events() if e.get("event") == "center_stopped"]
+            assert stopped and stopped[-1]["reason"] == "crashed", stopped
+        finally:
+            c.stop()

@@ -56,6 +56,8 @@ from cronfile.center.statefiles import (
     lock_state_dir,
     read_known_agents,
     read_watermark,
+    release_reserve,
+    reserve_space,
     write_center_file,
     write_watermark,
 )
@@ -204,6 +206,8 @@ class Center:
         self._deferred_ends: list[tuple[_Running, StartRun, RunOutcome]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._signals = 0
+        self._crash_cause: str | None = None  # why a core task died, for center_stopped
+        self._failed_batches = 0  # run-record writes failed and not queued again yet
         self.state = RunState.STARTING
         self._lock: int | None = None
         self._awaiting_agents: dict[str, dict[str, Any]] = {}  # tcp runs in flight at restart
@@ -246,8 +250,9 @@ class Center:
         with every other write. A failed write (disk full) is queued again."""
         loop = asyncio.get_running_loop()
 
-        def written(done: Future[Any]) -> None:
+        def written(done: Future[Any]) -> None:  # on the writer thread
             if done.exception() is not None:
+                self._failed_batches += 1  # before anything queued after it runs
                 loop.call_soon_threadsafe(self._append_failed, batch, done.exception())
 
         self.ledger.submit(self.ledger.write_runs, encode_records(batch)).add_done_callback(written)
@@ -256,6 +261,7 @@ class Center:
 
     def _append_failed(self, batch: list[dict[str, Any]], exc: BaseException | None) -> None:
         log.error("writing %d run records failed, kept for the next write: %s", len(batch), exc)
+        self._failed_batches -= 1  # queued again: the next watermark writes them first
         for record in batch:
             self.records.add(record)
 
@@ -385,6 +391,7 @@ class Center:
         if refusal:
             log.error("%s", refusal)
             return 2
+        reserve_space(self.state_dir)
         dropped = self.ledger.open()
         self._history = self.ledger.recover()  # the checkpoint and what followed it
         # Read how far the previous center got BEFORE this one writes anything: the
@@ -466,7 +473,12 @@ class Center:
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
-        log.error("center task failed: %r", task.exception(), exc_info=task.exception())
+        exc = task.exception()
+        if isinstance(exc, OSError):  # the state directory (a full disk): no traceback to show
+            log.error("cannot write to the state directory %s: %s", self.state_dir, exc)
+            self._crash_cause = self._crash_cause or str(exc)
+        else:
+            log.error("center task failed: %r", exc, exc_info=exc)
         if critical and not self._stopping.is_set():
             log.critical("a core task of the center crashed: stopping")
             self.state = RunState.CRASHED
@@ -710,16 +722,43 @@ class Center:
         if self.http is not None:
             with contextlib.suppress(Exception):
                 await self.http.close()
-        self.records.flush()
-        self._write_watermark(force=True)  # as far as the last tick got, not the clock
-        self._event("center_stopped", reason="crashed" if self.state is RunState.CRASHED else "signal",
-                    pid=os.getpid(), agent_runs_left=sum(1 for r in self.running.values()
-                                                         if r.base.get("transport") == "tcp"))
+        await self._last_writes()
         if self.ha is not None:
             await self.ha.close()
         await asyncio.to_thread(self.ledger.close)  # drains the writer, leaves a checkpoint
         with contextlib.suppress(OSError):
             (self.state_dir / CENTER_FILE).unlink()
+
+    async def _last_writes(self) -> None:
+        """What a stopping center writes last: its queued records, the watermark (as far
+        as the last tick got, not the clock), ``center_stopped``. Written here, once the
+        writer thread is idle, so that a full disk is seen: the reserved room is then
+        given back and the writes tried once more (a failed write leaves nothing behind,
+        so nothing is written twice)."""
+        await asyncio.to_thread(self.ledger.drain, False)
+        await asyncio.sleep(0)  # failed batches come back to the queue through the loop
+        fields: dict[str, Any] = {"reason": "crashed" if self.state is RunState.CRASHED else "signal"}
+        if self._crash_cause:
+            fields["error"] = self._crash_cause
+        stopped = encode_records([{"event": "center_stopped", **fields, "pid": os.getpid(),
+                                   "agent_runs_left": sum(1 for r in self.running.values()
+                                                          if r.base.get("transport") == "tcp")}])
+        batch = encode_records(self.records.take())
+        mark = self._watermark_mark()
+        for last_try in (False, True):
+            try:
+                if batch:
+                    self.ledger.write_runs(batch)
+                    batch = b""
+                if mark is not None:
+                    write_watermark(self.state_dir, mark)
+                    mark = None
+                self.ledger.write_events(stopped)
+                return
+            except OSError as exc:
+                if last_try or not release_reserve(self.state_dir):
+                    log.error("cannot record the center's stop: %s", exc)
+                    return
 
     # ------------------------------------------------------------------ desired state
 
@@ -1308,21 +1347,46 @@ class Center:
         """How far the previous center got (see :func:`~cronfile.center.statefiles.read_watermark`)."""
         return read_watermark(self.state_dir, self._history.last_ts)
 
-    def _write_watermark(self, force: bool = False) -> None:
-        """Every slot up to the mark has a durable record or a durable ``dispatched``: the
-        mark is the last tick's time (not the clock's: a tick that stalled handled nothing
-        after it), held below starts that wait (delayed, parked), written after the
-        records it passes."""
-        now = self.clock.time()
-        if self._last_tick is None or (not force and now - self._last_watermark < 1.0):
-            return
-        self._last_watermark = now
-        self.records.flush()  # queued skipped/missed records must be durable before the mark passes them
+    def _watermark_mark(self) -> float | None:
+        """Every slot up to the mark was handed to perform(): the last tick's time (not the
+        clock's: a tick that stalled handled nothing after it), held below starts that
+        wait (delayed, parked)."""
+        if self._last_tick is None:
+            return None
         floors = [f - 0.001 for f in (self.scheduler.pending_start_floor(),
                                       min((a.scheduled_at for a in self._parked), default=None))
                   if f is not None]
-        # on the writer thread, after the records flushed above: the mark never passes them
-        self.ledger.submit(write_watermark, self.state_dir, min([self._last_tick, *floors]))
+        return min([self._last_tick, *floors])
+
+    def _write_watermark(self) -> None:
+        """Move the watermark, at most once a second. The records queued so far go in the
+        same step on the writer thread, first: the mark is written only if they are
+        durable and no earlier batch failed (a full disk), so it never passes a slot
+        whose record is not on disk."""
+        now = self.clock.time()
+        mark = self._watermark_mark()
+        if mark is None or now - self._last_watermark < 1.0:
+            return
+        self._last_watermark = now
+        batch = self.records.take()
+        data = encode_records(batch) if batch else b""
+        loop = asyncio.get_running_loop()
+
+        def records_then_mark() -> None:
+            if data:
+                self.ledger.write_runs(data)
+            if not self._failed_batches:
+                try:
+                    write_watermark(self.state_dir, mark)
+                except OSError as exc:  # the records are written: only the mark waits
+                    log.error("cannot write the watermark: %s", exc)
+
+        def written(done: Future[Any]) -> None:
+            if done.exception() is not None and batch:
+                self._failed_batches += 1
+                loop.call_soon_threadsafe(self._append_failed, batch, done.exception())
+
+        self.ledger.submit(records_then_mark).add_done_callback(written)
 
 
 def reconnect_grace_s(options: CenterOptions) -> float:

@@ -71,6 +71,12 @@ class RecordWriter:
         if not self._busy():
             self.flush()
 
+    def take(self) -> list[dict[str, Any]]:
+        """Hand the queued records to the caller, who writes them itself (the watermark
+        writes them in the same step as the mark; the shutdown, synchronously)."""
+        batch, self._pending = self._pending, []
+        return batch
+
     def flush(self) -> None:
         self._flush_scheduled = False
         if self._pending:

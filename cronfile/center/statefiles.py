@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -69,6 +70,37 @@ def dsn_without_password(dsn: str) -> str:
         return ""
     parts.pop("password", None)
     return make_conninfo(**{k: str(v) for k, v in parts.items()})
+
+
+RESERVE_FILE = "reserve"
+RESERVE_BYTES = 256 * 1024
+"""Room kept in ``<state>/reserve`` for the last records of a center that stops on a full
+disk (its pending records, the watermark, ``center_stopped``): deleted then, rewritten at
+the next start."""
+
+
+def reserve_space(state_dir: Path) -> None:
+    """Hold :data:`RESERVE_BYTES` of the state directory's disk (best effort)."""
+    path = state_dir / RESERVE_FILE
+    try:
+        if path.exists() and path.stat().st_size >= RESERVE_BYTES:
+            return
+        with open(path, "wb") as f:
+            f.write(b"\0" * RESERVE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def release_reserve(state_dir: Path) -> bool:
+    """Give the reserved room back to the disk; False if there was none."""
+    try:
+        (state_dir / RESERVE_FILE).unlink()
+    except OSError:
+        return False
+    return True
 
 
 def read_known_agents(state_dir: Path) -> set[str]:

@@ -39,6 +39,7 @@ specific to each.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
@@ -256,12 +257,20 @@ class JsonlLog:
             self.open()
         with self._lock:
             assert self._fd is not None
-            _write_all(self._fd, data)
+            size = os.fstat(self._fd).st_size
+            try:
+                _write_all(self._fd, data)
+                if sync:
+                    os.fsync(self._fd)
+            except OSError:
+                # All or nothing (a full disk): half a batch left behind would glue the
+                # next record onto a torn line, and lose both.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size)
+                raise
             self.size += len(data)
             if self.day is None:
                 self.day = utc_ts()[:10]
-            if sync:
-                os.fsync(self._fd)
 
     def repair(self) -> int:
         """Truncate a partial last line (the torn tail of a crash); returns bytes dropped."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -382,14 +383,14 @@ class FaultRun:
                       timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until every slot before ``until`` has a final record (or ``timeout``): the
         fleet is whole, so anything still missing then is missing for good."""
-        marks_needed = {(job, agent) for job, agents in targets.items() for agent in agents}
+        wanted = {(job, agent) for job, agents in targets.items() for agent in agents}
 
         def settled() -> list[dict[str, Any]] | None:
             runs = self.center.runs()
             done = {(r.get("job"), a) for r in finished(runs)
                     if (parse_ts(r.get("last_scheduled_at") or r.get("scheduled_at")) or 0) >= until
                     for a in str(r.get("agent")).split(",")}
-            return runs if marks_needed <= done else None
+            return runs if wanted <= done else None
 
         with contextlib.suppress(AssertionError):
             return wait_for(settled, timeout, "the last slots of the window to be recorded")
@@ -401,8 +402,6 @@ class FaultRun:
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:
-    import json
-
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -80,7 +80,7 @@ def test_every_slot_of_every_target_has_exactly_one_final_record(tmp_path: Path)
             fleet.step()
         fleet.heal()
         end = time.time()
-        runs = fleet.window_closed(end + 2.0, targets)
+        fleet.window_closed(end + 2.0, targets)
     finally:
         fleet.close()
     runs = fleet.center.runs()  # with what the last center recorded as it stopped

@@ -366,3 +366,26 @@ def test_a_center_on_a_full_disk_stops_cleanly_and_says_so(tmp_path: Path) -> No
             assert stopped and stopped[-1]["reason"] == "crashed", stopped
         finally:
             c.stop()
+
+
+def test_catch_up_covers_only_jobs_that_existed_during_the_outage(tmp_path: Path) -> None:
+    """A job added right after a restart gets no ``missed`` for the outage before it
+    existed (issue 9, item 22: the catch-up, delayed by a heartbeat, ran for it too)."""
+    c = FleetCenter(tmp_path, heartbeat=2.0)
+    c.write("jobs.yaml", "apiVersion: cronfile/v1\njobs:\n" + LOCAL_EVERY_SECOND)
+    try:
+        c.start()
+        c.until(lambda rs: finished(rs, "tick", "succeeded"), 10, "a first run")
+        c.kill()
+        down = time.time()
+        wait_for(lambda: time.time() > down + 2.5, 5, "an outage")
+        c.start()
+        c.write("later.yaml", "apiVersion: cronfile/v1\njobs:\n"
+                "  later: {command: 'true', schedule: '*/1 * * * * *'}\n")
+        runs = c.until(lambda rs: finished(rs, "later", "succeeded") and
+                       finished(rs, "tick", "missed"), 10, "the new job to run, the outage recorded")
+        wait_for(lambda: time.time() > down + 6, 5, "past the old catch-up delay")
+        assert not finished(c.runs(), "later", "missed"), finished(c.runs(), "later")
+        assert finished(runs, "tick", "missed")
+    finally:
+        c.stop()

@@ -147,7 +147,15 @@ class FaultProxy:
 
 # --------------------------------------------------------------------------- the checker
 
-MARK_LINE = '"$CRONFILE_JOB" "$CRONFILE_SCHEDULED_AT" "${FLEET_AGENT:-local}" "$CRONFILE_RUN_ID"'
+MARK_LINE = '"$CRONFILE_JOB" "$CRONFILE_SCHEDULED_AT" "$CRONFILE_STATE_DIR" "$CRONFILE_RUN_ID"'
+"""Where a run ran comes from its state directory: ``agent-NAME`` for agent NAME (see
+:class:`~fleetlib.AgentProc`), the center's own for ``local`` (jobs get a minimal
+environment: nothing of the agent's own is inherited)."""
+
+
+def _target_of(state_dir: str) -> str:
+    name = Path(state_dir).name
+    return name.removeprefix("agent-") if name.startswith("agent-") else "local"
 
 
 def mark_command(marks: Path) -> str:
@@ -170,7 +178,7 @@ def read_marks(path: Path) -> list[Mark]:
         for line in path.read_text().splitlines():
             parts = line.split()
             if len(parts) == 4 and (slot := parse_ts(parts[1])) is not None:
-                out.append(Mark(parts[0], round(slot), parts[2], parts[3]))
+                out.append(Mark(parts[0], round(slot), _target_of(parts[2]), parts[3]))
     return out
 
 

@@ -254,6 +254,8 @@ class Center:
             if done.exception() is not None:
                 self._failed_batches += 1  # before anything queued after it runs
                 loop.call_soon_threadsafe(self._append_failed, batch, done.exception())
+            else:
+                loop.call_soon_threadsafe(self._finals_written, batch)
 
         self.ledger.submit(self.ledger.write_runs, encode_records(batch)).add_done_callback(written)
         if self.ha is not None:
@@ -265,10 +267,13 @@ class Center:
         for record in batch:
             self.records.add(record)
 
-    def _final_queued(self, run_id: str) -> None:
-        ending = self._agent_runs_ending.pop(run_id, None)
-        if ending is not None and not ending.done():
-            ending.set_result(None)
+    def _finals_written(self, batch: list[dict[str, Any]]) -> None:
+        """A batch is on disk: the agent runs whose final record it holds may be acked."""
+        for record in batch:
+            if record.get("record") == "finished":
+                ending = self._agent_runs_ending.pop(str(record.get("run_id")), None)
+                if ending is not None and not ending.done():
+                    ending.set_result(None)
 
     async def _outcome_recorded(self, run_id: str) -> bool:
         """Wait until the final record of a run this center sent to an agent is durable;
@@ -276,13 +281,14 @@ class Center:
 
         The hub acks an agent's outcome only when :meth:`agent_outcome` returns: the agent
         forgets what is acked, so an ack ahead of the record would lose the outcome with a
-        center killed in between. The record is written by the run's watcher (possibly
-        deferred past a burst), so this waits for it to be queued and then writes it."""
+        center killed in between. The record is queued by the run's watcher (possibly
+        deferred past a burst) and written on the ledger's writer thread: this waits until
+        the batch that holds it is on disk."""
         ending = self._agent_runs_ending.get(run_id)
         if ending is None:
             return False
+        self.records.flush()  # no need to wait for the batching timer
         await asyncio.shield(ending)
-        self.records.flush()
         return True
 
     def _event(self, name: str, **fields: Any) -> None:
@@ -1169,7 +1175,6 @@ class Center:
         refused = NoOutcomeRecord(base, status, reason,
                                   finished_at=iso(self.clock.time())).to_json()
         self.records.add(refused)
-        self._final_queued(request.run_id)
         self._outcome(action.job.name, refused)
         follow = self.scheduler.finished(action.job.name, request.run_id, status,
                                          None, action.scheduled_at, action.attempt,
@@ -1204,7 +1209,6 @@ class Center:
             outcome = replace(outcome, reason=run.stop_reason)
         final = {**run.base, "record": "finished", **outcome_fields(outcome)}
         self.records.add(final)
-        self._final_queued(run.run_id)
         self._outcome(run.job, final)
         if outcome.status is RunStatus.LOST:
             self.lost_bases[run.run_id] = run.base
@@ -1385,6 +1389,8 @@ class Center:
             if done.exception() is not None and batch:
                 self._failed_batches += 1
                 loop.call_soon_threadsafe(self._append_failed, batch, done.exception())
+            elif batch:
+                loop.call_soon_threadsafe(self._finals_written, batch)
 
         self.ledger.submit(records_then_mark).add_done_callback(written)
 

@@ -79,6 +79,7 @@ def test_a_revision_that_breaks_the_policy_is_rejected_and_the_last_good_one_kep
         assert second["errors"] == [refusing]
         assert second["kept"]["content_hash"] == good
         status = c.cli("status")
-        assert status.returncode == 0 and "REJECTED" in status.stdout
+        # exit 1 while the last change is rejected (issue 9, item 10)
+        assert status.returncode == 1 and "REJECTED" in status.stdout
     finally:
         c.stop()

@@ -326,11 +326,11 @@ class Center:
         """Every final outcome passes here once: the log line, metrics, notifications and
         expectations."""
         status = RunStatus(record["status"])
-        if status in LOGGED_OUTCOMES:
+        if self.options.log_runs:  # a line for every run, bad ones included
+            log_run(record)
+        elif status in LOGGED_OUTCOMES:
             log.warning("%s", describe_outcome(record))
         self.metrics.run_finished(job_name, str(record["status"]), record.get("duration_s"))
-        if self.options.log_runs:
-            log_run(record)
         strip = self.recent.get(job_name)
         if strip is None:
             strip = self.recent[job_name] = deque(maxlen=RECENT_RUNS)

@@ -746,10 +746,16 @@ class Center:
         fields: dict[str, Any] = {"reason": "crashed" if self.state is RunState.CRASHED else "signal"}
         if self._crash_cause:
             fields["error"] = self._crash_cause
-        stopped = encode_records([{"event": "center_stopped", **fields, "pid": os.getpid(),
-                                   "agent_runs_left": sum(1 for r in self.running.values()
-                                                          if r.base.get("transport") == "tcp")}])
-        batch = encode_records(self.records.take())
+        event = {"event": "center_stopped", **fields, "pid": os.getpid(),
+                 "agent_runs_left": sum(1 for r in self.running.values()
+                                        if r.base.get("transport") == "tcp")}
+        records = self.records.take()
+        if self.ha is not None:  # the ledger of record gets them too, as every write
+            if records:
+                self.ha.mirror("run", records)
+            self.ha.mirror("event", [event])
+        stopped = encode_records([event])
+        batch = encode_records(records)
         mark = self._watermark_mark()
         for last_try in (False, True):
             try:

@@ -26,6 +26,7 @@ from cronfile.schedules.model import (
     Notify,
     NotifyFormat,
     OnChange,
+    Pool,
     RestartPolicy,
     RestartPolicyKind,
     Retries,
@@ -99,6 +100,7 @@ FULL_JOB = Job(
     run_at=1798124400.0,
     active=Active(1796079600.0, 1799276400.0),
     skip=(Calendar("holidays", ("2026-12-25",), ((1798153200.0, 1798182000.0),)),),
+    pool=Pool("db-heavy", 2),
     description="Every field set — ünïcode too",
     owner="team-data",
     source=Source("schedules/data.yaml", 12, 3),
@@ -109,6 +111,7 @@ FULL_AGENT = Agent(
     SshConfig(host="db-1.internal", port=2222, user="cron", key="/k", known_hosts="/kh",
               passphrase_file="/pf", passphrase_env="PASS", sudo=False),
     Source("schedules/inventory.yaml", 4, 3),
+    max_running=4,
 )
 
 

@@ -42,6 +42,7 @@ from cronfile.center.control import ControlServer, ControlSocketError
 from cronfile.center.counters import RunMetrics
 from cronfile.center.gitsync import GitError, GitFollower
 from cronfile.center.options import CenterOptions
+from cronfile.center.pools import PlaceGate, Waiting
 from cronfile.center.port import AgentView, CenterSnapshot, RecentRun
 from cronfile.center.records import NoOutcomeRecord, RecordWriter
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
@@ -59,6 +60,7 @@ from cronfile.center.statefiles import (
     release_reserve,
     reserve_space,
     write_center_file,
+    write_places_file,
     write_watermark,
 )
 from cronfile.clock import Clock, SystemClock
@@ -195,6 +197,9 @@ class Center:
         self._success_watch: set[str] = set()
         self.hub: AgentHub | None = None  # the agent hub, when agents are enabled
         self.router = Router(self.local, options.known_hosts, self._spawn)
+        self.places = PlaceGate()  # pools and agent caps (see cronfile.center.pools)
+        self.pool_caps: dict[str, int] = {}  # the pools the jobs use, for status
+        self._places_written, self._places_written_at = -1, 0.0
         # A load or a reload frees most of what it allocated: give it back to the system.
         self.reloads = Reloader(self.loader, options.state, lambda: self.desired,
                                 lambda state, diff: self._apply(state, diff=diff),
@@ -781,7 +786,12 @@ class Center:
         old = self.desired
         self.desired = state
         self.router.inventory = state.agents
+        self.places.set_agent_caps({a.name: a.max_running for a in state.agents.values()
+                                    if a.max_running is not None})
+        self.pool_caps = {j.pool.name: j.pool.max_running for j in state.jobs.values()
+                          if j.pool is not None}
         for name in diff.jobs.removed:
+            self.places.forget_job(name)  # its waiting starts will not run
             self._success_watch.discard(name)
             self.scheduler.remove_job(name)
             self._stop_daemon(name)
@@ -892,6 +902,9 @@ class Center:
             # Stamped with the tick's own time: a tick that stalled handled nothing after it.
             self._last_tick = now
             self._write_watermark()
+            if self.places.waiting_count():
+                self._expire_waiting(now)
+            self._write_places(now)
             if now - self._last_expect_check >= 5.0:
                 self._last_expect_check = now
                 self._check_success_within()
@@ -949,6 +962,10 @@ class Center:
                             action.job, action.scheduled_at, RunStatus.SKIPPED,
                             "previous run still running on this target (concurrency: forbid)",
                             attempt=action.attempt), agent=target.agent))
+                        continue
+                    if self.places.needs_place(action.job, target.agent) \
+                            and not self.places.take((action, target)):
+                        results.append(self._wait_for_place(action, target))
                         continue
                     starts.append((action, target))
         if starts:
@@ -1182,6 +1199,7 @@ class Center:
                                   finished_at=iso(self.clock.time())).to_json()
         self.records.add(refused)
         self._outcome(action.job.name, refused)
+        self._give_place_back(action, target.agent)
         follow = self.scheduler.finished(action.job.name, request.run_id, status,
                                          None, action.scheduled_at, action.attempt,
                                          target.agent, self.clock.time())
@@ -1216,6 +1234,7 @@ class Center:
         final = {**run.base, "record": "finished", **outcome_fields(outcome)}
         self.records.add(final)
         self._outcome(run.job, final)
+        self._give_place_back(action, run.agent)
         if outcome.status is RunStatus.LOST:
             self.lost_bases[run.run_id] = run.base
         follow = self.scheduler.finished(run.job, run.run_id, outcome.status, outcome.exit_code,
@@ -1226,6 +1245,66 @@ class Center:
         if waiter is not None:
             waiter.set()
         self._wake.set()
+
+    def _wait_for_place(self, action: StartRun, target: Target) -> dict[str, Any]:
+        """The start's pool or agent is full: it waits, and counts as a run of its job
+        meanwhile (``concurrency: forbid`` skips the job's next slot as for a running one)."""
+        waiting = self.places.wait((action, target), self.clock.time())
+        self.scheduler.started(action.job.name, waiting.token)
+        return {"job": action.job.name, "agent": target.agent, "status": "waiting",
+                "reason": "waiting for a place (its pool or agent is full)"}
+
+    def _give_place_back(self, action: StartRun, agent: str) -> None:
+        """A run's outcome is known: its pool and agent places go to the oldest waiting
+        starts that fit (dispatched at once)."""
+        if not self.places.needs_place(action.job, agent):
+            return
+        admitted = self.places.release(action.job, agent)
+        if admitted and not self._stopping.is_set():
+            self._spawn(self._dispatch_admitted(admitted))
+
+    async def _dispatch_admitted(self, admitted: list[Waiting]) -> None:
+        """Dispatch starts that got their places; each stops counting as waiting once its
+        real run counts (from ``_prepare_chunk`` on)."""
+        try:
+            await self._dispatch([waiting.start for waiting in admitted])
+        finally:
+            follow: list[Action] = []
+            for waiting in admitted:
+                follow.extend(self.scheduler.forget_run(waiting.job.name, waiting.token,
+                                                        self.clock.time()))
+            if follow and not self._stopping.is_set():
+                await self.perform(follow)
+
+    def _write_places(self, now: float) -> None:
+        """``places.json`` for ``status``: when pools or caps exist and their use moved, at
+        most once a second."""
+        if (self.pool_caps or self.places.agent_caps) and self.places.version != self._places_written \
+                and now - self._places_written_at >= 1.0:
+            self._places_written, self._places_written_at = self.places.version, now
+            with contextlib.suppress(OSError):
+                write_places_file(self.state_dir, self.places.snapshot(self.pool_caps, now))
+
+    def _expire_waiting(self, now: float) -> None:
+        """Starts that waited for a place past their deadline: recorded ``missed``."""
+        follow: list[Action] = []
+        for waiting in self.places.expired(now):
+            job = waiting.job
+            pool = f"pool {job.pool.name} (max_running {job.pool.max_running})" \
+                if job.pool is not None else ""
+            cap = self.places.agent_caps.get(waiting.agent)
+            host = f"agent {waiting.agent} (max_running {cap})" if cap is not None else ""
+            full = " or ".join(x for x in (pool, host) if x)
+            self._record_slot(RecordSlot(
+                job, waiting.scheduled_at, RunStatus.MISSED,
+                f"no place in {full} within starting_deadline ({waiting.wait_s:g}s); "
+                f"waited since {iso(waiting.since)}",
+                attempt=waiting.start[0].attempt))
+            follow.extend(self.scheduler.finished(
+                job.name, waiting.token, RunStatus.MISSED, None, waiting.scheduled_at,
+                waiting.start[0].attempt, waiting.agent, now))
+        if follow:
+            self._spawn(self.perform(follow))
 
     def _stop_runs(self, job: str, reason: str) -> int:
         """Stop every run of ``job`` (recorded ``killed`` with ``reason``); how many."""

@@ -131,7 +131,8 @@ async def run_now(center: Operations, name: str) -> dict[str, Any]:
     if not center.has_job(name):
         return {"ok": False, "error": f"no job named {name!r}"}
     results = await center.run_job(name)
-    started = [r for r in results if r.get("status") == "started"]
+    # a start waiting for a place in its pool (or on its agent) is accepted too
+    started = [r for r in results if r.get("status") in ("started", "waiting")]
     if not started:
         reasons = "; ".join(str(r.get("reason") or r.get("status")) for r in results)
         return {"ok": False, "job": name, "results": results,

@@ -486,6 +486,16 @@ class Scheduler:
         if state is not None and state.running:
             state.running.discard(run_id)
 
+    def forget_run(self, name: str, run_id: str, now: float) -> list[Action]:
+        """``run_id`` no longer counts as running, with no outcome of its own (a start
+        that waited for a place in its pool now runs under its real id): the job's
+        queued start may go now."""
+        state = self._jobs.get(name)
+        if state is None or not state.running:
+            return []
+        state.running.discard(run_id)
+        return self._start_queued(state, now)
+
     def finished(self, name: str, run_id: str, status: RunStatus, exit_code: int | None,
                  slot: float, attempt: int, target: str | None, now: float) -> list[Action]:
         """A run ended: maybe retry it, maybe start the jobs that come ``after`` it."""

@@ -2,6 +2,8 @@
 
 * ``center.lock``: held for the life of the process (one center per state directory);
 * ``center.json``: who runs (pid, start, listen address), removed on a clean stop;
+* ``places.json``: each pool's and capped agent's runs in flight and waiting starts, for
+  ``cronfile status`` (rewritten at most once a second while they change);
 * ``watermark``: all slots up to it were handled, which tells the next start how long it
   was down (fsynced: an empty watermark after a power cut would hide the outage).
 """
@@ -20,6 +22,7 @@ from cronfile.state.private import FILE_MODE
 
 WATERMARK_FILE = "watermark"
 CENTER_FILE = "center.json"
+PLACES_FILE = "places.json"
 
 
 def read_watermark(state_dir: Path, last_ts: str | None) -> float | None:
@@ -40,6 +43,18 @@ def write_watermark(state_dir: Path, mark: float) -> None:
     try:
         os.write(fd, f"{mark:.3f}\n".encode())
         os.fsync(fd)  # an empty watermark after a power cut would hide the outage
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_places_file(state_dir: Path, snapshot: dict[str, Any]) -> None:
+    """``places.json`` (atomic replace; not fsynced: status only, rebuilt by the center)."""
+    path = state_dir / PLACES_FILE
+    tmp = path.with_suffix(".tmp-places")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, json.dumps(snapshot, indent=1).encode() + b"\n")
     finally:
         os.close(fd)
     os.replace(tmp, path)

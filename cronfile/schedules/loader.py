@@ -48,6 +48,7 @@ from cronfile.schedules.model import (
     NotifyFormat,
     OnChange,
     Policy,
+    Pool,
     RestartPolicy,
     RestartPolicyKind,
     Retries,
@@ -78,6 +79,7 @@ class FileResult:
     jobs: list[Job] = field(default_factory=list)
     agents: list[Agent] = field(default_factory=list)
     calendars: list[Calendar] = field(default_factory=list)
+    pools: list[Pool] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     # What the checks across files need, not the whole parsed file (its data and every
     # key's mark would cost memory per job): the declared names (their marks are in
@@ -202,7 +204,7 @@ class ScheduleLoader:
         if has_errors(problems):
             return LoadResult(None, problems, files, counts)
         state = DesiredState(
-            jobs=_with_calendars(results),
+            jobs=with_shared_parts(results),
             agents={a.name: a for r in results for a in r.agents},
             revision=Revision(_content_hash(results, self.root),
                               git_commit(self.root) if with_git else None),
@@ -216,15 +218,20 @@ class ScheduleLoader:
 _RACY_NS = 2_000_000_000
 
 
-def _with_calendars(results: list[FileResult]) -> dict[str, Job]:
-    """Every job by name, its ``skip`` names resolved to the calendars (declared in any
-    file): a changed calendar then changes the jobs that skip it, as a plan should show."""
+def with_shared_parts(results: list[FileResult]) -> dict[str, Job]:
+    """Every job by name, its ``skip`` names resolved to the calendars and its ``pool`` name
+    to the pool (declared in any file): a changed calendar or cap then changes the jobs
+    that use it, as a plan should show. (Also used for an applied state read back from its
+    stored files.)"""
     calendars = {c.name: c for r in results for c in r.calendars}
+    pools = {p.name: p for r in results for p in r.pools}
     jobs = {}
     for r in results:
         for j in r.jobs:
             if j.skip:
-                j = replace(j, skip=tuple(calendars[c.name] for c in j.skip))
+                j = replace(j, skip=tuple(calendars.get(c.name, c) for c in j.skip))
+            if j.pool is not None:
+                j = replace(j, pool=pools.get(j.pool.name, j.pool))
             jobs[j.name] = j
     return jobs
 
@@ -382,7 +389,7 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     result.problems = doc.problems
     data = doc.data
     if isinstance(data, dict):
-        for section in ("jobs", "agents", "calendars"):
+        for section in ("jobs", "agents", "calendars", "pools"):
             names = data.get(section)
             if isinstance(names, dict):
                 result.names[section] = tuple(names)
@@ -394,7 +401,8 @@ def load_file(rel: str, raw: bytes, digest: str = "") -> FileResult:
     return result
 
 
-_KEPT_MARKS = frozenset(("after", "targets", "skip", "run_as", "command", "notify"))  # last 3: policy
+_KEPT_MARKS = frozenset(("after", "targets", "skip", "pool",
+                         "run_as", "command", "notify"))  # last 3: policy
 
 
 Failed = set[tuple[str | int, ...]]
@@ -437,6 +445,7 @@ class _FileBuilder:
                 self.failed_jobs.setdefault(str(p[1]), set()).update(p[2:3])
         self.failed_agents = {p[1] for p in failed if len(p) > 1 and p[0] == "agents"}
         self.failed_calendars = {p[1] for p in failed if len(p) > 1 and p[0] == "calendars"}
+        self.failed_pools = {p[1] for p in failed if len(p) > 1 and p[0] == "pools"}
         self._base: dict[str, Any] | None = None
         self._base_bad = False
         self.now = time.time()  # validate warns about the daylight-saving changes ahead
@@ -448,6 +457,9 @@ class _FileBuilder:
                 calendar = self.calendar(name, raw)
                 if calendar is not None:
                     self.result.calendars.append(calendar)
+        for name, raw in _entries(data, "pools"):
+            if isinstance(raw, dict) and name not in self.failed_pools:
+                self.result.pools.append(Pool(name, int(raw["max_running"])))
         for name, raw in _entries(data, "agents"):
             if name not in self.failed_agents:
                 agent = self.agent(name, raw)
@@ -516,7 +528,9 @@ class _FileBuilder:
                             key=s.get("key"), known_hosts=s.get("known_hosts"),
                             passphrase_file=s.get("passphrase_file"),
                             passphrase_env=s.get("passphrase_env"), sudo=s.get("sudo", True))
-        return Agent(name, _labels(raw.get("labels")), ssh, _source(self.doc, path))
+        cap = raw.get("max_running")
+        return Agent(name, _labels(raw.get("labels")), ssh, _source(self.doc, path),
+                     max_running=None if cap is None else int(cap))
 
     # ----------------------------------------------------------------- jobs
 
@@ -803,6 +817,8 @@ _CONVERTERS: dict[str, tuple[str, Any, Any]] = {
     "owner": ("owner", _text, ""),
     # names only here; the loader puts the calendars in once every file is read
     "skip": ("skip", lambda _b, v, _p: tuple(Calendar(n) for n in v), ()),
+    # the name only here; the loader puts the pool in once every file is read
+    "pool": ("pool", lambda _b, v, _p: Pool(v), None),
 }
 
 
@@ -817,7 +833,7 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
     """
     problems: list[Problem] = []
     declared: dict[str, dict[str, Any]] = {}  # section -> every name declared there
-    for section in ("jobs", "agents", "calendars"):
+    for section in ("jobs", "agents", "calendars", "pools"):
         # Merged with dict operations; the names defined twice (rare) are then looked for.
         seen: dict[str, Any] = {}
         total = 0
@@ -834,7 +850,7 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
             for name in r.names.get(section, ()):
                 mark = r.doc.mark((section, name)) if r.doc is not None else Mark(1, 1)
                 everywhere.setdefault(name, []).append((r.file, mark))
-        kind = section[:-1]  # job, agent, calendar
+        kind = section[:-1]  # job, agent, calendar, pool
         for name, places in everywhere.items():
             if len(places) < 2:
                 continue
@@ -848,9 +864,14 @@ def check_across_files(results: list[FileResult]) -> list[Problem]:
     docs = {r.file: r.doc for r in results}
     matched: dict[tuple[tuple[str, str], ...], bool] = {}  # labels -> some agent has them
     for job in jobs.values():
-        if not job.after and not job.targets.agents and not job.targets.labels and not job.skip:
+        if not job.after and not job.targets.agents and not job.targets.labels and not job.skip \
+                and job.pool is None:
             continue
         doc = docs.get(job.source.file)
+        if job.pool is not None and job.pool.name not in declared["pools"]:
+            hint = did_you_mean(job.pool.name, declared["pools"])
+            problems.append(_located(doc, job, ("pool",), f"no pool named {job.pool.name!r} "
+                                     f"in the pools: of any file{hint}"))
         for i, calendar in enumerate(job.skip):
             if calendar.name not in declared["calendars"]:
                 hint = did_you_mean(calendar.name, declared["calendars"])

@@ -251,6 +251,22 @@ class Calendar:
 
 
 @dataclass(frozen=True, slots=True)
+class Pool:
+    """A fleet-wide cap on the runs in flight of the jobs that name it (``pool:``).
+
+    Resolved into each job by the loader, like calendars: a changed cap then changes the
+    jobs of the pool, which is how ``plan`` shows it."""
+
+    name: str
+    max_running: int = 0
+
+
+DEFAULT_POOL_WAIT_S = 3600.0
+"""How long a run that finds its pool (or its agent) full waits when the job sets no
+``starting_deadline``."""
+
+
+@dataclass(frozen=True, slots=True)
 class SkipIndex:
     """The calendars of a job as non-overlapping ``[start, end)`` instants with a reason each:
     asked for every slot of every job that skips a calendar, one bisect per slot."""
@@ -330,6 +346,7 @@ class Job:
     on_change: OnChange = OnChange.LET_FINISH
     active: Active | None = None
     skip: tuple[Calendar, ...] = ()  # resolved by the loader from the names written
+    pool: Pool | None = None  # resolved by the loader from the name written
     description: str = ""
     owner: str = ""
     source: Source = field(default=Source("", 0), compare=False)
@@ -365,6 +382,7 @@ class Agent:
     labels: tuple[tuple[str, str], ...] = field(default=(), metadata=MAPPING)
     ssh: SshConfig | None = None
     source: Source = field(default=Source("", 0), compare=False)
+    max_running: int | None = None  # never more runs at once on this host (None: no cap)
 
     def definition(self) -> dict[str, Any]:
         return dict(to_plain(self))

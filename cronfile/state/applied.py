@@ -112,7 +112,11 @@ def state_from_json(data: Any) -> DesiredState:
 
 def _state_from_sources(data: dict[str, Any]) -> DesiredState:
     """A ``"v": 2`` state: each stored file loaded again, as it was when it was applied."""
-    from cronfile.schedules.loader import load_file  # the loader is the only parser of these files
+    from cronfile.schedules.loader import (  # the loader is the only parser of these files
+        FileResult,
+        load_file,
+        with_shared_parts,
+    )
     from cronfile.schedules.problems import Severity
 
     unknown = set(data) - {"v", "revision", "files"}
@@ -123,6 +127,7 @@ def _state_from_sources(data: dict[str, Any]) -> DesiredState:
     agents: dict[str, Agent] = {}
     sources: dict[str, str] = {}
     policy = None  # the revision was valid when applied: at most one file holds it
+    results: list[FileResult] = []
     for i, entry in enumerate(_list(data.get("files", []), "files")):
         if not (isinstance(entry, dict) and set(entry) == {"file", "sha256", "text"}
                 and all(isinstance(v, str) for v in entry.values())):
@@ -132,6 +137,7 @@ def _state_from_sources(data: dict[str, Any]) -> DesiredState:
         if digest != entry["sha256"]:
             raise StateFileError(f"files[{i}] ({entry['file']}): its text does not match its sha256")
         result = load_file(entry["file"], raw, digest)
+        results.append(result)
         errors = [p for p in result.problems if p.severity is Severity.ERROR]
         if errors:
             raise StateFileError(f"files[{i}] ({entry['file']}) no longer loads: {errors[0].render()}")
@@ -145,6 +151,9 @@ def _state_from_sources(data: dict[str, Any]) -> DesiredState:
             agents[agent.name] = agent
         sources[entry["file"]] = digest
         policy = result.policy or policy
+    # calendars and pools are declared in one file and named from others: resolved as the
+    # loader does, or a restored job would skip nothing and its pool would have no cap
+    jobs = with_shared_parts(results)
     return DesiredState(jobs=jobs, agents=agents, revision=revision, sources=sources,
                         policy=policy)
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,7 @@ def build_status(state_dir: Path, now: float | None = None,
         connected = []  # a stopped center has no connections, whatever the file says
     agents = _hosts(applied, connected, by_host)
     git = read_git_state(state_dir)
+    places = _places(state_dir, applied, center is not None)
     return {
         "center": {"running": center is not None, **(center or {})},
         **({"git": git} if git is not None else {}),
@@ -166,8 +168,39 @@ def build_status(state_dir: Path, now: float | None = None,
         "last_rejection": rejection and {"ts": rejection.get("ts"), "errors": rejection.get("errors")},
         "jobs": jobs,
         "agents": agents,
+        "pools": places["pools"],
+        "agent_caps": places["agents"],
         "unreadable_ledger_lines": summary.skipped,
     }
+
+
+def _places(state_dir: Path, applied: Any, live: bool) -> dict[str, dict[str, Any]]:
+    """Each pool (and capped agent): its cap from the applied state, its runs in flight
+    and waiting starts from the running center's ``places.json`` (none when it is down)."""
+    now: dict[str, Any] = {}
+    if live:
+        with contextlib.suppress(OSError, ValueError):
+            now = json.loads((state_dir / "places.json").read_text())
+    out: dict[str, dict[str, Any]] = {"pools": {}, "agents": {}}
+    if applied is None:
+        return out
+    caps = {"pools": {j.pool.name: j.pool.max_running for j in applied.jobs.values()
+                      if j.pool is not None},
+            "agents": {a.name: a.max_running for a in applied.agents.values()
+                       if a.max_running is not None}}
+    for kind, by_name in caps.items():
+        seen = now.get(kind)
+        if not isinstance(seen, dict):
+            seen = {}
+        for name, cap in sorted(by_name.items()):
+            use = seen.get(name)
+            if not isinstance(use, dict):
+                use = {}
+            out[kind][name] = {"max_running": cap, "running": use.get("running", 0),
+                               "waiting": use.get("waiting", 0),
+                               "oldest_waiting_since": use.get("oldest_waiting_since"),
+                               "waiting_jobs": use.get("waiting_jobs", [])}
+    return out
 
 
 def _hosts(applied: Any, connected: list[dict[str, Any]],
@@ -259,6 +292,16 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
             why = f"  ({a['last_route']})" if a.get("last_route") else ""
             lines.append(f"{a.get('name', ''):<20} {since:<27} {beat:<27} "
                          f"{str(a.get('last_transport') or '-'):<9} {labels}{why}")
+    places = [("pool", n, p) for n, p in status.get("pools", {}).items()]
+    places += [("agent", n, p) for n, p in status.get("agent_caps", {}).items()]
+    if places:
+        lines.append("")
+        lines.append(f"{'POOL / AGENT CAP':<28} {'RUNNING':>7} {'MAX':>7} {'WAITING':>7}  OLDEST WAITING")
+        for kind, name, p in places:
+            since = p.get("oldest_waiting_since")
+            oldest = datetime.fromtimestamp(since, UTC).isoformat() if since else "-"
+            lines.append(f"{kind + ' ' + name:<28} {p['running']:>7} {p['max_running']:>7} "
+                         f"{p['waiting']:>7}  {oldest}")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cronfile.center.port import Operations, fire, run_now, sync
+from cronfile.center.port import Operations, backfill, fire, run_now, sync
 
 log = logging.getLogger("cronfile.control")
 SOCKET_NAME = "control.sock"
@@ -122,6 +122,8 @@ class ControlServer:
             except (TypeError, ValueError):
                 return {"ok": False, "error": "timeout: expected seconds"}
             return {"ok": True, "ended": await center.wait_run(str(request.get("run_id")), timeout)}
+        if op == "backfill":
+            return await backfill(center, request)
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown op {op!r}"}

@@ -38,6 +38,13 @@ from typing import TYPE_CHECKING, Any
 from cronfile import gcpause
 from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_file
 from cronfile.center.alerts import Notifier, runtime_alerts
+from cronfile.center.backfill import (
+    MAX_SLOTS,
+    MAX_UNCONFIRMED_SLOTS,
+    BackfillQueue,
+    BackfillRefused,
+    slots_in_range,
+)
 from cronfile.center.control import ControlServer, ControlSocketError
 from cronfile.center.counters import RunMetrics
 from cronfile.center.gitsync import GitError, GitFollower
@@ -71,6 +78,7 @@ from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
 from cronfile.state.ledger import Ledger, encode_records, iso, outcome_fields, utc_ts
 from cronfile.state.private import private_dir
+from cronfile.state.queries import recorded_slots
 from cronfile.state.retention import check_retention, parse_retention
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import (
@@ -199,6 +207,7 @@ class Center:
         self.router = Router(self.local, options.known_hosts, self._spawn)
         self.places = PlaceGate()  # pools and agent caps (see cronfile.center.pools)
         self.pool_caps: dict[str, int] = {}  # the pools the jobs use, for status
+        self.backfills = BackfillQueue()  # slots `cronfile backfill` still has to run
         self._places_written, self._places_written_at = -1, 0.0
         # A load or a reload frees most of what it allocated: give it back to the system.
         self.reloads = Reloader(self.loader, options.state, lambda: self.desired,
@@ -574,6 +583,38 @@ class Center:
     async def run_job(self, name: str) -> list[dict[str, Any]]:
         return await self.perform(self.scheduler.run_now(name, self.clock.time()))
 
+    async def backfill(self, name: str, start: float, end: float, dry_run: bool,
+                       confirmed: bool) -> dict[str, Any]:
+        """Queue the slots of ``name`` in ``[start, end]`` that have no record yet (see
+        :mod:`cronfile.center.backfill`); with ``dry_run`` only say which."""
+        job = self.scheduler.job(name)
+        if job is None:
+            raise BackfillRefused(f"no job named {name!r}")
+        found = slots_in_range(job, start, end, MAX_SLOTS if confirmed else MAX_UNCONFIRMED_SLOTS)
+        recorded = await asyncio.to_thread(recorded_slots, self.state_dir, name)
+        recorded |= {slot for job_name, slot, _agent in self.done_slots if job_name == name}
+        waiting = self.backfills.pending(name)
+        todo = tuple(t for t in found.slots if round(t, 3) not in recorded and t not in waiting)
+        answer = {"job": name, "slots": [iso(t) for t in todo], "count": len(todo),
+                  "already_recorded": sum(1 for t in found.slots if round(t, 3) in recorded),
+                  "already_queued": sum(1 for t in found.slots if t in waiting),
+                  "skipped_by_calendar": found.skipped_by_calendar, "dry_run": dry_run}
+        if not dry_run and todo:
+            self.backfills.add(name, todo)
+            self._event("backfill_queued", job=name, count=len(todo), first=iso(todo[0]),
+                        last=iso(todo[-1]))
+            self._pump_backfill(name)
+        return answer
+
+    def _pump_backfill(self, name: str) -> None:
+        """Start what the job's backfill may start now (its concurrency decides)."""
+        job = self.scheduler.job(name)
+        if job is None or self._stopping.is_set():
+            return
+        starts = self.backfills.next_starts(job, self.scheduler.is_running(name))
+        if starts:
+            self._spawn(self.perform(list(starts)))
+
     def trigger(self, event: str) -> list[str]:
         now = self.clock.time()
         names = self.scheduler.trigger(event, now)
@@ -792,6 +833,7 @@ class Center:
                           if j.pool is not None}
         for name in diff.jobs.removed:
             self.places.forget_job(name)  # its waiting starts will not run
+            self.backfills.forget(name)
             self._success_watch.discard(name)
             self.scheduler.remove_job(name)
             self._stop_daemon(name)
@@ -1205,6 +1247,8 @@ class Center:
                                          target.agent, self.clock.time())
         if follow:
             self._spawn(self.perform(follow))
+        else:
+            self._pump_backfill(action.job.name)
         return refused
 
     def _watch_run(self, run: _Running, action: StartRun) -> None:
@@ -1241,6 +1285,8 @@ class Center:
                                          run.slot, run.attempt, run.agent, self.clock.time())
         if follow and not self._stopping.is_set():
             self._spawn(self.perform(follow))
+        elif not follow:
+            self._pump_backfill(run.job)
         waiter = self._run_waiters.pop(run.run_id, None)
         if waiter is not None:
             waiter.set()
@@ -1305,6 +1351,8 @@ class Center:
                 waiting.start[0].attempt, waiting.agent, now))
         if follow:
             self._spawn(self.perform(follow))
+        for name in self.backfills.jobs():
+            self._pump_backfill(name)
 
     def _stop_runs(self, job: str, reason: str) -> int:
         """Stop every run of ``job`` (recorded ``killed`` with ``reason``); how many."""

@@ -89,6 +89,12 @@ class Operations(Protocol):
         False on timeout."""
         ...
 
+    async def backfill(self, name: str, start: float, end: float, dry_run: bool,
+                       confirmed: bool) -> dict[str, Any]:
+        """Queue (or with ``dry_run`` list) the slots of ``name`` to backfill; raises
+        ``BackfillRefused``."""
+        ...
+
 
 class CenterPort(Operations, Protocol):
     """Everything the HTTP side uses: the operations, plus what it reads."""
@@ -147,3 +153,21 @@ def fire(center: Operations, event: str) -> dict[str, Any]:
 async def sync(center: Operations, revision: str | None = None) -> dict[str, Any]:
     result = await center.reload(revision)
     return {"ok": result.get("applied", False) or result.get("unchanged", False), **result}
+
+
+async def backfill(center: Operations, request: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"ok", "job", "slots", "count", ...}`` (see ``cronfile backfill``), or
+    ``{"ok": False, "error"}``."""
+    from cronfile.center.backfill import BackfillRefused
+
+    name, start, end = request.get("job"), request.get("from"), request.get("to")
+    if not isinstance(name, str) or not center.has_job(name):
+        return {"ok": False, "error": f"no job named {name!r}"}
+    if not isinstance(start, int | float) or not isinstance(end, int | float):
+        return {"ok": False, "error": "backfill needs from and to (epoch seconds)"}
+    try:
+        answer = await center.backfill(name, float(start), float(end),
+                                       bool(request.get("dry_run")), bool(request.get("yes")))
+    except BackfillRefused as exc:
+        return {"ok": False, "error": str(exc)}
+    return {"ok": True, **answer}

@@ -486,6 +486,11 @@ class Scheduler:
         if state is not None and state.running:
             state.running.discard(run_id)
 
+    def is_running(self, name: str) -> bool:
+        """Whether the job has a run in flight (or a start waiting for a place)."""
+        state = self._jobs.get(name)
+        return state is not None and bool(state.running)
+
     def forget_run(self, name: str, run_id: str, now: float) -> list[Action]:
         """``run_id`` no longer counts as running, with no outcome of its own (a start
         that waited for a place in its pool now runs under its real id): the job's

@@ -596,6 +596,56 @@ def trigger(event: str, state_dir: Path, center_url: str | None, token_file: Pat
     sys.exit(0 if jobs else 1)
 
 
+@cli.command()
+@click.argument("job")
+@click.option("--from", "start", required=True, metavar="T",
+              help="First slot time to backfill, ISO-8601 (no offset = UTC); included.")
+@click.option("--to", "end", required=True, metavar="T",
+              help="Last slot time to backfill, ISO-8601 (no offset = UTC); included.")
+@click.option("--dry-run", is_flag=True, help="Only list the slots that would run.")
+@click.option("--yes", is_flag=True, help="Run a range of more than 10,000 slots.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@STATE
+def backfill(job: str, start: str, end: str, dry_run: bool, yes: bool, fmt: str,
+             state_dir: Path) -> None:
+    """Run the slots of JOB from --from to --to that have no record yet, oldest first."""
+    import json
+
+    from cronfile.center.control import CenterUnavailable, request
+
+    payload = {"op": "backfill", "job": job, "from": _instant(start, "--from"),
+               "to": _instant(end, "--to"), "dry_run": dry_run, "yes": yes}
+    try:
+        answer = request(state_dir, payload)
+    except CenterUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("error")))
+    if fmt == "json":
+        _echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}, indent=2) + "\n")
+        return
+    others = ", ".join(f"{answer[key]} {what}" for key, what in (
+        ("already_recorded", "already recorded"), ("already_queued", "already queued"),
+        ("skipped_by_calendar", "skipped by a calendar")) if answer.get(key))
+    verb = "would run" if dry_run else "queued"
+    lines = [f"backfill {job}: {answer['count']} slots {verb}" + (f" ({others})" if others else "")]
+    if dry_run:
+        lines += [f"  {slot}" for slot in answer["slots"]]
+    elif answer["count"]:
+        lines.append(f"follow them with: cronfile runs --job {job} --state {state_dir}")
+    _echo("\n".join(lines) + "\n")
+
+
+def _instant(text: str, option: str) -> float:
+    from cronfile.schedules.nexttimes import UsageError, parse_time
+
+    try:
+        return parse_time(text)
+    except UsageError:
+        raise click.BadParameter(f"{text!r} is not an ISO-8601 time (e.g. 2026-10-25T00:00:00Z)",
+                                 param_hint=option) from None
+
+
 @cli.group("import")
 def import_() -> None:
     """Turn other schedulers' files into schedule files."""

@@ -194,6 +194,17 @@ def _when_scheduled(view: dict[str, Any]) -> float:
         return 0.0
 
 
+def recorded_slots(state_dir: Path, job: str) -> set[float]:
+    """The scheduled times (epoch, to the millisecond) of every slot of ``job`` the ledger
+    has a record of, in any state: what a backfill must not run again."""
+    slots = set()
+    for view in query_runs(state_dir, RunQuery(job=job)):
+        at = _epoch(view.get("scheduled_at"))
+        if at is not None:
+            slots.add(round(at, 3))
+    return slots
+
+
 def find_run(state_dir: Path, run_id: str) -> list[dict[str, Any]]:
     """Every record of one run, in the order written (newest segments first, stopping at
     its first record)."""

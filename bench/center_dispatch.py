@@ -15,9 +15,12 @@ Beside it, in the same run (2 shared cores, noisy: medians of repeats are printe
   the same second, each job doing ``Popen(["/bin/true"])``; misfired/never-run jobs are counted.
 
 Usage: python bench/center_dispatch.py [--quick] [--ns 1,100,1000,10000] [--repeat R] [--features]
+[--pool]
 
 ``--features`` gives every job ``concurrency: queue``, an ``active`` window around now and
 ``skip:`` a calendar (whose day and window are not today): the ratios must not move with them.
+``--pool`` puts every job in one pool of ``max_running: 100000`` (the cap is never reached:
+what is measured is the cost of counting places): the ratios must not move with it either.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def six_field(ts: float) -> str:
 
 
 FEATURES: list[str] = []  # extra job lines (--features): the scheduling options in play
+POOL: list[str] = []  # the pool's declaration (--pool), in the first file
 
 
 def write_schedules(root: Path, n: int, slot: float) -> None:
@@ -59,6 +63,8 @@ def write_schedules(root: Path, n: int, slot: float) -> None:
         if FEATURES and f == 0:  # one calendar for every job: a day and a window not today
             lines += ["calendars:", "  holidays:", "    dates: [2000-01-01]",
                       '    windows: [{from: "2000-01-02T00:00:00Z", to: "2000-01-03T00:00:00Z"}]']
+        if POOL and f == 0:
+            lines += POOL
         lines.append("jobs:")
         for k in range(f * JOBS_PER_FILE, min(n, (f + 1) * JOBS_PER_FILE)):
             lines.append(f"  j{k:05d}:")
@@ -70,6 +76,8 @@ def write_schedules(root: Path, n: int, slot: float) -> None:
                 lines.append('    command: ["/bin/true"]')
             lines.append("    timeout: 30s")
             lines.extend(FEATURES)
+            if POOL:
+                lines.append("    pool: everything")
         (root / f"f{f:04d}.yaml").write_text("\n".join(lines) + "\n")
 
 
@@ -240,7 +248,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, help="repeats per N (medians are printed)")
     ap.add_argument("--features", action="store_true",
                     help="every job with concurrency: queue, an active window around now and a calendar")
+    ap.add_argument("--pool", action="store_true",
+                    help="every job in one pool of max_running: 100000")
     args = ap.parse_args()
+    if args.pool:
+        POOL.extend(["pools:", "  everything: {max_running: 100000}"])
     if args.features:
         since, until = (datetime.fromtimestamp(time.time() + d, UTC).isoformat() for d in (-86400, 86400))
         FEATURES.extend(["    concurrency: queue", f'    active: {{from: "{since}", until: "{until}"}}',

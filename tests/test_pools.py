@@ -287,3 +287,43 @@ jobs:
     started = [r for r in runs if r.get("started_at")]
     for before, after in zip(started, started[1:], strict=False):
         assert after["started_at"] >= before["finished_at"], (before, after)
+
+
+def test_a_real_agent_never_runs_more_than_its_max_running(tmp_path: Path) -> None:
+    from fleetlib import AgentProc, FleetCenter
+
+    marks = tmp_path / "marks"
+    jobs = "".join(f"""\
+  on-a1-{i}:
+    schedule: "* * * * * *"
+    command: '{marking(marks, 0.6)}'
+    targets: {{agents: [a1]}}
+""" for i in range(4))
+    c = FleetCenter(tmp_path)
+    c.write("fleet.yaml", f"""\
+apiVersion: cronfile/v1
+agents:
+  a1: {{labels: {{team: t}}, max_running: 2}}
+jobs:
+{jobs}""")
+    agent = AgentProc(tmp_path, c, "a1")
+    try:
+        c.start()
+        agent.start()
+        c.wait_runs(lambda rs: len([r for r in finished(rs, status="succeeded")
+                                    if r.get("agent") == "a1"]) >= 10, 60, "ten runs on a1")
+        caps = wait_for(lambda: _status_caps(c), 15, "status to show the agent's cap")
+    finally:
+        agent.stop()
+        assert c.stop() == 0
+    peak, runs = max_overlap(marks)
+    assert runs >= 10
+    assert peak == 2, f"agent a1 (max_running 2) had {peak} runs at once"
+    assert caps["a1"]["max_running"] == 2
+
+
+def _status_caps(c: CenterProc) -> dict[str, dict[str, int]] | None:
+    done = c.cli("status", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    caps: dict[str, dict[str, int]] = json.loads(done.stdout)["agent_caps"]
+    return caps if caps.get("a1", {}).get("running") else None

@@ -327,3 +327,20 @@ def _status_caps(c: CenterProc) -> dict[str, dict[str, int]] | None:
     assert done.returncode == 0, done.stderr
     caps: dict[str, dict[str, int]] = json.loads(done.stdout)["agent_caps"]
     return caps if caps.get("a1", {}).get("running") else None
+
+
+def test_a_long_queue_drains_one_start_per_release_in_slot_order() -> None:
+    pool = Pool("db", 1)
+    jobs = [Job(f"j{i}", "x", pool=pool) for i in range(5001)]
+    gate = PlaceGate()
+    assert gate.take(start(jobs[0], 0.0))
+    for i in range(5000, 0, -1):  # arriving newest first
+        gate.wait(start(jobs[i], float(i)), 0.0)
+    order = []
+    running = jobs[0]
+    for _ in range(5000):
+        [got] = gate.release(running, "local")
+        order.append(got.scheduled_at)
+        running = got.job
+    assert order == [float(i) for i in range(1, 5001)]
+    assert gate.waiting_count() == 0 and gate.pool_use == {"db": 1}

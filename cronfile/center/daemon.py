@@ -1336,16 +1336,9 @@ class Center:
         follow: list[Action] = []
         for waiting in self.places.expired(now):
             job = waiting.job
-            pool = f"pool {job.pool.name} (max_running {job.pool.max_running})" \
-                if job.pool is not None else ""
-            cap = self.places.agent_caps.get(waiting.agent)
-            host = f"agent {waiting.agent} (max_running {cap})" if cap is not None else ""
-            full = " or ".join(x for x in (pool, host) if x)
-            self._record_slot(RecordSlot(
-                job, waiting.scheduled_at, RunStatus.MISSED,
-                f"no place in {full} within starting_deadline ({waiting.wait_s:g}s); "
-                f"waited since {iso(waiting.since)}",
-                attempt=waiting.start[0].attempt))
+            reason = waiting.missed_reason(self.places.agent_caps.get(waiting.agent), iso)
+            self._record_slot(RecordSlot(job, waiting.scheduled_at, RunStatus.MISSED, reason,
+                                         attempt=waiting.start[0].attempt))
             follow.extend(self.scheduler.finished(
                 job.name, waiting.token, RunStatus.MISSED, None, waiting.scheduled_at,
                 waiting.start[0].attempt, waiting.agent, now))

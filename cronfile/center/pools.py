@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,17 @@ class Waiting:
     @property
     def agent(self) -> str:
         return self.start[1].agent
+
+    def missed_reason(self, agent_cap: int | None, iso: Callable[[float], str | None]) -> str:
+        """The ``reason`` of its ``missed`` record: which places it waited for, how long."""
+        job = self.job
+        full = []
+        if job.pool is not None:
+            full.append(f"pool {job.pool.name} (max_running {job.pool.max_running})")
+        if agent_cap is not None:
+            full.append(f"agent {self.agent} (max_running {agent_cap})")
+        return (f"no place in {' or '.join(full)} within starting_deadline ({self.wait_s:g}s); "
+                f"waited since {iso(self.since)}")
 
     @property
     def token(self) -> str:

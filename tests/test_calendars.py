@@ -196,3 +196,17 @@ jobs:
     assert all(r["reason"].startswith("calendar freeze: inside its window ") for r in inside)
     outside = [r for r in records if r not in inside]
     assert outside and all(r["status"] == "succeeded" for r in outside)
+
+
+def test_an_applied_state_read_back_keeps_the_calendars_of_its_jobs(tmp_path: Path) -> None:
+    """The center reloads applied.json from its stored files: a calendar declared in one
+    file and skipped from another must come back with its dates and windows."""
+    from cronfile.state.applied import read_applied, write_applied
+
+    state = load_schedules(write(tmp_path, {"cal.yaml": CALENDAR, "jobs.yaml": JOB})).state
+    assert state is not None
+    write_applied(tmp_path / "state", state)
+    restored = read_applied(tmp_path / "state")
+    assert restored is not None
+    assert restored.jobs["daily"].skip == state.jobs["daily"].skip
+    assert restored.jobs["daily"].skip[0].dates == ("2030-12-25", "2030-12-26")

@@ -1124,6 +1124,7 @@ class Center:
                 records.append(record)
             else:
                 self.scheduler.not_started(run[0].job.name, run_id)
+                self._give_place_back(run[0], run[1].agent)  # its pool place is not used
         kept.data = encode_records(records)
         return kept
 

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,112 @@ def test_token_from_the_environment_and_refusals(center: HttpCenter, tmp_path: P
     as_json = run("status", "--center", center.url, "--format", "json",
                   env={"CRONFILE_TOKEN": HTTP_TOKEN})
     assert json.loads(as_json.stdout)["center"]["running"] is True
+
+
+BACKFILL_JOBS = """\
+apiVersion: cronfile/v1
+jobs:
+  hourly:
+    schedule: "0 * * * *"
+    command: ["true"]
+  tick:
+    schedule: "* * * * * *"
+    command: ["true"]
+    suspend: true
+  greet:
+    trigger: {event: hello}
+    command: ["true"]
+"""
+HOUR = 3600.0
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture
+def backfill_center(tmp_path: Path) -> Iterator[HttpCenter]:
+    c = HttpCenter(tmp_path, watch=False)
+    c.write("jobs.yaml", BACKFILL_JOBS)
+    c.start()
+    yield c
+    c.stop()
+
+
+def test_backfill_prints_the_same_either_way(backfill_center: HttpCenter) -> None:
+    c = backfill_center
+    top = (time.time() // HOUR) * HOUR
+    older = ("hourly", "--from", iso(top - 6 * HOUR), "--to", iso(top - 5 * HOUR))
+    newer = ("hourly", "--from", iso(top - 3 * HOUR), "--to", iso(top - 2 * HOUR))
+    for args in (["backfill", *older, "--dry-run"], ["backfill", *newer, "--dry-run"],
+                 ["backfill", *older, "--dry-run", "--format", "json"]):
+        a, b = remote(c, *args), local(c, *args)
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), args
+        assert a.returncode == 0
+    assert remote(c, "backfill", *older, "--dry-run").stdout.splitlines() == [
+        "backfill hourly: 2 slots would run", f"  {iso(top - 6 * HOUR)}", f"  {iso(top - 5 * HOUR)}"]
+    assert not finished(c.runs())  # dry runs run nothing
+    # a real backfill of two slots each way: the same words, each naming how it was asked
+    a, b = remote(c, "backfill", *older), local(c, "backfill", *newer)
+    assert (a.returncode, b.returncode) == (0, 0), a.stderr + b.stderr
+    assert a.stdout == ("backfill hourly: 2 slots queued\n"
+                        f"follow them with: cronfile runs --job hourly --center {c.url}\n")
+    assert b.stdout == a.stdout.replace(f"--center {c.url}", f"--state {c.state}")
+    runs = c.wait_runs(lambda rs: len(finished(rs, "hourly")) >= 4 and rs, 30, "4 backfilled runs")
+    done = finished(runs, "hourly")
+    assert sorted(r["scheduled_at"] for r in done) == [
+        iso(top - h * HOUR) for h in (6, 5, 3, 2)]
+    assert {(r["trigger"], r["status"]) for r in done} == {("backfill", "succeeded")}
+    # each side sees what the other ran: the same operation behind both
+    for args in (["backfill", *newer], ["backfill", *older, "--format", "json"]):
+        a, b = remote(c, *args), local(c, *args)
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), args
+    assert remote(c, "backfill", *newer).stdout == \
+        "backfill hourly: 0 slots queued (2 already recorded)\n"
+    again = json.loads(local(c, "backfill", *older, "--format", "json").stdout)
+    assert (again["count"], again["already_recorded"], again["slots"]) == (0, 2, [])
+    assert len(finished(c.runs(), "hourly")) == 4
+
+
+def test_backfill_refusals_are_the_same_either_way(backfill_center: HttpCenter) -> None:
+    c = backfill_center
+    day = ("--from", "2030-01-01T00:00:00Z", "--to", "2030-01-01T03:00:00Z")
+    cases = {
+        ("tick", *day): "Error: the range has more than 10,000 slots: check --from/--to, or "
+                        "pass --yes to run them all\n",
+        ("nope", *day): "Error: no job named 'nope'\n",
+        ("greet", *day): "Error: job 'greet' has no schedule or run_at: nothing to backfill\n",
+    }
+    for args, error in cases.items():
+        a, b = remote(c, "backfill", *args), local(c, "backfill", *args)
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), args
+        assert (a.returncode, a.stdout) == (1, ""), args
+        assert a.stderr == error, args
+    for via in (remote, local):
+        yes = via(c, "backfill", "tick", *day, "--yes", "--dry-run", "--format", "json")
+        assert yes.returncode == 0, yes.stderr
+        assert json.loads(yes.stdout)["count"] == 10_801
+    a = remote(c, "backfill", "hourly", "--from", "yesterday", "--to", "2030-01-02")
+    b = local(c, "backfill", "hourly", "--from", "yesterday", "--to", "2030-01-02")
+    assert (a.returncode, a.stderr) == (b.returncode, b.stderr)
+    assert a.returncode == 2 and "'yesterday' is not an ISO-8601 time" in a.stderr
+    assert not finished(c.runs())
+
+
+def test_the_backfill_route_answers_clients_other_than_the_cli(
+        backfill_center: HttpCenter) -> None:
+    c = backfill_center
+    query = "from=2030-01-01T00:00:00Z&to=2030-01-01T02:00:00Z&dry_run=1"
+    ok = c.post(f"/api/v1/jobs/hourly/backfill?{query}")
+    assert ok.status == 200
+    assert ok.json()["slots"] == ["2030-01-01T00:00:00Z", "2030-01-01T01:00:00Z",
+                                  "2030-01-01T02:00:00Z"]
+    assert c.post(f"/api/v1/jobs/hourly/backfill?{query}", token=None).status == 401
+    assert c.get(f"/api/v1/jobs/hourly/backfill?{query}").status == 405  # a GET changes nothing
+    assert c.post(f"/api/v1/jobs/nope/backfill?{query}").status == 404
+    assert c.post("/api/v1/jobs/tick/backfill?from=2030-01-01&to=2030-01-02").status == 422
+    bad = c.post("/api/v1/jobs/hourly/backfill?from=soon&to=2030-01-02")
+    assert (bad.status, bad.json()["error"]) == (400, "from: 'soon' is not an ISO-8601 time")
+    missing = c.post("/api/v1/jobs/hourly/backfill?from=2030-01-01")
+    assert (missing.status, missing.json()["error"]) == (400, "to: required, an ISO-8601 time")
+    assert not finished(c.runs())

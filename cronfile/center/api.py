@@ -21,7 +21,7 @@ from aiohttp import web
 
 from cronfile import gcpause
 from cronfile.center import metrics
-from cronfile.center.port import CenterPort, fire, run_now, sync
+from cronfile.center.port import CenterPort, backfill, fire, run_now, sync
 from cronfile.schedules.nexttimes import UsageError, parse_time
 from cronfile.state.applied import APPLIED_FILE, StateFileError
 from cronfile.state.reports import build_status, fold_run, query_runs, run_records
@@ -44,6 +44,9 @@ ROUTES = (
                                      "`output_tail`; `?wait=SECONDS` waits for it to end"),
     ("GET", "/api/v1/applied", "the applied schedule files (`applied.json`), for `plan --center`"),
     ("POST", "/api/v1/jobs/{job}/run", "run a job now (`cronfile run`)"),
+    ("POST", "/api/v1/jobs/{job}/backfill", "run the job's past slots without a record "
+                                            "(`cronfile backfill`); query `from`, `to` "
+                                            "(ISO-8601), `dry_run=1`, `yes=1`"),
     ("POST", "/api/v1/runs/{run_id}/stop", "stop a running run; recorded `killed` with who asked"),
     ("POST", "/api/v1/events/{event}", "fire a trigger event (`cronfile trigger`)"),
     ("POST", "/api/v1/sync", "re-read the source and apply it (`cronfile apply`); "
@@ -119,6 +122,10 @@ def requested_by(request: web.Request) -> str:
     return f"{claimed} ({where})" if claimed else where
 
 
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
 class Api:
     def __init__(self, center: CenterPort, body_timeout_s: float) -> None:
         self.center = center
@@ -131,6 +138,7 @@ class Api:
         router.add_get("/api/v1/runs/{run_id}", self.run)
         router.add_get("/api/v1/applied", self.applied)
         router.add_post("/api/v1/jobs/{job}/run", self.run_job)
+        router.add_post("/api/v1/jobs/{job}/backfill", self.backfill_job)
         router.add_post("/api/v1/runs/{run_id}/stop", self.stop_run)
         router.add_post("/api/v1/events/{event}", self.fire_event)
         router.add_post("/api/v1/sync", self.sync)
@@ -203,6 +211,27 @@ class Api:
         if answer.get("ok"):
             return _json(answer)
         return _json(answer, 404 if "results" not in answer else 409)
+
+    async def backfill_job(self, request: web.Request) -> web.Response:
+        """The control socket's backfill operation; times come as ISO-8601 in the query (what
+        a user types), flags as ``1``/``true``. 404: no such job; 422: the center refused
+        (no schedule, too many slots without ``yes``)."""
+        await self._drain_body(request)
+        name, q = request.match_info["job"], request.query
+        if not self.center.has_job(name):
+            return _error(f"no job named {name!r}", 404)
+        bounds: dict[str, float] = {}
+        for key in ("from", "to"):
+            if not q.get(key):
+                return _error(f"{key}: required, an ISO-8601 time", 400)
+            try:
+                bounds[key] = parse_time(q[key])
+            except UsageError:
+                return _error(f"{key}: {q[key]!r} is not an ISO-8601 time", 400)
+        answer = await backfill(self.center, {"job": name, **bounds,
+                                              "dry_run": _flag(q.get("dry_run")),
+                                              "yes": _flag(q.get("yes"))})
+        return _json(answer, 200 if answer.get("ok") else 422)
 
     async def stop_run(self, request: web.Request) -> web.Response:
         await self._drain_body(request)

@@ -41,6 +41,8 @@ class CenterAccess(Protocol):
     def run_job(self, job: str) -> dict[str, Any]: ...
     def trigger(self, event: str) -> dict[str, Any]: ...
     def stop(self, run_id: str) -> dict[str, Any]: ...
+    def backfill(self, job: str, start: str, end: str, dry_run: bool,
+                 yes: bool) -> dict[str, Any]: ...
     def sync(self, revision: str | None = None) -> dict[str, Any]: ...
     def applied(self) -> DesiredState | None: ...
 
@@ -104,6 +106,15 @@ class LocalCenter:
 
     def stop(self, run_id: str) -> dict[str, Any]:
         return self._request({"op": "stop", "run_id": run_id})
+
+    def backfill(self, job: str, start: str, end: str, dry_run: bool,
+                 yes: bool) -> dict[str, Any]:
+        """``start``/``end`` are ISO-8601 (already checked by the command); the socket
+        takes epoch seconds."""
+        from cronfile.schedules.nexttimes import parse_time
+
+        return self._request({"op": "backfill", "job": job, "from": parse_time(start),
+                              "to": parse_time(end), "dry_run": dry_run, "yes": yes})
 
     def sync(self, revision: str | None = None) -> dict[str, Any]:
         if revision is None:
@@ -196,6 +207,15 @@ class RemoteCenter:
     def stop(self, run_id: str) -> dict[str, Any]:
         return dict(self._json("POST", f"/api/v1/runs/{urllib.parse.quote(run_id, safe='')}/stop",
                                ok=(200, 404)))
+
+    def backfill(self, job: str, start: str, end: str, dry_run: bool,
+                 yes: bool) -> dict[str, Any]:
+        """A refusal (404 no such job, 422 refused) comes back as ``{"ok": False, "error"}``,
+        as from the socket, so the command reports it the same way."""
+        query = {"from": start, "to": end, "dry_run": "1" if dry_run else None,
+                 "yes": "1" if yes else None}
+        return dict(self._json("POST", f"/api/v1/jobs/{urllib.parse.quote(job, safe='')}/backfill",
+                               query, ok=(200, 404, 422)))
 
     def sync(self, revision: str | None = None) -> dict[str, Any]:
         return dict(self._json("POST", "/api/v1/sync", {"revision": revision}, ok=(200, 422)))

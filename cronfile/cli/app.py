@@ -605,20 +605,16 @@ def trigger(event: str, state_dir: Path, center_url: str | None, token_file: Pat
 @click.option("--dry-run", is_flag=True, help="Only list the slots that would run.")
 @click.option("--yes", is_flag=True, help="Run a range of more than 10,000 slots.")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-@STATE
+@_remote
 def backfill(job: str, start: str, end: str, dry_run: bool, yes: bool, fmt: str,
-             state_dir: Path) -> None:
+             state_dir: Path, center_url: str | None, token_file: Path | None) -> None:
     """Run the slots of JOB from --from to --to that have no record yet, oldest first."""
     import json
 
-    from cronfile.center.control import CenterUnavailable, request
-
-    payload = {"op": "backfill", "job": job, "from": _instant(start, "--from"),
-               "to": _instant(end, "--to"), "dry_run": dry_run, "yes": yes}
-    try:
-        answer = request(state_dir, payload)
-    except CenterUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+    _instant(start, "--from")  # a bad time is a usage error here, before asking anyone
+    _instant(end, "--to")
+    center = _access(state_dir, center_url, token_file)
+    answer = _ask(center.backfill, job, start, end, dry_run, yes)
     if not answer.get("ok"):
         raise click.ClickException(str(answer.get("error")))
     if fmt == "json":
@@ -632,7 +628,7 @@ def backfill(job: str, start: str, end: str, dry_run: bool, yes: bool, fmt: str,
     if dry_run:
         lines += [f"  {slot}" for slot in answer["slots"]]
     elif answer["count"]:
-        lines.append(f"follow them with: cronfile runs --job {job} --state {state_dir}")
+        lines.append(f"follow them with: cronfile runs --job {job} {center.where}")
     _echo("\n".join(lines) + "\n")
 
 

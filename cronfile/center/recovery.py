@@ -19,27 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from cronfile.center.records import NoOutcomeRecord
 from cronfile.schedules.model import RunStatus
 from cronfile.state.checkpoint import LedgerSummary
+from cronfile.state.ledger import parse_iso
 
 BASE_FIELDS = ("run_id", "job", "agent", "transport", "scheduled_at", "attempt", "revision")
 """A run record's identity, in the §4 order: what a later record of the same run repeats."""
 
 SlotKey = tuple[str, float, str]  # (job, slot rounded to ms, agent)
-
-
-def parse_iso(text: Any) -> float | None:
-    """Epoch seconds of a record's time field; ``None`` for anything else."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cronfile.center.options import CenterOptions
-from cronfile.center.recovery import parse_iso
+from cronfile.state.ledger import parse_iso
 from cronfile.state.private import FILE_MODE
 
 WATERMARK_FILE = "watermark"

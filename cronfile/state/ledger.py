@@ -143,6 +143,17 @@ def outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
     return fields
 
 
+def parse_iso(text: Any) -> float | None:
+    """Epoch seconds of a record's time field (the inverse of :func:`iso`); ``None`` for
+    anything that is not an ISO-8601 string."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def utc_ts(moment: datetime | None = None) -> str:
     """``2026-11-22T18:58:16.123Z``: UTC, milliseconds, sortable as text."""
     moment = (moment or datetime.now(UTC)).astimezone(UTC)

@@ -14,25 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cronfile.state.ledger import parse_iso
 from cronfile.state.segments import Segment, list_segments, read_bytes
 
 __all__ = ["RunQuery", "find_run", "newest_first_lines", "query_runs"]
 
 SLOT_ONLY = ("skipped", "missed", "no_agent")
 """Outcomes recorded for a slot that never ran: one record is the whole run."""
-
-
-def _epoch(text: Any) -> float | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _iso_from(epoch: float | None) -> str | None:
@@ -60,7 +51,7 @@ class RunQuery:
             return False
         if self.since is None and self.until is None:
             return True
-        key = _epoch(view.get("scheduled_at") or view.get("dispatched_ts"))
+        key = parse_iso(view.get("scheduled_at") or view.get("dispatched_ts"))
         if key is None:
             return False
         return not ((self.since is not None and key < self.since)
@@ -187,11 +178,7 @@ def query_runs(state_dir: Path, query: RunQuery) -> list[dict[str, Any]]:
 def _when_scheduled(view: dict[str, Any]) -> float:
     """A run's place in time: its slot (a bounded ``missed`` range: its first slot), or
     when it was first recorded for runs without one (daemons)."""
-    text = view.get("scheduled_at") or view.get("dispatched_ts") or view.get("ts")
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
+    return parse_iso(view.get("scheduled_at") or view.get("dispatched_ts") or view.get("ts")) or 0.0
 
 
 def recorded_slots(state_dir: Path, job: str) -> set[float]:
@@ -199,7 +186,7 @@ def recorded_slots(state_dir: Path, job: str) -> set[float]:
     has a record of, in any state: what a backfill must not run again."""
     slots = set()
     for view in query_runs(state_dir, RunQuery(job=job)):
-        at = _epoch(view.get("scheduled_at"))
+        at = parse_iso(view.get("scheduled_at"))
         if at is not None:
             slots.add(round(at, 3))
     return slots

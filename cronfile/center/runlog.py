@@ -15,10 +15,13 @@ from typing import Any
 log = logging.getLogger("cronfile.runs")
 
 
-def run_line(record: Mapping[str, Any]) -> str:
-    """``JOB run RUN_ID on AGENT: STATUS exit N in 0.12s (reason)``, the parts it has."""
+def run_line(record: Mapping[str, Any], status: Any = None) -> str:
+    """``JOB run RUN_ID on AGENT: STATUS exit N in 0.12s (reason)``, the parts it has.
+
+    ``status`` overrides the record's own (a run view's ``state`` for ``cronfile run --wait``
+    and ``cronfile stop``, which print the same line)."""
     parts = [f"{record.get('job')} run {record.get('run_id')} on {record.get('agent')}: "
-             f"{record.get('status')}"]
+             f"{record.get('status') if status is None else status}"]
     if record.get("exit_code") is not None:
         parts.append(f"exit {record['exit_code']}")
     if record.get("signal"):

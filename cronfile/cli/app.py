@@ -515,19 +515,10 @@ def logs(run_id: str, state_dir: Path, center_url: str | None, token_file: Path 
 
 
 def _outcome_line(view: dict[str, Any]) -> str:
-    exit_code = view.get("exit_code")
-    duration = view.get("duration_s")
-    parts = [f"{view.get('job')} run {view.get('run_id')} on {view.get('agent')}: "
-             f"{view.get('state')}"]
-    if exit_code is not None:
-        parts.append(f"exit {exit_code}")
-    if view.get("signal"):
-        parts.append(f"signal {view['signal']}")
-    if duration is not None:
-        parts.append(f"in {float(duration):.2f}s")
-    if view.get("reason"):
-        parts.append(f"({view['reason']})")
-    return " ".join(parts) + "\n"
+    """The line the center's ``--log-runs`` writes, for the run's current view."""
+    from cronfile.center.runlog import run_line
+
+    return run_line(view, status=view.get("state")) + "\n"
 
 
 @cli.command("run")

@@ -13,11 +13,28 @@ their SPEC §4 order and ``duration_s`` are the same wherever they are written:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cronfile.schedules.model import RunStatus
+from cronfile.center.scheduler import RecordSlot
+from cronfile.schedules.loader import LOCAL_AGENT
+from cronfile.schedules.model import Job, RunStatus
+from cronfile.state.ledger import iso
+
+
+def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
+    """Deterministic: the same (slot, target, attempt) always has the same id, which is what
+    lets an agent (and the ledger) recognise a run it has already seen."""
+    return hashlib.sha256(f"{job}|{slot:.3f}|{agent}|{attempt}".encode()).hexdigest()[:20]
+
+
+def record_base(job: Job, slot: float, agent: str, transport: str | None, attempt: int,
+                run_id: str, revision: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields every record of a run starts with, in SPEC §4 order."""
+    return {"run_id": run_id, "job": job.name, "agent": agent, "transport": transport,
+            "scheduled_at": iso(slot), "attempt": attempt, "revision": revision}
 
 
 @dataclass(frozen=True)
@@ -86,3 +103,25 @@ class RecordWriter:
             except Exception:
                 self._pending[:0] = batch  # keep them for the next flush (disk full, ...)
                 raise
+
+
+def slot_record(action: RecordSlot, revision: dict[str, Any], agent: str | None = None
+                ) -> dict[str, Any]:
+    """The record of a slot that does not run: for ``agent`` when given, else for what the
+    job targets (its one target, or the names and labels it asked for)."""
+    job = action.job
+    if agent is not None:
+        transport = None
+    elif job.targets.is_local_only:
+        agent, transport = LOCAL_AGENT, "local"
+    else:  # no single target: name what the job asked for; no transport was used
+        wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
+        agent, transport = ",".join(wanted), None
+    run_id = run_id_for(job.name, action.scheduled_at, agent, 0) + "-" + action.status.value
+    extra: tuple[tuple[str, Any], ...] = ()
+    if action.count > 1 or action.last_scheduled_at not in (None, action.scheduled_at):
+        extra = (("count", action.count), ("first_scheduled_at", iso(action.scheduled_at)),
+                 ("last_scheduled_at", iso(action.last_scheduled_at)))
+    return NoOutcomeRecord(
+        record_base(job, action.scheduled_at, agent, transport, action.attempt, run_id, revision),
+        action.status, action.reason, extra=extra).to_json()

@@ -53,7 +53,7 @@ from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Scheduler
 from cronfile.center.standby import HaCoordinator
-from cronfile.center.startup import Restart
+from cronfile.center.startup import Restart, retention_refusal
 from cronfile.center.statefiles import (
     CENTER_FILE,
     CenterError,
@@ -62,8 +62,8 @@ from cronfile.center.statefiles import (
     read_watermark,
     reserve_space,
     write_center_file,
-    write_places_file,
 )
+from cronfile.center.ticker import Ticker
 from cronfile.clock import Clock, SystemClock
 from cronfile.schedules.diff import StateDiff, diff_states
 from cronfile.schedules.loader import ScheduleLoader
@@ -71,7 +71,7 @@ from cronfile.schedules.model import DesiredState, Job, JobKind, OnChange
 from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.ledger import Ledger, utc_ts
 from cronfile.state.private import private_dir
-from cronfile.state.retention import check_retention, parse_retention
+from cronfile.state.retention import parse_retention
 from cronfile.transports.hub import AgentHub
 from cronfile.transports.local import LocalExecutor
 from cronfile.transports.protocol import SecretsError
@@ -124,7 +124,6 @@ class Center:
         self.pool_caps: dict[str, int] = {}  # the pools the jobs use, for status
         self.backfills = BackfillQueue()  # slots `cronfile backfill` still has to run
         self.parking = Parking()  # starts waiting for an agent to reconnect after a restart
-        self._places_written, self._places_written_at = -1, 0.0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.dispatcher = Dispatcher(
@@ -147,8 +146,6 @@ class Center:
         self._crash_cause: str | None = None  # why a core task died, for center_stopped
         self.state = RunState.STARTING
         self._lock: int | None = None
-        self._last_tick: float | None = None  # every slot up to it was handed to perform()
-        self._last_expect_check = 0.0
         self.http: HttpServer | None = None
         self.git = None if options.git is None else GitFollower(
             options.git, options.state, self.reloads.reload,
@@ -161,6 +158,12 @@ class Center:
             desired=lambda: self.desired, revision=self._revision, hub=lambda: self.hub,
             wake=self._wake)
         self._center_file_view: dict[str, Any] | None = None  # what center.json says of HA
+        self.ticker = Ticker(
+            clock=clock, scheduler=self.scheduler, dispatcher=self.dispatcher, journal=journal,
+            outcomes=self.outcomes, places=self.places, parking=self.parking, ha=self.ha,
+            state_dir=options.state, hub=lambda: self.hub, pool_caps=lambda: self.pool_caps,
+            ha_view_changed=self._ha_view_changed, write_center_file=self._write_center_file,
+            wake=self._wake, stopping=self._stopping)
 
     def _revision(self) -> dict[str, Any]:
         return self.desired.revision.to_dict() if self.desired else {}
@@ -176,6 +179,9 @@ class Center:
         self._write_center_file()
         if event["event"] == "leader_acquired" and self.ha is not None:
             self._spawn(self.restart.take_over(self.ha), critical=True)
+
+    def _ha_view_changed(self) -> bool:
+        return self.ha is not None and self.ha.view() != self._center_file_view
 
     def _write_center_file(self) -> None:
         self._center_file_view = self.ha.view() if self.ha is not None else None
@@ -196,7 +202,7 @@ class Center:
         # The schedules are loaded before the ledger is touched: a --retention too short
         # for them is refused (exit 2) before retention could remove anything.
         first = await asyncio.to_thread(self.loader.load, with_git=True)
-        refusal = self._retention_refusal(first.state)
+        refusal = retention_refusal(self.options, first.state, self.clock.time())
         if refusal:
             log.error("%s", refusal)
             return 2
@@ -206,7 +212,7 @@ class Center:
         # Read how far the previous center got BEFORE this one writes anything: the
         # fallback (no watermark file) is the logs' last timestamp.
         since = read_watermark(self.state_dir, self.restart.history.last_ts)
-        self._last_tick = since
+        self.ticker.last_tick = since
         known_agents = read_known_agents(self.state_dir)
         if any(dropped.values()):
             self.journal.event("ledger_repaired", dropped_bytes=dropped)
@@ -249,7 +255,7 @@ class Center:
             # that need an agent not back yet wait for it (bounded: see Parking).
             await self.restart.catch_up(since)
             self.records.flush()
-        self._spawn(self._scheduler_loop(), critical=True)
+        self._spawn(self.ticker.run(), critical=True)
         if self.options.watch:
             self._spawn(self.reloads.watch(self.options.schedules, self._stopping), critical=True)
         self._spawn(self.reloads.run(), critical=True)
@@ -313,16 +319,6 @@ class Center:
 
             self.http = HttpServer(self.operations, self.options.http)
             await self.http.start()
-
-    def _retention_refusal(self, state: DesiredState | None) -> str | None:
-        """Why ``--retention`` is too short for the jobs this center will run, if it is."""
-        if state is None:
-            with contextlib.suppress(StateFileError):
-                state = read_applied(self.state_dir)
-        if state is None:
-            return None
-        return check_retention(parse_retention(self.options.retention), self.options.retention,
-                               state.jobs.values(), self.clock.time())
 
     # ------------------------------------------------------------------ what agents report
 
@@ -424,7 +420,7 @@ class Center:
                 await self.http.close()
         # Last: the queued records, the watermark (as far as the last tick got, not the
         # clock), center_stopped.
-        await self.journal.last_writes(self._stopped_event, self._watermark_mark)
+        await self.journal.last_writes(self._stopped_event, self.ticker.watermark_mark)
         if self.ha is not None:
             await self.ha.close()
         await asyncio.to_thread(self.ledger.close)  # drains the writer, leaves a checkpoint
@@ -492,70 +488,6 @@ class Center:
         self.reloads.store_applied(state)
         self._wake.set()
 
-    async def reload(self, revision: str | None = None) -> dict[str, Any]:
-        """Re-read the source now (see :meth:`CenterOperations.reload`)."""
-        return await self.operations.reload(revision)
-
-    # ------------------------------------------------------------------ the loop
-
-    async def _scheduler_loop(self) -> None:
-        dispatcher, journal = self.dispatcher, self.journal
-        mono0, wall0 = self.clock.monotonic(), self.clock.time()
-        while not self._stopping.is_set():
-            now = self.clock.time()
-            drift = now - (wall0 + self.clock.monotonic() - mono0)
-            if abs(drift) > 2.0:
-                journal.event("clock_step", seconds=round(drift, 3))
-                log.warning("wall clock stepped by %+.1fs", drift)
-                mono0, wall0 = self.clock.monotonic(), now
-            dispatcher.end_deferred_runs()
-            await dispatcher.unpark(now)
-            dispatcher.begin_burst()  # from the tick on: it makes the objects of every due run
-            try:
-                actions = self.scheduler.tick(now)
-                if self.ha is not None and not self.ha.leading():
-                    actions = []  # a standby keeps its timers current and does nothing
-                await dispatcher.perform(actions, wait=False)
-            finally:
-                dispatcher.end_burst()
-            # Stamped with the tick's own time: a tick that stalled handled nothing after it.
-            self._last_tick = now
-            journal.write_watermark(self.clock.time(), self._watermark_mark())
-            if self.places.waiting_count():
-                dispatcher.expire_waiting(now)
-            self._write_places(now)
-            if now - self._last_expect_check >= 5.0:
-                self._last_expect_check = now
-                self.outcomes.check_success_within(self.scheduler.job)
-                if self.hub is not None:
-                    write_agents_file(self.state_dir, self.hub)
-            if self.ha is not None and self.ha.view() != self._center_file_view:
-                self._write_center_file()  # role, term, lease: at most once a tick
-            due = self.scheduler.next_due()
-            delay = 1.0 if due is None else min(max(due - self.clock.time(), 0.0), 1.0)
-            if delay > 0:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-
-    def _write_places(self, now: float) -> None:
-        """``places.json`` for ``status``: when pools or caps exist and their use moved, at
-        most once a second."""
-        if (self.pool_caps or self.places.agent_caps) and self.places.version != self._places_written \
-                and now - self._places_written_at >= 1.0:
-            self._places_written, self._places_written_at = self.places.version, now
-            with contextlib.suppress(OSError):
-                write_places_file(self.state_dir, self.places.snapshot(self.pool_caps, now))
-
-    def _watermark_mark(self) -> float | None:
-        """Every slot up to the mark was handed to perform(): the last tick's time (not the
-        clock's: a tick that stalled handled nothing after it), held below starts that
-        wait (delayed, parked)."""
-        if self._last_tick is None:
-            return None
-        floors = [f - 0.001 for f in (self.scheduler.pending_start_floor(), self.parking.floor())
-                  if f is not None]
-        return min([self._last_tick, *floors])
 
 def return_free_memory() -> None:
     """Ask glibc to return freed heap pages to the system (``malloc_trim``).

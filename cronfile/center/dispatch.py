@@ -100,6 +100,49 @@ def run_request(job: Job, run_id: str, slot: float | None, attempt: int,
     )
 
 
+def no_agent_reason(job: Job, only: str | None = None, attempt: int = 1) -> str:
+    """Why a start found no target to go to."""
+    if only is not None:
+        return f"{'retry: ' if attempt > 1 else ''}agent {only} is not reachable"
+    wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
+    return f"no connected agent matches targets ({', '.join(wanted) or 'local'})"
+
+
+def watch_max_runtime(run: Running, job: Job, running: dict[str, Running],
+                      notifier: Notifier) -> asyncio.TimerHandle | None:
+    """``expect.max_runtime``: alert once if ``run`` is still in ``running`` by then."""
+    limit = job.expect.max_runtime_s
+    if limit is None:
+        return None
+
+    def check() -> None:
+        if run.run_id in running:
+            notifier.alert(job, "max_runtime", f"still running after {limit:g}s", run.base)
+
+    return asyncio.get_running_loop().call_later(limit, check)
+
+
+async def claim_chunk(ha: HaCoordinator, chunk: Chunk,
+                      not_claimed: Callable[[PreparedRun], None]) -> Chunk:
+    """HA: keep only the runs PostgreSQL let this leader claim, with its term in their
+    ``dispatched`` records (the claim and those records are one statement there); the
+    others go to ``not_claimed``."""
+    term = ha.elector.term
+    wanted = [(action, target, request.run_id, {**base, "record": "dispatched", "term": term})
+              for action, target, request, base in chunk.runs]
+    won = await ha.claim(wanted)
+    kept = Chunk()
+    records = []
+    for run, (_, _, run_id, record) in zip(chunk.runs, wanted, strict=True):
+        if run_id in won:
+            kept.runs.append(run)
+            records.append(record)
+        else:
+            not_claimed(run)
+    kept.data = encode_records(records)
+    return kept
+
+
 class Dispatcher:
     """``revision()``: the applied revision, stamped on every record; ``stopping``: set
     once the center stops (no follow-up starts then); ``wake``: wakes the scheduler loop."""
@@ -159,7 +202,7 @@ class Dispatcher:
                 if not targets:
                     results.append(self.record_slot(RecordSlot(
                         action.job, action.scheduled_at, RunStatus.NO_AGENT,
-                        self._no_agent_reason(action.job, action.target, action.attempt),
+                        no_agent_reason(action.job, action.target, action.attempt),
                         attempt=action.attempt), agent=action.target))
                     continue
                 for target in targets:
@@ -210,12 +253,6 @@ class Dispatcher:
         if only is not None:
             return self.router.resolve_retry(job, only)
         return self.router.resolve(job)
-
-    def _no_agent_reason(self, job: Job, only: str | None = None, attempt: int = 1) -> str:
-        if only is not None:
-            return f"{'retry: ' if attempt > 1 else ''}agent {only} is not reachable"
-        wanted = list(job.targets.agents) + [f"{k}={v}" for k, v in job.targets.labels]
-        return f"no connected agent matches targets ({', '.join(wanted) or 'local'})"
 
     def record_slot(self, action: RecordSlot, agent: str | None = None) -> dict[str, Any]:
         """Record a slot that does not run (see :func:`~cronfile.center.records.slot_record`)."""
@@ -299,27 +336,13 @@ class Dispatcher:
                      index: int) -> asyncio.Future[Chunk] | None:
         if self.ha is None or index >= len(chunks):
             return None
-        return asyncio.ensure_future(self._claim_chunk(self._prepare_chunk(chunks[index])))
+        return asyncio.ensure_future(claim_chunk(self.ha, self._prepare_chunk(chunks[index]),
+                                                 self._not_claimed))
 
-    async def _claim_chunk(self, chunk: Chunk) -> Chunk:
-        """HA: keep only the runs PostgreSQL let this leader claim, with its term in their
-        ``dispatched`` records (the claim and those records are one statement there)."""
-        assert self.ha is not None
-        term = self.ha.elector.term
-        wanted = [(action, target, request.run_id, {**base, "record": "dispatched", "term": term})
-                  for action, target, request, base in chunk.runs]
-        won = await self.ha.claim(wanted)
-        kept = Chunk()
-        records = []
-        for run, (_, _, run_id, record) in zip(chunk.runs, wanted, strict=True):
-            if run_id in won:
-                kept.runs.append(run)
-                records.append(record)
-            else:
-                self.scheduler.not_started(run[0].job.name, run_id)
-                self._give_place_back(run[0], run[1].agent)  # its pool place is not used
-        kept.data = encode_records(records)
-        return kept
+    def _not_claimed(self, run: PreparedRun) -> None:
+        """HA: another center claimed this run: it does not start here."""
+        self.scheduler.not_started(run[0].job.name, run[2].run_id)
+        self._give_place_back(run[0], run[1].agent)  # its pool place is not used
 
     def _prepare_chunk(self, starts: list[tuple[StartRun, Target]]) -> Chunk:
         """Everything a chunk needs before its runs can start: ids, record bases, requests,
@@ -392,7 +415,7 @@ class Dispatcher:
             self.running[run.run_id] = run
             started.append((action, run))
         for action, run in started:
-            run.timer = self._watch_max_runtime(run, action.job)
+            run.timer = watch_max_runtime(run, action.job, self.running, self.notifier)
             if run.handle.confirmed:  # never a ``started`` the host did not confirm
                 self.records.add({**run.base, "record": "started",
                                   "started_at": iso(run.handle.started_at.timestamp())})
@@ -423,18 +446,6 @@ class Dispatcher:
         return refused
 
     # ------------------------------------------------------------------ runs that end
-
-    def _watch_max_runtime(self, run: Running, job: Job) -> asyncio.TimerHandle | None:
-        limit = job.expect.max_runtime_s
-        if limit is None:
-            return None
-
-        def check() -> None:
-            if run.run_id in self.running:
-                self.notifier.alert(job, "max_runtime", f"still running after {limit:g}s",
-                                    run.base)
-
-        return asyncio.get_running_loop().call_later(limit, check)
 
     def _watch_run(self, run: Running, action: StartRun) -> None:
         """Have :meth:`_run_ended` called with the run's outcome (deferred past a burst)."""

@@ -10,8 +10,10 @@ started is queued again, and the slots of the outage are recorded or run as each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from cronfile.center.dispatch import Dispatcher
+from cronfile.center.options import CenterOptions
 from cronfile.center.outcomes import Outcomes
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
 from cronfile.center.routing import Router
@@ -19,12 +21,26 @@ from cronfile.center.scheduler import Action, RecordSlot, Scheduler
 from cronfile.center.standby import HaCoordinator
 from cronfile.clock import Clock
 from cronfile.schedules.model import DesiredState, RunStatus, Strategy
+from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
 from cronfile.state.ledger import Ledger
+from cronfile.state.retention import check_retention, parse_retention
 
 SLOT_MEMORY_S = 6 * 3600.0
 """Handled slots are remembered this long for once-per-slot checks in memory (jitter and
 deadlines are far shorter); the ledger keeps them for good."""
+
+
+def retention_refusal(options: CenterOptions, state: DesiredState | None, now: float) -> str | None:
+    """Why ``--retention`` is too short for the jobs this center will run (those loaded,
+    else the last applied ones), if it is."""
+    if state is None:
+        with contextlib.suppress(StateFileError):
+            state = read_applied(options.state)
+    if state is None:
+        return None
+    return check_retention(parse_retention(options.retention), options.retention,
+                           state.jobs.values(), now)
 
 
 class Restart:

@@ -34,11 +34,13 @@ from cronfile.transports.protocol import (
     ProtocolError,
     Refused,
     Response,
+    Role,
     Run,
     Running,
     Secrets,
     SecretsError,
     Session,
+    StaleTerm,
     Started,
     Transcript,
     UnsupportedVersion,
@@ -93,6 +95,14 @@ def every_message() -> list[Message]:
             DaemonState(name="worker", replica=0, state="running", pid=12, restarts=1,
                         last_exit_code=1, since=T0),
         )),
+        Run(run_id="r4", job="fenced", command=("true",), term=7),
+        Cancel(run_id="r4", term=7),
+        Daemons(term=7),
+        Role(leading=True, term=7),
+        Role(leading=False),
+        StaleTerm(order="run", highest_term=8, term=7, center="10.0.0.1:7070", run_id="r4",
+                  job="fenced"),
+        StaleTerm(order="daemons", highest_term=8),
     ]
 
 

@@ -1,9 +1,17 @@
 """``cronfile agent``: one host's end of the agent channel.
 
-The agent opens ONE connection to the center (it never listens), authenticates
-(:mod:`cronfile.transports.protocol`), and runs what it is sent with the local executor, so a run on an
-agent behaves exactly like a run on the center's own host: same process groups, timeouts,
-output tail and secret handling.
+The agent opens ONE connection to each center it is given (it never listens),
+authenticates (:mod:`cronfile.transports.protocol`), and runs what it is sent with the local
+executor, so a run on an agent behaves exactly like a run on the center's own host: same
+process groups, timeouts, output tail and secret handling.
+
+Several centers (``--center A:PORT,B:PORT``) are HA replicas (SPEC §9): each connection
+has its own reconnect loop, heartbeat watch and session. Orders are fenced by term
+(:mod:`cronfile.agent.terms` keeps the highest one seen): an order below it is refused,
+logged, answered ``failed`` to its sender and reported as a ``stale_term`` frame to the
+center that leads. Outcomes go to the center that says it leads with the highest term, and
+the whole outbox is sent again whenever that center changes, so the outcome of a run the old
+leader dispatched reaches the new one.
 
 Durability, and why in this order:
 
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from cronfile import __version__
+from cronfile.agent.terms import TermFileError, TermStore
 from cronfile.schedules.model import RestartPolicy, RestartPolicyKind, RunStatus
 from cronfile.schedules.policy import command_allowed
 from cronfile.state.private import FILE_MODE, private_dir
@@ -69,11 +78,13 @@ from cronfile.transports.protocol import (
     ProtocolError,
     Refused,
     Response,
+    Role,
     Run,
     Running,
     Secrets,
     SecretsError,
     Session,
+    StaleTerm,
     Started,
     Transcript,
     Welcome,
@@ -436,12 +447,62 @@ def parse_center(center: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_centers(centers: str | Sequence[str]) -> list[tuple[str, int]]:
+    """``A:PORT,B:PORT,...`` (or a list of them) to pairs, in order, each once; ValueError
+    naming the bad one."""
+    items = centers.split(",") if isinstance(centers, str) else list(centers)
+    pairs: list[tuple[str, int]] = []
+    for item in items:
+        pair = parse_center(item.strip())
+        if pair in pairs:
+            raise ValueError(f"--center lists {item.strip()} twice")
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError("--center needs at least one HOST:PORT")
+    return pairs
+
+
+Order = Run | Cancel | Daemons
+
+
+class _CenterLink:
+    """The agent's connection to ONE center (it keeps one per ``--center`` address, each
+    with its own reconnect loop, heartbeat watch and session keys)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.writer: asyncio.StreamWriter | None = None
+        self.channel = Session()
+        self.last_rx = time.monotonic()
+        self.ha = False
+        """The center announced ``--ha``: its orders must carry a term."""
+        self.role: Role | None = None
+        """Its last sealed ``role`` frame on this connection (HA centers only)."""
+
+    @property
+    def up(self) -> bool:
+        return self.writer is not None
+
+    def outcome_rank(self) -> int | None:
+        """Where outcomes may go: a center without HA ranks -1, an HA center that says it
+        leads ranks by its term; None: not now (down, standing by, role not yet known)."""
+        if self.writer is None:
+            return None
+        if not self.ha:
+            return -1
+        if self.role is None or not self.role.leading:
+            return None
+        return self.role.term or 0
+
+
 class Agent:
-    """The running agent: its connection, its runs and its daemons."""
+    """The running agent: its connections (one per center), its runs and its daemons."""
 
     def __init__(
         self,
-        center: str,
+        center: str | Sequence[str],
         name: str,
         secret: bytes | None,
         state_dir: Path,
@@ -453,7 +514,7 @@ class Agent:
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
     ) -> None:
-        self.host, self.port = parse_center(center)
+        self.links = [_CenterLink(host, port) for host, port in parse_centers(center)]
         self.name = name
         self.secret = secret
         self.ssl_context = ssl_context
@@ -464,34 +525,40 @@ class Agent:
         self.labels = dict(labels or {})
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.terms = TermStore(state_dir)  # before the state: a bad term file stops us first
         self.state = AgentState(state_dir)
         self.executor = LocalExecutor(state_dir=state_dir)
         self.running: dict[str, RunHandle] = {}
         self.inflight: set[str] = set()  # accepted, outcome not stored yet
         self._cancels: dict[str, Cancel] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._channel = Session()
-        self._last_rx = time.monotonic()
+        self._target: _CenterLink | None = None  # where outcomes go now
+        self._term_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self.daemons = _Daemons(self)
 
-    # --- the connection ----------------------------------------------------------------
+    # --- the connections ---------------------------------------------------------------
 
     async def run_until_stopped(self) -> int:
+        await asyncio.gather(*(self._keep_connected(link) for link in self.links))
+        await self._shutdown()
+        return 0
+
+    async def _keep_connected(self, link: _CenterLink) -> None:
+        """Connect to one center and reconnect forever, with this link's own backoff."""
         attempt = refused = 0
         while not self._stopping.is_set():
             connected_for = 0.0
             was_refused = False
             try:
-                connected_for = await self._connect_once()
+                connected_for = await self._connect_once(link)
             except CenterRefused as exc:
                 was_refused = True
-                log.error("the center refused this agent: %s", exc)
+                log.error("the center at %s refused this agent: %s", link.label, exc)
             except ProtocolError as exc:
-                log.warning("protocol error talking to the center: %s", exc)
+                log.warning("protocol error talking to the center at %s: %s", link.label, exc)
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                log.info("no connection to the center at %s:%s (%s)", self.host, self.port,
+                log.info("no connection to the center at %s (%s)", link.label,
                          exc.__class__.__name__ if not str(exc) else exc)
             if connected_for >= STABLE_CONNECTION_S:
                 attempt = 0  # a center that welcomes and drops us at once still backs off
@@ -500,22 +567,20 @@ class Agent:
                 break
             delay = reconnect_delay(attempt, refused, self.backoff_initial_s, self.backoff_max_s)
             if refused:
-                log.info("trying again in %.0fs", delay)
+                log.info("trying %s again in %.0fs", link.label, delay)
             attempt = min(attempt + 1, 30)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-        await self._shutdown()
-        return 0
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _connect_once(self) -> float:
+    async def _connect_once(self, link: _CenterLink) -> float:
         """One connection from open to close; how long it was up after the welcome."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl_context,
-                server_hostname=self.host if self.ssl_context else None,
+                link.host, link.port, ssl=self.ssl_context,
+                server_hostname=link.host if self.ssl_context else None,
             ),
             CONNECT_TIMEOUT_S,
         )
@@ -524,51 +589,58 @@ class Agent:
                 refusal = _untrusted_token_less_center(writer)
                 if refusal is not None:
                     raise CenterRefused(refusal)
-            welcome = await asyncio.wait_for(self._handshake(reader, writer), CONNECT_TIMEOUT_S)
+            welcome, session = await asyncio.wait_for(self._handshake(reader, writer),
+                                                      CONNECT_TIMEOUT_S)
         except BaseException:
             writer.transport.abort()
             raise
-        log.info("connected to the center at %s:%s as %s", self.host, self.port, self.name)
+        log.info("connected to the center at %s as %s%s", link.label, self.name,
+                 " (HA: orders must carry a term)" if welcome.ha else "")
         # The session ends when the connection does. Stopping and silence both end it by
         # aborting the transport, never by cancelling the reader: Python 3.11's wait_for
         # can swallow a cancellation that races with a frame arriving, and an agent that
         # lost its SIGTERM that way would hang until the next heartbeat timeout.
         silence = 3 * max(welcome.heartbeat_s, 0.1)
         welcomed_at = time.monotonic()
-        self._writer = writer
-        self._last_rx = time.monotonic()
+        link.channel, link.ha, link.role = session, welcome.ha, None
+        link.writer = writer
+        link.last_rx = time.monotonic()
         guards = [
             asyncio.ensure_future(self._abort_on_stop(writer)),
-            asyncio.ensure_future(self._abort_on_silence(writer, silence)),
+            asyncio.ensure_future(self._abort_on_silence(link, writer, silence)),
         ]
         try:
-            await self._session(reader)
+            await self._session(link, reader)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if not self._stopping.is_set():
-                log.info("connection to the center lost (%s)", exc.__class__.__name__)
+                log.info("connection to the center at %s lost (%s)", link.label,
+                         exc.__class__.__name__)
         finally:
-            self._writer = None
+            link.writer, link.role = None, None
             writer.transport.abort()
             for guard in guards:
                 guard.cancel()
+            self._retarget()
         return time.monotonic() - welcomed_at
 
     async def _abort_on_stop(self, writer: asyncio.StreamWriter) -> None:
         await self._stopping.wait()
         writer.transport.abort()
 
-    async def _abort_on_silence(self, writer: asyncio.StreamWriter, silence: float) -> None:
+    async def _abort_on_silence(self, link: _CenterLink, writer: asyncio.StreamWriter,
+                                silence: float) -> None:
         # Half-open links: a center that vanished without a FIN never makes read() fail.
         while True:
             await asyncio.sleep(silence / 3)
-            if time.monotonic() - self._last_rx > silence:
-                log.warning("the center was silent for %.0fs: reconnecting", silence)
+            if time.monotonic() - link.last_rx > silence:
+                log.warning("the center at %s was silent for %.0fs: reconnecting",
+                            link.label, silence)
                 writer.transport.abort()
                 return
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> Welcome:
+    ) -> tuple[Welcome, Session]:
         nonce = new_nonce()
         hello = Hello(
             agent=self.name,
@@ -576,6 +648,7 @@ class Agent:
             nonce=nonce,
             labels=self.labels,
             pending_outcomes=len(self.state.outbox),
+            terms=True,
         )
         hello_body = hello.encode()
         writer.write(hello.frame())
@@ -607,45 +680,78 @@ class Agent:
             raise ProtocolError(f"expected welcome, got {msg.TYPE}")
         if self.secret is not None and not session.sealed:
             raise ProtocolError("the center did not authenticate; not accepting runs")
-        self._channel = session
         writer.write(session.frame(Running(run_ids=tuple(sorted(self.inflight)))))
         await writer.drain()
-        return msg
+        return msg, session
 
-    async def _session(self, reader: asyncio.StreamReader) -> None:
-        session = self._channel
-        for pending in list(self.state.outbox.values()):
-            await self._send(pending)
-        await self.daemons.report()
+    async def _session(self, link: _CenterLink, reader: asyncio.StreamReader) -> None:
+        session = link.channel
+        if not link.ha:
+            self._retarget()  # an HA center's role frame, next, says whether it leads
+        await self._send(DaemonStatus(daemons=self.daemons.states()), link)
         while not self._stopping.is_set():
             msg = await session.read(reader)
-            self._last_rx = time.monotonic()
-            await self._handle(msg)
+            link.last_rx = time.monotonic()
+            await self._handle(link, msg)
 
-    async def _send(self, msg: Message) -> None:
-        """Send if connected; an outcome not sent now stays in the outbox for later."""
-        writer = self._writer
-        if writer is None:
+    async def _send(self, msg: Message, link: _CenterLink | None = None) -> None:
+        """Send to ``link`` (default: the center outcomes go to) if it is up; an outcome
+        not sent now stays in the outbox for later."""
+        link = link or self._target
+        writer = link.writer if link is not None else None
+        if link is None or writer is None:
             return
         try:
-            writer.write(self._channel.frame(msg))
+            writer.write(link.channel.frame(msg))
             await writer.drain()
         except (ConnectionError, OSError, RuntimeError):
             writer.transport.abort()
 
-    async def _handle(self, msg: Message) -> None:
+    async def _send_all(self, msg: Message) -> None:
+        """Send to every center that is up (what they all show: the daemons' states)."""
+        for link in self.links:
+            if link.up:
+                await self._send(msg, link)
+
+    def _retarget(self) -> None:
+        """Outcomes go to the center that leads with the highest term (or the one center
+        without HA); when that changes, the new one gets the whole outbox, so a new leader
+        receives the outcomes of runs the old one dispatched."""
+        ranked = [(rank, i) for i, link in enumerate(self.links)
+                  if (rank := link.outcome_rank()) is not None]
+        target = self.links[max(ranked)[1]] if ranked else None
+        if target is self._target:
+            return
+        self._target = target
+        if target is not None:
+            if len(self.links) > 1:
+                log.info("outcomes go to the center at %s", target.label)
+            self._spawn(self._send_outbox(target))
+
+    async def _send_outbox(self, link: _CenterLink) -> None:
+        for pending in list(self.state.outbox.values()):
+            if self._target is not link:
+                return  # another center took over meanwhile: it gets the outbox itself
+            await self._send(pending, link)
+
+    async def _handle(self, link: _CenterLink, msg: Message) -> None:
         if isinstance(msg, Run):
-            self._on_run(msg)
+            if await self._fenced(link, msg):
+                self._on_run(link, msg)
         elif isinstance(msg, Ack):
             self.state.ack(msg.run_id)
         elif isinstance(msg, Ping):
-            await self._send(Pong(seq=msg.seq))
+            await self._send(Pong(seq=msg.seq), link)
         elif isinstance(msg, Pong):
             pass
         elif isinstance(msg, Cancel):
-            self._on_cancel(msg)
+            if await self._fenced(link, msg):
+                self._on_cancel(link, msg)
         elif isinstance(msg, Daemons):
-            self._spawn(self.daemons.apply(msg))
+            if await self._fenced(link, msg):
+                self._spawn(self.daemons.apply(msg))
+        elif isinstance(msg, Role):
+            await self._on_role(link, msg)
         else:
             raise ProtocolError(f"unexpected {msg.TYPE} message from the center")
 
@@ -655,24 +761,93 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    # --- fencing -----------------------------------------------------------------------
+
+    async def _raise_term(self, term: int) -> None:
+        """Persist a higher term before anything acts on it (caller holds the lock)."""
+        if term > self.terms.highest:
+            await asyncio.to_thread(self.terms.raise_to, term)
+            log.info("highest term seen is now %d", term)
+
+    async def _on_role(self, link: _CenterLink, msg: Role) -> None:
+        if msg.term is not None:
+            async with self._term_lock:
+                try:
+                    await self._raise_term(msg.term)
+                except OSError as exc:
+                    log.error("cannot persist term %d (%s)", msg.term, exc)
+        link.role = msg
+        log.info("the center at %s %s (term %s)", link.label,
+                 "leads" if msg.leading else "stands by", msg.term)
+        self._retarget()
+
+    async def _fenced(self, link: _CenterLink, order: Order) -> bool:
+        """True when ``order`` may be carried out: its term is at least the highest seen
+        (a higher one is made durable first), or it comes without a term from a center
+        that never announced HA. Otherwise it is refused: nothing happens, the agent logs
+        it and reports it (the center that leads records the event), and a refused run
+        gets a ``failed`` outcome from its sender, as any run this agent refuses."""
+        if order.term is None and not link.ha:
+            return True
+        async with self._term_lock:
+            highest = self.terms.highest
+            if order.term is not None and order.term >= highest:
+                try:
+                    await self._raise_term(order.term)
+                except OSError as exc:
+                    log.error("cannot persist term %d (%s): refusing the %s order",
+                              order.term, exc, order.TYPE)
+                    await self._answer_refused_run(
+                        link, order, f"agent {self.name} cannot persist the term "
+                        f"({exc.strerror or exc}): not run")
+                    return False
+                return True
+        await self._refuse_stale(link, order, highest)
+        return False
+
+    async def _refuse_stale(self, link: _CenterLink, order: Order, highest: int) -> None:
+        run_id = order.run_id if isinstance(order, Run | Cancel) else None
+        job = order.job if isinstance(order, Run) else None
+        offered = "no term" if order.term is None else f"term {order.term}"
+        log.warning("refused a %s order%s from the center at %s: it carries %s, below the "
+                    "highest term seen (%d); a stale leader, nothing done", order.TYPE,
+                    f" (run {run_id})" if run_id else "", link.label, offered, highest)
+        await self._answer_refused_run(
+            link, order, f"stale term: the order carries {offered}; agent {self.name} has "
+            f"seen term {highest}: not run")
+        report = StaleTerm(order=order.TYPE, highest_term=highest, term=order.term,
+                           center=link.label, run_id=run_id, job=job)
+        target = self._target
+        await self._send(report, target if target is not None and target.ha else link)
+
+    async def _answer_refused_run(self, link: _CenterLink, order: Order, reason: str) -> None:
+        """A refused run's sender gets its final outcome, ``failed`` with the reason (not
+        kept in the outbox: it belongs to that center alone, and if the same run_id comes
+        from the real leader it must still run). A run_id this agent already accepted is
+        left alone: its real outcome exists or will."""
+        if isinstance(order, Run) and not self.state.knows(order.run_id):
+            now = _now()
+            await self._send(Finished.from_outcome(
+                order.run_id, RunOutcome(RunStatus.FAILED, now, now, reason=reason)), link)
+
     # --- runs --------------------------------------------------------------------------
 
-    def _on_run(self, msg: Run) -> None:
+    def _on_run(self, link: _CenterLink, msg: Run) -> None:
         run_id = msg.run_id
         if self.state.knows(run_id):
             known = self.state.outcome_of(run_id)
             handle = self.running.get(run_id)
             if known is not None:
-                self._spawn(self._send(known))
+                self._spawn(self._send(known, link))
             elif handle is not None:
                 self._spawn(self._send(Started(run_id=run_id, started_at=handle.started_at,
-                                               pid=handle.pid)))
+                                               pid=handle.pid), link))
             else:
                 log.info("run %s was already accepted: not running it again", run_id)
             return
         self.inflight.add(run_id)
         self.state.reserve(run_id)
-        self._spawn(self._execute(msg))
+        self._spawn(self._execute(link, msg))
 
     def refusal_for_user(self, run_as: str | None) -> str | None:
         """Why a run (or daemon) as ``run_as`` may not start here, or None.
@@ -709,7 +884,8 @@ class Agent:
     def _refusal(self, msg: Run) -> str | None:
         return self.refusal(msg.command, msg.run_as)
 
-    async def _execute(self, msg: Run) -> None:
+
+    async def _execute(self, link: _CenterLink, msg: Run) -> None:
         run_id = msg.run_id
         try:
             await self.state.accept(msg)
@@ -722,10 +898,11 @@ class Agent:
             now = _now()
             await self._send(Finished.from_outcome(run_id, RunOutcome(
                 RunStatus.FAILED, now, now,
-                reason=f"agent {self.name} cannot journal the run ({exc.strerror or exc}): not run")))
+                reason=f"agent {self.name} cannot journal the run ({exc.strerror or exc}): not run")),
+                link)
             return
         try:
-            outcome = await self._run(msg)
+            outcome = await self._run(link, msg)
         except Exception as exc:  # an executor bug must still end in an outcome
             log.exception("run %s failed inside the agent", run_id)
             now = _now()
@@ -738,7 +915,7 @@ class Agent:
         self.inflight.discard(run_id)
         await self._send(finished)
 
-    async def _run(self, msg: Run) -> RunOutcome:
+    async def _run(self, link: _CenterLink, msg: Run) -> RunOutcome:
         refusal = self._refusal(msg)
         cancel = self._cancels.pop(msg.run_id, None)
         if refusal is not None or cancel is not None:
@@ -754,7 +931,7 @@ class Agent:
         self.running[msg.run_id] = handle
         try:
             await self._send(Started(run_id=msg.run_id, started_at=handle.started_at,
-                                     pid=handle.pid))
+                                     pid=handle.pid), link)
             late_cancel = self._cancels.pop(msg.run_id, None)
             if late_cancel is not None:
                 self._spawn(handle.stop(late_cancel.reason, late_cancel.grace_s))
@@ -762,7 +939,7 @@ class Agent:
         finally:
             self.running.pop(msg.run_id, None)
 
-    def _on_cancel(self, msg: Cancel) -> None:
+    def _on_cancel(self, link: _CenterLink, msg: Cancel) -> None:
         handle = self.running.get(msg.run_id)
         if handle is not None:
             self._spawn(handle.stop(msg.reason, msg.grace_s))
@@ -771,7 +948,7 @@ class Agent:
         else:
             known = self.state.outcome_of(msg.run_id)
             if known is not None:
-                self._spawn(self._send(known))
+                self._spawn(self._send(known, link))
 
     # --- shutdown ----------------------------------------------------------------------
 
@@ -898,7 +1075,7 @@ class _Daemons:
         states = self.states()
         if force or states != self._last_sent:
             self._last_sent = states
-            await self.agent._send(DaemonStatus(daemons=states))
+            await self.agent._send_all(DaemonStatus(daemons=states))
 
     async def _watch(self) -> None:
         # Replica state changes (crash, backoff, restart) have no single callback that
@@ -927,7 +1104,7 @@ def _ssl_context(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | Non
 
 
 async def run_agent(
-    center: str,
+    center: str | Sequence[str],
     name: str,
     token_file: Path | None,
     state_dir: Path,
@@ -956,7 +1133,7 @@ async def run_agent(
         agent = Agent(center, name, secret, state_dir, ssl_context=context,
                       allow_run_as=allow_run_as, allow_command_prefixes=allow_command_prefixes,
                       labels=labels, backoff_max_s=backoff_max_s)
-    except (ValueError, OSError, ssl.SSLError) as exc:
+    except (ValueError, OSError, ssl.SSLError, TermFileError) as exc:
         log.error("%s", exc)
         return 2
     loop = asyncio.get_running_loop()

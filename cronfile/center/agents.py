@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +17,7 @@ from cronfile.center.options import CenterOptions
 from cronfile.center.routing import Router
 from cronfile.schedules.loader import LOCAL_AGENT
 from cronfile.schedules.model import Agent, DesiredState, JobKind
-from cronfile.transports.hub import AgentHub
+from cronfile.transports.hub import AgentHub, CenterRole
 from cronfile.transports.protocol import DaemonSpec, EnvVar, Secrets, load_secrets
 
 
@@ -54,9 +54,20 @@ def server_tls(options: CenterOptions) -> ssl.SSLContext | None:
     return context
 
 
+class Leadership(Protocol):
+    """An HA center's view of its own role (:class:`cronfile.center.standby.HaCoordinator`)."""
+
+    def hub_role(self) -> CenterRole: ...
+
+
 async def start_hub(options: CenterOptions, inventory: Mapping[str, Agent],
-                    listener: AgentListener) -> AgentHub:
-    """Listen for agents on ``--listen`` with the secrets of ``--token-file``."""
+                    listener: AgentListener, ha: Leadership | None = None,
+                    on_event: Callable[..., None] | None = None) -> AgentHub:
+    """Listen for agents on ``--listen`` with the secrets of ``--token-file``.
+
+    ``ha`` (HA centers only) says whether this center leads and with which term: the hub
+    stamps it on every order and tells agents (fencing, SPEC §9). ``on_event(name,
+    **fields)`` writes what agents report as events (``agent_refused_stale_term``)."""
     listen = options.listen or "127.0.0.1:0"
     host, _, port = listen.rpartition(":")
     secrets = load_secrets(options.token_file) if options.token_file else Secrets()
@@ -67,11 +78,16 @@ async def start_hub(options: CenterOptions, inventory: Mapping[str, Agent],
     def on_disconnect(name: str, *_: Any) -> None:
         listener.agent_disconnected(name)
 
+    def on_agent_event(name: str, fields: dict[str, Any]) -> None:
+        if on_event is not None:
+            on_event(name, **fields)
+
     hub = AgentHub(host or "127.0.0.1", int(port or 0), inventory=dict(inventory),
                    secrets=secrets, accept_undeclared=options.accept_undeclared,
                    on_connect=on_connect, on_disconnect=on_disconnect,
                    on_outcome=listener.agent_outcome, heartbeat_s=options.heartbeat_s,
-                   ssl_context=server_tls(options), lease_s=options.lease_s)
+                   ssl_context=server_tls(options), lease_s=options.lease_s,
+                   role=None if ha is None else ha.hub_role, on_agent_event=on_agent_event)
     await hub.start()
     return hub
 

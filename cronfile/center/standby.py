@@ -24,6 +24,7 @@ from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer, append_records
 from cronfile.ha.elector import Elector, HaSettings
 from cronfile.ha.migrations import migrate
 from cronfile.schedules.model import Strategy
+from cronfile.transports.hub import CenterRole
 
 __all__ = ["HaCoordinator", "claim_target"]
 
@@ -57,6 +58,10 @@ class HaCoordinator:
 
     def view(self) -> dict[str, Any]:
         return self.elector.view().as_json()
+
+    def hub_role(self) -> CenterRole:
+        """For the agent hub: lead or not, and the term (fencing; see the hub)."""
+        return CenterRole(leading=self.leading(), term=self.elector.term)
 
     async def claim(self, starts: Sequence[tuple[StartRun, Target, str, dict[str, Any]]]) -> set[str]:
         """Claim (action, target, run_id, dispatched record) tuples; returns the run_ids won.

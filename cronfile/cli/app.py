@@ -346,7 +346,9 @@ def _http_options(addr: str | None, token_file: Path | None, cert: Path | None,
 
 
 @cli.command()
-@click.option("--center", "center_addr", required=True, help="HOST:PORT of the center.")
+@click.option("--center", "center_addr", required=True,
+              help="HOST:PORT of the center; HA replicas as HOST:PORT,HOST:PORT,... (one "
+                   "connection to each; orders of a stale leader are refused by term).")
 @click.option("--name", required=True, help="This agent's name, as declared in the inventory.")
 @click.option("--token-file", type=click.Path(path_type=Path),
               help="This agent's secret. Without it the agent only takes runs from a center "
@@ -367,11 +369,16 @@ def agent(center_addr: str, name: str, token_file: Path | None, state_dir: Path,
           tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, allow_run_as: str,
           allow_command_prefixes: tuple[str, ...], labels: tuple[str, ...],
           backoff_max: float | None, log_level: str) -> None:
-    """Run an agent: one persistent, authenticated connection to the center."""
+    """Run an agent: one persistent, authenticated connection to each center."""
     import asyncio
     import logging
 
-    from cronfile.agent.daemon import BACKOFF_MAX_S, run_agent
+    from cronfile.agent.daemon import BACKOFF_MAX_S, parse_centers, run_agent
+
+    try:
+        parse_centers(center_addr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--center") from None
 
     label_map: dict[str, str] = {}
     for item in labels:

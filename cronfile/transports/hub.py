@@ -41,6 +41,16 @@ kernel's socket table, since TCP has no ``SO_PEERCRED``.
 the agent lists as running when it reconnects keeps going; any other run whose outcome has
 not arrived when the lease expires resolves ``lost``. The hub never calls ``on_outcome``
 for ``lost``: that verdict is the center's own, made through the handle.
+
+Fencing (SPEC §9): a center with ``--ha`` gives the hub ``role``, a callable answering
+:class:`CenterRole` (does it lead, with which term). Every order (run, cancel, daemon set)
+then carries that term, and a center that does not lead sends no order at all (a standby
+knows the leader's term from the lease, and must not be able to order with it). Agents
+that check terms get a sealed ``role`` frame on connect and at every change, which tells
+them where to send outcomes: so after a failover the new leader receives outcomes of runs
+the old one dispatched, through ``on_outcome`` like any outcome without a handle here. An
+agent's ``stale_term`` report becomes an ``agent_refused_stale_term`` event through
+``on_agent_event``.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ import secrets as _secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,10 +102,12 @@ from cronfile.transports.protocol import (
     ProtocolError,
     Refused,
     Response,
+    Role,
     Run,
     Running,
     Secrets,
     Session,
+    StaleTerm,
     Started,
     Transcript,
     UnsupportedVersion,
@@ -116,6 +128,18 @@ Callback = Callable[..., Awaitable[None] | None]
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 RESERVED_NAMES = frozenset({"local"})
 """``local`` is the center's own host; no agent may register under it."""
+ROLE_POLL_S = 0.2
+"""How often an HA hub looks at its center's role, to tell agents at once when it changed."""
+STALE_TERM_EVENT = "agent_refused_stale_term"
+
+
+@dataclass(frozen=True)
+class CenterRole:
+    """What an HA center is now: whether it leads, and its term (while leading, the term of
+    its lease; while standing by, the last term it saw)."""
+
+    leading: bool
+    term: int | None
 
 
 def _now() -> datetime:
@@ -226,6 +250,9 @@ class _Connection:
     daemons: tuple[DaemonState, ...] = ()
     superseded: bool = False
     closed: bool = False
+    terms: bool = False
+    """The agent checks terms: it gets ``role`` frames."""
+    role_sent: CenterRole | None = None
     frames_in: int = 0
     frames_out: int = 0
 
@@ -286,8 +313,7 @@ class RemoteRunHandle(RunHandle):
         self._cancel = Cancel(run_id=self.run_id, reason=reason, grace_s=grace_s)
         conn = self.hub._conns.get(self.agent)
         if conn is not None:
-            with contextlib.suppress(_Closed):
-                await conn.send(self._cancel)
+            await self.hub._send_order(conn, self._cancel)
         await self.wait()
 
     def kill_now(self) -> None:
@@ -359,6 +385,8 @@ class AgentHub:
         on_disconnect: Callback | None = None,
         on_outcome: Callback | None = None,
         on_daemon_status: Callback | None = None,
+        on_agent_event: Callable[[str, dict[str, Any]], None] | None = None,
+        role: Callable[[], CenterRole] | None = None,
         max_frame: int = MAX_FRAME,
         dedupe_window: int = 100_000,
         max_handshakes: int = 256,
@@ -377,6 +405,9 @@ class AgentHub:
         self.on_disconnect = on_disconnect
         self.on_outcome = on_outcome
         self.on_daemon_status = on_daemon_status
+        self.on_agent_event = on_agent_event
+        self.role = role
+        """None: a center without ``--ha`` (orders carry no term, no ``role`` frames)."""
         self.max_frame = max_frame
         self.max_handshakes = max_handshakes
         self._dedupe_window = dedupe_window
@@ -416,6 +447,8 @@ class AgentHub:
         self.host, self.port = sock[0], sock[1]
         log.info("agent hub listening on %s:%s%s", self.host, self.port,
                  " (TLS)" if self.ssl_context else "")
+        if self.role is not None:
+            self._spawn(self._watch_role())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -511,8 +544,7 @@ class AgentHub:
         self._desired_daemons[name] = msg
         conn = self._conns.get(name)
         if conn is not None:
-            with contextlib.suppress(_Closed):
-                await conn.send(msg)
+            await self._send_order(conn, msg)
 
     def daemon_status(self, name: str) -> tuple[DaemonState, ...]:
         conn = self._conns.get(name)
@@ -556,8 +588,11 @@ class AgentHub:
         existing = self._handles.get(request.run_id)
         if existing is not None:  # the same run dispatched twice: one run, one handle
             return existing
+        role = self._role_now()
+        if role is not None and not role.leading:
+            raise HostUnavailable("this center does not lead (HA standby): it sends no runs")
         try:
-            frame = Run.from_request(request)
+            frame = Run.from_request(request, term=None if role is None else role.term)
             frame.frame()
         except (ProtocolError, ValueError) as exc:
             raise RunRefused(f"cannot send the run to agent {name}: {exc}") from None
@@ -782,7 +817,7 @@ class AgentHub:
         writer.write(
             Welcome(
                 agent=name, center=__version__, heartbeat_s=self.heartbeat_s,
-                proof=proof, labels=labels,
+                proof=proof, labels=labels, ha=self.role is not None,
             ).frame()
         )
         await writer.drain()
@@ -799,6 +834,7 @@ class AgentHub:
             writer=writer,
             session=session,
             running=set(running.run_ids),
+            terms=first.terms,
         )
 
     def _register(self, conn: _Connection) -> None:
@@ -817,7 +853,7 @@ class AgentHub:
             if handle.run_id in conn.running:
                 handle._clear_lease()
                 if handle._cancel is not None:
-                    self._spawn(self._send_quietly(conn, handle._cancel))
+                    self._spawn(self._send_order(conn, handle._cancel))
             else:
                 # Not running there: its outcome should come from the agent's outbox right
                 # away; if it never does (the run frame died with the old link), the lease
@@ -828,16 +864,79 @@ class AgentHub:
         with contextlib.suppress(_Closed):
             await conn.send(msg)
 
+    # --- fencing -----------------------------------------------------------------------
+
+    def _role_now(self) -> CenterRole | None:
+        return None if self.role is None else self.role()
+
+    async def _send_order(self, conn: _Connection, order: Cancel | Daemons) -> bool:
+        """Send an order stamped with this center's term; an HA center that does not lead
+        sends none (False). The agent refuses it anyway if the term is stale."""
+        role = self._role_now()
+        if role is not None:
+            if not role.leading:
+                log.info("not sending %s to agent %s: this center does not lead",
+                         order.TYPE, conn.name)
+                return False
+            order = replace(order, term=role.term)
+        with contextlib.suppress(_Closed):
+            await conn.send(order)
+            return True
+        return False
+
+    async def _send_role(self, conn: _Connection, role: CenterRole) -> None:
+        if conn.terms and conn.role_sent != role:
+            conn.role_sent = role
+            await self._send_quietly(conn, Role(leading=role.leading, term=role.term))
+
+    async def _watch_role(self) -> None:
+        """Tell connected agents when this center's role or term changes; on becoming the
+        leader, send each its daemon set (a standby withholds them)."""
+        assert self.role is not None
+        last = self.role()
+        while True:
+            await asyncio.sleep(ROLE_POLL_S)
+            role = self.role()
+            if role == last:
+                continue
+            log.info("center role now %s (term %s): telling %d agent(s)",
+                     "leader" if role.leading else "standby", role.term, len(self._conns))
+            became_leader = role.leading and not last.leading
+            last = role
+            for conn in list(self._conns.values()):
+                await self._send_role(conn, role)
+                desired = self._desired_daemons.get(conn.name)
+                if became_leader and desired is not None:
+                    await self._send_order(conn, desired)
+
+    def _on_stale_term(self, conn: _Connection, msg: StaleTerm) -> None:
+        log.warning("agent %s refused a %s order%s from %s: its term %s is below the highest "
+                    "it has seen, %d", conn.name, msg.order,
+                    f" (run {msg.run_id})" if msg.run_id else "", msg.center or "a center",
+                    msg.term, msg.highest_term)
+        if self.on_agent_event is not None:
+            self.on_agent_event(STALE_TERM_EVENT, {
+                "agent": conn.name, "order": msg.order, "run_id": msg.run_id, "job": msg.job,
+                "term": msg.term, "highest_term": msg.highest_term, "from_center": msg.center})
+
     async def _serve(self, conn: _Connection) -> None:
         self._register(conn)
         log.info("agent %s connected from %s (%d running, labels %s)", conn.name, conn.peer,
                  len(conn.running), conn.labels)
         heartbeat = asyncio.ensure_future(self._heartbeat(conn))
         try:
+            role = self._role_now()
+            if role is not None:
+                if conn.terms:
+                    await self._send_role(conn, role)  # first: it says where outcomes go
+                else:
+                    log.warning("agent %s (version %s) does not check terms: orders of a "
+                                "stale leader are not fenced there; upgrade it",
+                                conn.name, conn.version)
             await _call(self.on_connect, conn.name)
             desired = self._desired_daemons.get(conn.name)
             if desired is not None:
-                await conn.send(desired)
+                await self._send_order(conn, desired)
             await self._read_loop(conn)
         except _Closed:
             pass
@@ -899,6 +998,8 @@ class AgentHub:
             elif isinstance(msg, DaemonStatus):
                 conn.daemons = msg.daemons
                 await _call(self.on_daemon_status, conn.name, msg.daemons)
+            elif isinstance(msg, StaleTerm):
+                self._on_stale_term(conn, msg)
             else:
                 raise ProtocolError(f"unexpected {msg.TYPE} message from an agent")
 

@@ -53,7 +53,23 @@ Messages
     ping / pong     both        heartbeat; the center pings, the agent answers
     daemons         <- center   the complete desired daemon set for this agent
     daemon_status   agent ->    the state of every supervised daemon replica
+    role            <- center   HA only: whether this center leads, and its term
+    stale_term      agent ->    HA only: an order was refused for its stale term
     ==============  ==========  ======================================================
+
+Fencing (SPEC §9; additive, so still ``v: 2``)
+    A center running with ``--ha`` puts its ``term`` (the fencing token of its lease) in
+    every order: ``run``, ``cancel`` and ``daemons``. An agent that speaks fencing says so
+    in its hello (``terms: true``); only to such an agent does an HA center send ``role``
+    frames (sealed: the first frame after ``running``, then at every change of role or
+    term; ``welcome.ha`` announces that one is coming) and only such an agent sends
+    ``stale_term``. The agent persists the highest term it has seen (in an order or a
+    ``role`` frame) before it acts on it, and refuses an order whose term is lower, or that
+    carries none although its center announced ``ha``. An order without a term from a
+    center that never announced ``ha`` (a center without ``--ha``, or an older one) is
+    not fenced. Compatibility: an older agent ignores the ``term`` fields and never gets a
+    ``role`` frame (so an HA center can use it, unfenced); a newer agent with an older
+    center sees no ``ha`` and no terms, and works as before.
 
 Authentication (before the center parses anything but the hello)
     1. agent -> ``hello`` with ``nonce`` = 32 fresh random bytes (hex).
@@ -747,6 +763,8 @@ class Hello(Message):
     labels: dict[str, str] = field(default_factory=dict)
     pending_outcomes: int = 0
     """Outcomes in the agent's outbox, sent right after ``welcome``."""
+    terms: bool = False
+    """The agent checks terms (fencing): an HA center may send it ``role`` frames."""
 
     def __post_init__(self) -> None:
         _check_id("agent", self.agent)
@@ -788,6 +806,10 @@ class Welcome(Message):
     proof: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     """The labels the center uses for this agent (the inventory's, when declared)."""
+    ha: bool = False
+    """The center runs with ``--ha`` and will send a sealed ``role`` frame next (only to an
+    agent whose hello said ``terms``). A hint, as the rest of ``welcome``: the ``role``
+    frame and the terms in the orders are what the agent acts on."""
 
 
 @dataclass(frozen=True)
@@ -850,6 +872,8 @@ class Run(Message):
     output_keep: int = 64 * 1024
     scheduled_at: datetime | None = None
     attempt: int = 1
+    term: int | None = None
+    """The sending HA center's term (fencing); None from a center without ``--ha``."""
 
     def __post_init__(self) -> None:
         _check_id("run_id", self.run_id)
@@ -859,8 +883,9 @@ class Run(Message):
             raise ValueError("output_keep and kill_grace_s must not be negative")
 
     @classmethod
-    def from_request(cls, request: RunRequest) -> Run:
+    def from_request(cls, request: RunRequest, term: int | None = None) -> Run:
         return cls(
+            term=term,
             run_id=request.run_id,
             job=request.job,
             command=request.command,
@@ -968,6 +993,8 @@ class Cancel(Message):
     run_id: str
     reason: str = "stopped"
     grace_s: float | None = None
+    term: int | None = None
+    """As in :class:`Run`."""
 
     def __post_init__(self) -> None:
         _check_id("run_id", self.run_id)
@@ -1017,6 +1044,8 @@ class Daemons(Message):
     TYPE: ClassVar[str] = "daemons"
     daemons: tuple[DaemonSpec, ...] = ()
     revision: str = ""
+    term: int | None = None
+    """As in :class:`Run`."""
 
 
 @dataclass(frozen=True)
@@ -1042,6 +1071,44 @@ class DaemonState:
 class DaemonStatus(Message):
     TYPE: ClassVar[str] = "daemon_status"
     daemons: tuple[DaemonState, ...] = ()
+
+
+@dataclass(frozen=True)
+class Role(Message):
+    """An HA center's role: whether it leads now, and its term (while it leads, the term it
+    stamps on orders; while it stands by, the last term it saw in the lease). Sealed, so an
+    agent may raise its highest term from it; it sends its outcomes to the center that
+    leads with the highest term."""
+
+    TYPE: ClassVar[str] = "role"
+    leading: bool
+    term: int | None = None
+
+
+ORDERS = ("run", "cancel", "daemons")
+"""The messages that make an agent act, and so carry a term from an HA center."""
+
+
+@dataclass(frozen=True)
+class StaleTerm(Message):
+    """The agent refused an order because its term is lower than the highest it has seen
+    (or it carries none from a center that announced ``ha``); nothing was done. The center
+    records it as an ``agent_refused_stale_term`` event."""
+
+    TYPE: ClassVar[str] = "stale_term"
+    order: str
+    """``run``, ``cancel`` or ``daemons``."""
+    highest_term: int
+    term: int | None = None
+    """The term the order carried."""
+    center: str = ""
+    """The address (``HOST:PORT``) the refused order came from, as the agent dials it."""
+    run_id: str | None = None
+    job: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}")
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = dict(_MESSAGES)

@@ -485,16 +485,18 @@ class _CenterLink:
     def up(self) -> bool:
         return self.writer is not None
 
-    def outcome_rank(self) -> int | None:
+    def outcome_rank(self, highest_term: int) -> int | None:
         """Where outcomes may go: a center without HA ranks -1, an HA center that says it
-        leads ranks by its term; None: not now (down, standing by, role not yet known)."""
+        leads ranks by its term; None: not now (down, standing by, role not yet known, or
+        leading with a term below the highest seen: a stale leader)."""
         if self.writer is None:
             return None
         if not self.ha:
             return -1
         if self.role is None or not self.role.leading:
             return None
-        return self.role.term or 0
+        term = self.role.term or 0
+        return term if term >= highest_term else None
 
 
 class Agent:
@@ -718,7 +720,7 @@ class Agent:
         without HA); when that changes, the new one gets the whole outbox, so a new leader
         receives the outcomes of runs the old one dispatched."""
         ranked = [(rank, i) for i, link in enumerate(self.links)
-                  if (rank := link.outcome_rank()) is not None]
+                  if (rank := link.outcome_rank(self.terms.highest)) is not None]
         target = self.links[max(ranked)[1]] if ranked else None
         if target is self._target:
             return
@@ -768,6 +770,7 @@ class Agent:
         if term > self.terms.highest:
             await asyncio.to_thread(self.terms.raise_to, term)
             log.info("highest term seen is now %d", term)
+            self._retarget()  # a center leading with a lower term is stale now
 
     async def _on_role(self, link: _CenterLink, msg: Role) -> None:
         if msg.term is not None:

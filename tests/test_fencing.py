@@ -147,6 +147,7 @@ def marks(path: Path) -> list[str]:
 
 def test_an_order_below_the_highest_term_is_refused_reported_and_remembered(tmp_path: Path) -> None:
     marks_file = tmp_path / "marks"
+    gate = tmp_path / "gate"
 
     def mark(run_id: str) -> str:
         return f"echo {run_id} >> {marks_file}"
@@ -162,6 +163,9 @@ def test_an_order_below_the_highest_term_is_refused_reported_and_remembered(tmp_
             assert (await a.run("r1", mark("r1"))).status.value == "succeeded"
             assert a.outcome_ids() == ["r1"] and b.outcomes == []  # outcomes go to the leader
             assert agent.term() == 1
+            slow = await a.start("slow", f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+                                         f"echo slow >> {marks_file}")
+            assert slow.confirmed
 
             # b takes over with term 2; a was frozen and still believes it leads with term 1
             b.role = CenterRole(leading=True, term=2)
@@ -180,9 +184,17 @@ def test_an_order_below_the_highest_term_is_refused_reported_and_remembered(tmp_
             await until(lambda: len(b.events) == 2, "the daemons refusal")
             assert {k: b.events[1][k] for k in ("order", "run_id", "term", "highest_term")} == {
                 "order": "daemons", "run_id": None, "term": 1, "highest_term": 2}
+            # and so is its stop of the run it started while it led: the run goes on
+            stopping = asyncio.ensure_future(slow.stop("stopped by the stale leader"))
+            await until(lambda: len(b.events) == 3, "the cancel refusal")
+            assert {k: b.events[2][k] for k in ("order", "run_id", "term")} == {
+                "order": "cancel", "run_id": "slow", "term": 1}
             assert (await b.run("r3", mark("r3"))).status.value == "succeeded"
-            assert b.outcome_ids() == ["r3"]
-            assert marks(marks_file) == ["r1", "r3"]  # r2 never ran
+            gate.touch()  # the run a started ends: its outcome goes to b, the leader now
+            await until(lambda: "slow" in b.outcome_ids(), "the slow run's outcome at b")
+            assert b.outcome_ids() == ["r3", "slow"] and b.outcomes[1][2]["status"] == "succeeded"
+            assert marks(marks_file) == ["r1", "r3", "slow"]  # r2 never ran
+            stopping.cancel()
 
             # restart the agent with the stale center alone: the term survived on disk
             await agent.stop()
@@ -196,7 +208,7 @@ def test_an_order_below_the_highest_term_is_refused_reported_and_remembered(tmp_
             await until(lambda: len(a.events) == 2, "the refusals reported to the only center")
             assert [(e["order"], e["run_id"], e["highest_term"]) for e in a.events] == [
                 ("daemons", None, 2), ("run", "r4", 2)]
-            assert marks(marks_file) == ["r1", "r3"]
+            assert marks(marks_file) == ["r1", "r3", "slow"]
             assert "refused a run order (run r4)" in agent.log_text()
         finally:
             await agent.stop()

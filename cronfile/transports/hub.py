@@ -875,7 +875,7 @@ class AgentHub:
         role = self._role_now()
         if role is not None:
             if not role.leading:
-                log.info("not sending %s to agent %s: this center does not lead",
+                log.debug("not sending %s to agent %s: this center does not lead",
                          order.TYPE, conn.name)
                 return False
             order = replace(order, term=role.term)

@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fencinglib import AGENT, Replica  # noqa: E402
+
 from cronfile.agent.terms import TermFileError, TermStore
-from cronfile.schedules.model import Agent
-from cronfile.transports.executor import RunOutcome, RunRequest
-from cronfile.transports.hub import STALE_TERM_EVENT, AgentHub, CenterRole, RemoteRunHandle
+from cronfile.transports.hub import STALE_TERM_EVENT, CenterRole
 from cronfile.transports.protocol import (
     Challenge,
     DaemonSpec,
@@ -32,7 +34,6 @@ from cronfile.transports.protocol import (
     Response,
     Run,
     Running,
-    Secrets,
     Session,
     Transcript,
     Welcome,
@@ -43,7 +44,6 @@ from cronfile.transports.protocol import (
 )
 
 SECRET = "fencing-secret-0123456789abcdef"
-AGENT = "web-1"
 REPO = Path(__file__).resolve().parent.parent
 OLD_AGENT_TYPES = {"challenge", "welcome", "refused", "run", "ack", "cancel", "ping", "pong",
                    "daemons"}
@@ -61,46 +61,6 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = 8.0) -
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
     return value
-
-
-class Replica:
-    """An agent hub standing for one HA center: its role is whatever the test sets."""
-
-    def __init__(self, name: str, leading: bool, term: int | None) -> None:
-        self.name = name
-        self.role: CenterRole | None = CenterRole(leading, term)
-        self.outcomes: list[tuple[str, str, dict[str, Any]]] = []
-        self.events: list[dict[str, Any]] = []
-        self.connects: list[str] = []
-        self.hub = AgentHub(
-            "127.0.0.1", 0, inventory={AGENT: Agent(AGENT)},
-            secrets=Secrets(shared=SECRET.encode()), heartbeat_s=1.0, lease_s=5.0,
-            handshake_timeout_s=2.0, on_connect=self.connects.append,
-            on_outcome=lambda run_id, agent, outcome: self.outcomes.append(
-                (run_id, agent, outcome)),
-            on_agent_event=lambda name, fields: self.events.append({"event": name, **fields}),
-            role=self.current_role,
-        )
-
-    def current_role(self) -> CenterRole:
-        assert self.role is not None
-        return self.role
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.hub.port}"
-
-    def outcome_ids(self) -> list[str]:
-        return [run_id for run_id, _agent, _outcome in self.outcomes]
-
-    async def start(self, run_id: str, command: str) -> RemoteRunHandle:
-        executor = self.hub.executor_for(AGENT)
-        assert executor is not None, f"{AGENT} is not connected to {self.name}"
-        return await executor.start(RunRequest(run_id=run_id, job="fenced", command=command))
-
-    async def run(self, run_id: str, command: str) -> RunOutcome:
-        handle = await self.start(run_id, command)
-        return await asyncio.wait_for(handle.wait(), 10)
 
 
 class AgentProc:
@@ -153,7 +113,8 @@ def test_an_order_below_the_highest_term_is_refused_reported_and_remembered(tmp_
         return f"echo {run_id} >> {marks_file}"
 
     async def scenario() -> None:
-        a, b = Replica("a", leading=True, term=1), Replica("b", leading=False, term=1)
+        a = Replica("a", leading=True, term=1, secret=SECRET)
+        b = Replica("b", leading=False, term=1, secret=SECRET)
         agent = AgentProc(tmp_path)
         await a.hub.start()
         await b.hub.start()
@@ -224,7 +185,8 @@ def test_outcomes_of_the_old_leaders_run_go_to_the_new_leader_after_a_failover(
     wait_for_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done; echo finished"
 
     async def scenario() -> None:
-        a, b = Replica("a", leading=True, term=1), Replica("b", leading=False, term=1)
+        a = Replica("a", leading=True, term=1, secret=SECRET)
+        b = Replica("b", leading=False, term=1, secret=SECRET)
         agent = AgentProc(tmp_path)
         await a.hub.start()
         await b.hub.start()
@@ -261,7 +223,7 @@ def test_a_standby_center_sends_no_order(tmp_path: Path) -> None:
     """A standby knows the leader's term from the lease: it must not order with it."""
 
     async def scenario() -> None:
-        b = Replica("b", leading=False, term=3)
+        b = Replica("b", leading=False, term=3, secret=SECRET)
         agent = AgentProc(tmp_path)
         await b.hub.start()
         try:
@@ -287,7 +249,7 @@ def test_an_agent_with_a_center_without_ha_works_as_before(tmp_path: Path) -> No
     """New agent, center without --ha (or an older center): no term anywhere, nothing fenced."""
 
     async def scenario() -> None:
-        hub = Replica("plain", leading=True, term=None)
+        hub = Replica("plain", leading=True, term=None, secret=SECRET)
         hub.role = None
         hub.hub.role = None  # a center without --ha
         agent = AgentProc(tmp_path)
@@ -309,7 +271,7 @@ def test_an_old_agent_gets_no_role_frames_from_an_ha_center(tmp_path: Path) -> N
     served, gets only the frames it knows, and its run frame just has a field it ignores."""
 
     async def scenario() -> None:
-        a = Replica("a", leading=True, term=4)
+        a = Replica("a", leading=True, term=4, secret=SECRET)
         await a.hub.start()
         writer: asyncio.StreamWriter | None = None
         try:

@@ -31,6 +31,7 @@ from cronfile.transports.protocol import (
     DaemonSpec,
     Finished,
     Hello,
+    Message,
     Response,
     Run,
     Running,
@@ -38,8 +39,10 @@ from cronfile.transports.protocol import (
     Transcript,
     Welcome,
     agent_proof,
+    center_proof,
     decode_message,
     new_nonce,
+    read_body,
     read_frame,
 )
 
@@ -359,3 +362,64 @@ def test_bad_center_lists_are_usage_errors(tmp_path: Path, centers: str, problem
          "--state", str(tmp_path / "s")], capture_output=True, text=True, timeout=30,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2 and problem in out.stderr, out.stderr
+
+
+class _OldFrame(Message):
+    """A frame body exactly as a center from before fencing wrote it (no ``ha``, no
+    ``term``): sealed by the real session code, written by hand."""
+
+    def __init__(self, msg: Message, drop: str) -> None:
+        self.data = {k: v for k, v in msg.to_dict().items() if k != drop}
+
+    def encode(self) -> bytes:
+        return json.dumps(self.data).encode()
+
+
+def test_a_new_agent_works_with_a_center_from_before_fencing(tmp_path: Path) -> None:
+    """The reverse direction: a real agent process and a hand-written center that speaks v2
+    as it was (its welcome has no ``ha``, its run no ``term``): the run runs, unfenced."""
+    out_file = tmp_path / "ran"
+
+    async def scenario() -> None:
+        frames: list[Message] = []
+        done = asyncio.Event()
+
+        async def old_center(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                body = await read_body(reader)
+                hello = decode_message(body)
+                assert isinstance(hello, Hello) and hello.terms  # the new agent says so
+                nonce = new_nonce()
+                writer.write(Challenge(nonce=nonce).frame())
+                await read_frame(reader)  # the response (not checked: this is a test center)
+                transcript = Transcript(hello, body, nonce)
+                welcome = Welcome(agent=AGENT, center="0.9", heartbeat_s=1.0,
+                                  proof=center_proof(SECRET.encode(), transcript))
+                old_welcome = _OldFrame(welcome, drop="ha").encode()
+                writer.write(len(old_welcome).to_bytes(4, "big") + old_welcome)
+                session = Session.of_center(SECRET.encode(), transcript)
+                assert isinstance(await session.read(reader), Running)
+                order = Run(run_id="old-1", job="j", command=f"echo ran > {out_file}")
+                writer.write(session.frame(_OldFrame(order, drop="term")))
+                await writer.drain()
+                while not any(isinstance(f, Finished) for f in frames):
+                    frames.append(await asyncio.wait_for(session.read(reader), 10))
+                done.set()
+            finally:
+                writer.transport.abort()
+
+        server = await asyncio.start_server(old_center, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        agent = AgentProc(tmp_path)
+        try:
+            agent.start(f"127.0.0.1:{port}")
+            await asyncio.wait_for(done.wait(), 20)
+        finally:
+            await agent.stop()
+            server.close()
+        final = [f for f in frames if isinstance(f, Finished)]
+        assert [(f.run_id, f.status) for f in final] == [("old-1", "succeeded")]
+        assert out_file.read_text() == "ran\n"
+        assert agent.term() is None  # nothing to fence with: no term.json
+
+    run(scenario())

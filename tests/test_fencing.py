@@ -214,6 +214,9 @@ def test_outcomes_of_the_old_leaders_run_go_to_the_new_leader_after_a_failover(
             assert outcome["output_tail"] == "finished\n"
             assert a.outcomes == [] and not handle.done
             assert agent.term() == 2
+            # the old leader, standing by, neither orders a stop nor waits for one
+            await asyncio.wait_for(handle.stop("too late"), 2)
+            assert not handle.done
         finally:
             await agent.stop()
             await a.hub.close()

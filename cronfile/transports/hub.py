@@ -306,11 +306,17 @@ class RemoteRunHandle(RunHandle):
         """Ask the agent to stop the run and wait for its outcome, as the local handle does.
 
         When the agent is away the request is kept and sent when it is back; if it does not
-        come back, the lease ends the wait with ``lost``.
+        come back, the lease ends the wait with ``lost``. An HA center that no longer leads
+        sends no order and does not wait: the run's outcome goes to the leader now.
         """
         if self.done:
             return
         self._cancel = Cancel(run_id=self.run_id, reason=reason, grace_s=grace_s)
+        role = self.hub._role_now()
+        if role is not None and not role.leading:
+            log.warning("not stopping run %s on agent %s: this center does not lead",
+                        self.run_id, self.agent)
+            return
         conn = self.hub._conns.get(self.agent)
         if conn is not None:
             await self.hub._send_order(conn, self._cancel)

@@ -307,7 +307,8 @@ class Center:
             raise CenterError(str(exc)) from None
         if self.options.listen:
             try:
-                self.hub = await start_hub(self.options, self.router.inventory, self, self.ha, self._event)
+                self.hub = await start_hub(self.options, self.router.inventory, self, self.ha,
+                                           self.journal.event)
             except SecretsError as exc:  # names the file and line, never a secret
                 raise CenterError(str(exc)) from None
             self.router.directory = self.hub

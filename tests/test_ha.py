@@ -302,6 +302,33 @@ def test_claims_are_unique_per_slot_or_per_slot_and_agent_and_retries_are_idempo
     run(scenario())
 
 
+def test_a_batch_keeps_every_body_and_slot_exactly_as_given(dsn: str) -> None:
+    """The batch travels as one json document: bodies with quotes, backslashes and
+    non-ASCII come back unchanged, a manual run's NULL slot never collides, and a slot with
+    microseconds is the same instant in PostgreSQL (catch-up compares them)."""
+    tricky = 'say "hi" \\ back\\slash, {braces}, \u00e9t\u00e9 \u2603, comma'
+    exact = T0 + timedelta(seconds=7, microseconds=123457)
+
+    async def scenario() -> None:
+        async with await connect(dsn) as conn:
+            assert (await lease_sql.acquire(conn, "a", timedelta(seconds=30))).won
+            claims = [
+                Claim("quoted", exact, SLOT_TARGET, "q1",
+                      {"record": "dispatched", "run_id": "q1", "job": "quoted", "note": tricky}),
+                Claim("manual", None, SLOT_TARGET, "m1", {"record": "dispatched", "run_id": "m1"}),
+                Claim("manual", None, SLOT_TARGET, "m2", {"record": "dispatched", "run_id": "m2"}),
+            ]
+            assert await claim_slots(conn, "a", 1, claims) == {"q1", "m1", "m2"}
+            [quoted] = await fetch_records(conn, "run", "quoted")
+            assert quoted == {"record": "dispatched", "run_id": "q1", "job": "quoted", "note": tricky,
+                              "term": 1}
+            rows = await (await conn.execute(
+                "SELECT run_id, scheduled_at FROM cronfile_claims ORDER BY run_id")).fetchall()
+            assert rows == [("m1", None), ("m2", None), ("q1", exact)]
+
+    run(scenario())
+
+
 def test_postgres_restart_under_load_loses_and_doubles_no_claim(pg: PgServer, dsn: str) -> None:
     """A leader claims one slot every few ms while the server restarts; afterwards every slot
     is claimed exactly once, and exactly the slots the leader was told it won."""

@@ -55,9 +55,8 @@ WITH lease AS (
     FOR SHARE
 ),
 wanted AS (
-    SELECT * FROM unnest(%(jobs)s::text[], %(slots)s::timestamptz[], %(targets)s::text[],
-                         %(run_ids)s::text[], %(bodies)s::jsonb[])
-        AS w(job, scheduled_at, target, run_id, body)
+    SELECT * FROM jsonb_to_recordset(%(claims)s::jsonb)
+        AS w(job text, scheduled_at timestamptz, target text, run_id text, body jsonb)
 ),
 inserted AS (
     INSERT INTO cronfile_claims (job, scheduled_at, target, run_id, term, holder)
@@ -85,21 +84,22 @@ async def claim_slots(
     """Claim a batch of runs; return the run_ids that are ours to dispatch (maybe none).
 
     One statement for the batch, so a scheduler tick costs one round trip and one commit,
-    like the one fsync of the JSONL ledger.
+    like the one fsync of the JSONL ledger. The batch travels as ONE json document: sent as
+    arrays (``unnest(%s::jsonb[])``), every quote of every body went through psycopg's
+    pure-Python array escaping, ~0.13 ms of the event loop per run (17 ms for a chunk of
+    128), which was most of what a claim cost. Prepared on first use (the warm-up).
     """
     if not claims:
         return set()
-    params = {
-        "holder": holder,
-        "term": term,
-        "jobs": [c.job for c in claims],
-        "slots": [c.scheduled_at for c in claims],
-        "targets": [c.target for c in claims],
-        "run_ids": [c.run_id for c in claims],
-        "bodies": [json.dumps(c.dispatched, default=str) for c in claims],
-    }
-    cur = await conn.execute(_CLAIM, params)
+    cur = await conn.execute(_CLAIM, _claim_params(holder, term, claims), prepare=True)
     return {row[0] for row in await cur.fetchall()}
+
+
+def _claim_params(holder: str, term: int, claims: Sequence[Claim]) -> dict[str, Any]:
+    """Scheduled times as ISO text (microseconds exact, as ``datetime`` holds them)."""
+    rows = [{"job": c.job, "scheduled_at": None if c.scheduled_at is None else c.scheduled_at.isoformat(),
+             "target": c.target, "run_id": c.run_id, "body": c.dispatched} for c in claims]
+    return {"holder": holder, "term": term, "claims": json.dumps(rows, default=str)}
 
 
 async def append_records(
@@ -175,9 +175,7 @@ class Claimer:
         once), so the first real claim pays neither the connection nor a cold catalog."""
         with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
             conn = await self._connection()
-            empty: list[Any] = []
-            await conn.execute(_CLAIM, {"holder": self.holder, "term": 0, "jobs": empty, "slots": empty,
-                                        "targets": empty, "run_ids": empty, "bodies": empty})
+            await conn.execute(_CLAIM, _claim_params(self.holder, 0, []), prepare=True)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is not None and not self._conn.closed:

@@ -22,6 +22,7 @@ spread is visible.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -73,6 +74,9 @@ def report(n: int, pairs: list[dict[str, dict]]) -> bool:
           f"{'all recorded' if ok else 'RUNS MISSING'}", flush=True)
     for s in STORES:
         print(f"        {s:5} p99 per pair (ms): " + " ".join(ms(v).strip() for v in p99s[s]), flush=True)
+    load = os.getloadavg()
+    print(f"        machine load (1/5/15 min) at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+          f"on {os.cpu_count()} cores", flush=True)
     return ok
 
 

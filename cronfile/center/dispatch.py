@@ -34,7 +34,7 @@ from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, S
 from cronfile.center.standby import HaCoordinator
 from cronfile.clock import Clock
 from cronfile.schedules.model import Job, RunStatus
-from cronfile.state.ledger import encode_records, iso, outcome_fields
+from cronfile.state.ledger import encode_record, encode_records, iso, outcome_fields, utc_ts
 from cronfile.transports.executor import (
     Executor,
     HostUnavailable,
@@ -130,7 +130,8 @@ async def claim_chunk(ha: HaCoordinator, chunk: Chunk,
     term = ha.elector.term
     wanted = [(action, target, request.run_id, {**base, "record": "dispatched", "term": term})
               for action, target, request, base in chunk.runs]
-    won = await ha.claim(wanted)
+    ts = utc_ts()  # one line per record in both ledgers, with the same time
+    won = await ha.claim(wanted, ts)
     kept = Chunk()
     records = []
     for run, (_, _, run_id, record) in zip(chunk.runs, wanted, strict=True):
@@ -139,7 +140,7 @@ async def claim_chunk(ha: HaCoordinator, chunk: Chunk,
             records.append(record)
         else:
             not_claimed(run)
-    kept.data = encode_records(records)
+    kept.data = b"".join(encode_record(r, ts) for r in records)
     return kept
 
 

@@ -46,9 +46,10 @@ class Journal:
         """Hand a batch to the ledger's writer thread: encoded here (a record that cannot be
         encoded fails its caller), written and fsynced there, off the loop and in order
         with every other write. A failed write (disk full) is queued again."""
-        self._submit(self.ledger.write_runs, batch, encode_records(batch))
+        data = encode_records(batch)
+        self._submit(self.ledger.write_runs, batch, data)
         if self.ha is not None:
-            self.ha.mirror("run", batch)
+            self.ha.mirror("run", batch, data)
 
     def _submit(self, write: Callable[..., Any], batch: list[dict[str, Any]], *args: Any) -> None:
         """Run ``write(*args)`` on the writer thread; ``batch``: the records it holds."""
@@ -113,9 +114,10 @@ class Journal:
         """Append an event on the writer thread (encoded here: its fields may change later)."""
         if name == "revision_rejected":
             self.metrics.revision_rejected()
-        self.ledger.submit(self.ledger.write_events, encode_records([{"event": name, **fields}]))
+        data = encode_records([{"event": name, **fields}])
+        self.ledger.submit(self.ledger.write_events, data)
         if self.ha is not None:
-            self.ha.mirror("event", [{"event": name, **fields}])
+            self.ha.mirror("event", [{"event": name, **fields}], data)
 
     # ------------------------------------------------------------------ the watermark
 
@@ -152,12 +154,12 @@ class Journal:
         await asyncio.sleep(0)  # failed batches come back to the queue through the loop
         stopped = stopped_event()
         records = self.records.take()
-        if self.ha is not None:  # the ledger of record gets them too, as every write
-            if records:
-                self.ha.mirror("run", records)
-            self.ha.mirror("event", [stopped])
         event = encode_records([stopped])
         batch = encode_records(records)
+        if self.ha is not None:  # the ledger of record gets them too, as every write
+            if records:
+                self.ha.mirror("run", records, batch)
+            self.ha.mirror("event", [stopped], event)
         mark = watermark()
         for last_try in (False, True):
             try:

@@ -24,6 +24,7 @@ from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer, append_records
 from cronfile.ha.elector import Elector, HaSettings
 from cronfile.ha.migrations import migrate
 from cronfile.schedules.model import Strategy
+from cronfile.state.ledger import encode_record
 from cronfile.transports.hub import CenterRole
 
 __all__ = ["HaCoordinator", "claim_target"]
@@ -45,7 +46,8 @@ class HaCoordinator:
         self.settings = settings
         self.elector = Elector(settings, on_event)
         self.claimer = Claimer(settings.dsn, settings.name, settings.connect_timeout_s)
-        self._outbox: asyncio.Queue[tuple[str, list[dict[str, Any]]]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, list[dict[str, Any]], list[str] | None]] = \
+            asyncio.Queue()
 
     def prepare(self) -> None:
         """Create or migrate the schema (blocking; called once, before the loop runs)."""
@@ -63,11 +65,14 @@ class HaCoordinator:
         """For the agent hub: lead or not, and the term (fencing; see the hub)."""
         return CenterRole(leading=self.leading(), term=self.elector.term)
 
-    async def claim(self, starts: Sequence[tuple[StartRun, Target, str, dict[str, Any]]]) -> set[str]:
+    async def claim(self, starts: Sequence[tuple[StartRun, Target, str, dict[str, Any]]],
+                    ts: str | None = None) -> set[str]:
         """Claim (action, target, run_id, dispatched record) tuples; returns the run_ids won.
 
         Scheduled (and caught-up) first attempts are keyed on their slot; retries and manual/triggered runs
         have no slot of their own (NULL) and are fenced by the lease and their run_id alone.
+        ``ts``: the time the center's JSONL gives these records, so both ledgers hold the
+        same line.
         """
         term = self.elector.term
         if term is None or not self.leading():
@@ -76,9 +81,10 @@ class HaCoordinator:
         for action, target, run_id, record in starts:
             keyed = action.reason in ("schedule", "catch_up") and action.attempt == 1
             slot = datetime.fromtimestamp(action.scheduled_at, UTC) if keyed else None
+            line = encode_record(record, ts).decode().rstrip("\n") if ts is not None else None
             claims.append(Claim(job=action.job.name, scheduled_at=slot,
                                 target=claim_target(action, target), run_id=run_id,
-                                dispatched=record))
+                                dispatched=record, line=line))
         return await self.claimer.claim(term, claims, self.leading)
 
     async def claimed_since(self, since: float) -> list[tuple[str, float, str]]:
@@ -100,25 +106,31 @@ class HaCoordinator:
             log.warning("ha: cannot read the old leader's claims (%s); the claims will tell", exc)
             return []
 
-    def mirror(self, kind: str, records: Sequence[dict[str, Any]]) -> None:
+    def mirror(self, kind: str, records: Sequence[dict[str, Any]], data: bytes | None = None) -> None:
         """Copy records this center writes to its JSONL into PostgreSQL too (``run`` or
         ``event``), in the background: the JSONL write stays the one on the hot path, and a
         database outage delays the copy instead of the center. ``dispatched`` records are
-        skipped: their claim already inserted them."""
-        wanted = [r for r in records if r.get("record") != "dispatched"]
-        if wanted:
-            self._outbox.put_nowait((kind, wanted))
+        skipped: their claim already inserted them. ``data``: the records as encoded for the
+        JSONL (one line each), kept verbatim so reads from PostgreSQL print the same bytes."""
+        lines = data.decode().splitlines() if data is not None else None
+        if lines is not None and len(lines) != len(records):
+            lines = None  # not one line per record: a caller's mistake; keep the records
+        keep = [i for i, r in enumerate(records) if r.get("record") != "dispatched"]
+        if keep:
+            self._outbox.put_nowait((kind, [records[i] for i in keep],
+                                     None if lines is None else [lines[i] for i in keep]))
 
     async def _ship(self) -> None:
         conn: psycopg.AsyncConnection[Any] | None = None
         backoff = 0.1
         while True:
-            kind, records = await self._outbox.get()
+            kind, records, lines = await self._outbox.get()
             while True:
                 try:
                     if conn is None or conn.closed:
                         conn = await psycopg.AsyncConnection.connect(self.settings.dsn, autocommit=True)
-                    await append_records(conn, self.settings.name, self.elector.term, kind, records)
+                    await append_records(conn, self.settings.name, self.elector.term, kind, records,
+                                         lines)
                     backoff = 0.1
                     break
                 except (psycopg.OperationalError, OSError) as exc:

@@ -46,6 +46,9 @@ class Claim:
     target: str
     run_id: str
     dispatched: dict[str, Any]
+    line: str | None = None
+    """The record as the center's JSONL ledger has it (``v``, ``ts`` first), kept verbatim
+    so reads from PostgreSQL print the same bytes; None: rebuilt from ``dispatched``."""
 
 
 _CLAIM = """
@@ -55,8 +58,9 @@ WITH lease AS (
     FOR SHARE
 ),
 wanted AS (
-    SELECT * FROM jsonb_to_recordset(%(claims)s::jsonb)
-        AS w(job text, scheduled_at timestamptz, target text, run_id text, body jsonb)
+    SELECT w.job, w.scheduled_at, w.target, w.run_id, coalesce(w.line::jsonb, w.body) AS body, w.line
+    FROM jsonb_to_recordset(%(claims)s::jsonb)
+        AS w(job text, scheduled_at timestamptz, target text, run_id text, body jsonb, line text)
 ),
 inserted AS (
     INSERT INTO cronfile_claims (job, scheduled_at, target, run_id, term, holder)
@@ -66,9 +70,9 @@ inserted AS (
     RETURNING run_id
 ),
 recorded AS (
-    INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body)
-    SELECT 'run', now(), w.run_id, w.job, %(holder)s, %(term)s,
-           w.body || jsonb_build_object('term', %(term)s::bigint)
+    INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body, line)
+    SELECT 'run', coalesce((w.body->>'ts')::timestamptz, now()), w.run_id, w.job, %(holder)s,
+           %(term)s, w.body || jsonb_build_object('term', %(term)s::bigint), w.line
     FROM wanted w JOIN inserted i USING (run_id)
     RETURNING run_id
 )
@@ -98,7 +102,9 @@ async def claim_slots(
 def _claim_params(holder: str, term: int, claims: Sequence[Claim]) -> dict[str, Any]:
     """Scheduled times as ISO text (microseconds exact, as ``datetime`` holds them)."""
     rows = [{"job": c.job, "scheduled_at": None if c.scheduled_at is None else c.scheduled_at.isoformat(),
-             "target": c.target, "run_id": c.run_id, "body": c.dispatched} for c in claims]
+             "target": c.target, "run_id": c.run_id,
+             # the JSONL line when there is one (the body is parsed from it there: sent once)
+             "body": c.dispatched if c.line is None else None, "line": c.line} for c in claims]
     return {"holder": holder, "term": term, "claims": json.dumps(rows, default=str)}
 
 
@@ -108,19 +114,30 @@ async def append_records(
     term: int | None,
     kind: str,
     records: Iterable[dict[str, Any]],
+    lines: Sequence[str] | None = None,
 ) -> int:
-    """Append §4 records (``kind`` is ``run`` or ``event``); return how many were written."""
+    """Append §4 records (``kind`` is ``run`` or ``event``); return how many were written.
+
+    ``lines``: the same records as the JSONL ledger encoded them, one per record (kept
+    verbatim, with their ``ts``, for reads that must print the JSONL bytes)."""
     rows = [
         {"ts": r.get("ts"), "run_id": r.get("run_id"), "job": r.get("job"), "body": r}
         for r in records
     ]
+    if lines is not None:
+        if len(lines) != len(rows):
+            raise ValueError(f"{len(lines)} lines for {len(rows)} records")
+        for row, line in zip(rows, lines, strict=True):
+            full = json.loads(line)  # with the ts the JSONL has, for the ts column too
+            row.update(ts=full.get("ts"), body=full, line=line)
     if not rows:
         return 0
     # One statement for the batch (not one per record): the copy runs beside dispatch.
     await conn.execute(
-        "INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body)"
+        "INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body, line)"
         " SELECT %(kind)s, coalesce((e->>'ts')::timestamptz, now()), e->>'run_id', e->>'job',"
-        " %(center)s, %(term)s, e->'body' FROM jsonb_array_elements(%(rows)s::jsonb) AS e",
+        " %(center)s, %(term)s, e->'body', e->>'line'"
+        " FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS t(e, n) ORDER BY n",
         {"kind": kind, "center": center, "term": term, "rows": json.dumps(rows, default=str)},
     )
     return len(rows)

@@ -2,7 +2,9 @@
 
 Reads (status, runs, one run, applied files) are computed from the state directory by the
 same functions ``cronfile status/runs --state DIR`` use, in a worker thread, so the answers
-are identical either way and a large ledger never blocks the event loop. Writes go through
+are identical either way and a large ledger never blocks the event loop. With ``--ha`` the
+run records come from PostgreSQL (:class:`~cronfile.ha.queries.PgRunStore`), the ledger of
+record, so the leader and every standby answer the same. Writes go through
 :class:`~cronfile.center.port.CenterPort` and are POST only: a GET never changes anything.
 
 Versioned: a breaking change gets ``/api/v2``; fields are only ever added to v1.
@@ -24,7 +26,8 @@ from cronfile.center import metrics
 from cronfile.center.port import CenterPort, backfill, fire, run_now, sync
 from cronfile.schedules.nexttimes import UsageError, parse_time
 from cronfile.state.applied import APPLIED_FILE, StateFileError
-from cronfile.state.reports import build_status, fold_run, query_runs, run_records
+from cronfile.state.queries import JsonlRunStore, RunStore, StoreUnavailable
+from cronfile.state.reports import build_status, fold_run, latest_run_records, query_runs
 
 log = logging.getLogger("cronfile.http")
 
@@ -127,9 +130,17 @@ def _flag(value: str | None) -> bool:
 
 
 class Api:
-    def __init__(self, center: CenterPort, body_timeout_s: float) -> None:
+    def __init__(self, center: CenterPort, body_timeout_s: float,
+                 records_dsn: str | None = None) -> None:
         self.center = center
         self.body_timeout_s = body_timeout_s
+        self.store: RunStore
+        if records_dsn is not None:
+            from cronfile.ha.queries import PgRunStore
+
+            self.store = PgRunStore(records_dsn)
+        else:
+            self.store = JsonlRunStore(center.state_dir)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/healthz", self.healthz)
@@ -154,13 +165,15 @@ class Api:
         return _json({"ok": True, "revision": self.center.current_revision() or None})
 
     async def status(self, request: web.Request) -> web.Response:
-        state_dir = self.center.state_dir
+        state_dir, store = self.center.state_dir, self.store
         try:
             applied = self.center.applied_state()
-            return await _json_off_loop(self.center,
-                                        lambda: build_status(state_dir, applied=applied))
+            return await _json_off_loop(self.center, lambda: build_status(
+                state_dir, applied=applied, store=store))
         except StateFileError as exc:
             return _error(str(exc), 500)
+        except StoreUnavailable as exc:
+            return _error(str(exc), 503)
 
     async def runs(self, request: web.Request) -> web.Response:
         q = request.query
@@ -173,15 +186,18 @@ class Api:
                 raise ValueError
         except ValueError:
             return _error("limit: expected a whole number >= 0", 400)
-        state_dir = self.center.state_dir
+        store = self.store
         for name in ("since", "until"):
             try:
                 if q.get(name):
                     parse_time(q[name])
             except UsageError as exc:
                 return _error(f"{name}: {exc}".replace("--after ", ""), 400)
-        return await _json_off_loop(self.center, lambda: query_runs(
-            state_dir, q.get("job"), status, q.get("since"), limit or None, q.get("until")))
+        try:
+            return await _json_off_loop(self.center, lambda: query_runs(
+                store, q.get("job"), status, q.get("since"), limit or None, q.get("until")))
+        except StoreUnavailable as exc:
+            return _error(str(exc), 503)
 
     async def run(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
@@ -192,8 +208,12 @@ class Api:
             except ValueError:
                 return _error("wait: expected seconds", 400)
             await self.center.wait_run(run_id, seconds)
-        state_dir = self.center.state_dir
-        records = await off_loop(self.center, lambda: run_records(state_dir, run_id))
+        state_dir, store = self.center.state_dir, self.store
+        try:
+            records = await off_loop(self.center,
+                                     lambda: latest_run_records(store, state_dir, run_id))
+        except StoreUnavailable as exc:
+            return _error(str(exc), 503)
         if not records:
             return _error(f"no run {run_id} in the ledger", 404)
         return _json({"run": fold_run(records), "records": records})

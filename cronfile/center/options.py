@@ -23,6 +23,9 @@ class HttpOptions:
     insecure: bool = False
     idle_timeout_s: float = 15.0
     body_timeout_s: float = 10.0
+    records_dsn: str | None = None
+    """With ``--ha``: the DSN the API reads run records from (PostgreSQL, the ledger of
+    record, so every replica answers the same); None: the state directory's ledger."""
 
     @property
     def tls(self) -> bool:

@@ -2,6 +2,8 @@
 
 * ``center.lock``: held for the life of the process (one center per state directory);
 * ``center.json``: who runs (pid, start, listen address), removed on a clean stop;
+* ``ha.json``: with ``--ha``, the database (DSN without password) and the replica's name,
+  kept after a stop so ``cronfile runs --state DIR`` still reads the ledger of record;
 * ``places.json``: each pool's and capped agent's runs in flight and waiting starts, for
   ``cronfile status`` (rewritten at most once a second while they change);
 * ``watermark``: all slots up to it were handled, which tells the next start how long it
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cronfile.center.options import CenterOptions
+from cronfile.ha.dsn import HA_FILE, dsn_without_password
 from cronfile.state.ledger import parse_iso
 from cronfile.state.private import FILE_MODE
 
@@ -69,22 +72,14 @@ def write_center_file(state_dir: Path, options: CenterOptions, started_at: str,
                             "schedules": str(options.schedules)}
     if ha is not None and options.ha is not None:
         info.update(ha, ha_dsn=dsn_without_password(options.ha.dsn))
-    tmp = state_dir / (CENTER_FILE + ".tmp")
+        _replace(state_dir / HA_FILE, {"dsn": info["ha_dsn"], "name": options.ha.name})
+    _replace(state_dir / CENTER_FILE, info)
+
+
+def _replace(path: Path, info: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, state_dir / CENTER_FILE)  # readers never see half a file
-
-
-def dsn_without_password(dsn: str) -> str:
-    """center.json is world-readable: a password in the DSN stays out of it (readers get
-    it from the DSN they are given, or from libpq's PGPASSFILE)."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception:  # psycopg.ProgrammingError for a malformed DSN: name none at all
-        return ""
-    parts.pop("password", None)
-    return make_conninfo(**{k: str(v) for k, v in parts.items()})
+    os.replace(tmp, path)  # readers never see half a file
 
 
 RESERVE_FILE = "reserve"

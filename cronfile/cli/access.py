@@ -3,6 +3,8 @@ center's own host) or its HTTP API (``--center URL``), behind one interface.
 
 Both give the same data (the HTTP API computes status and runs with the same functions over
 the same files), so the commands render it once and behave the same either way (SPEC §3).
+The run records of an HA center come from PostgreSQL, its ledger of record (``--ha DSN``, or
+the DSN its state directory names), so every replica answers the same (SPEC §9).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, Protocol
 
 from cronfile.schedules.model import DesiredState
 from cronfile.state.applied import StateFileError, read_applied, state_from_json
-from cronfile.state.reports import build_status, log_entry, query_runs, run_log, run_view
+from cronfile.state.queries import JsonlRunStore, RunStore, StoreUnavailable
+from cronfile.state.reports import build_status, fold_run, latest_run_records, log_entry, query_runs, run_log
 
 TOKEN_ENV = "CRONFILE_TOKEN"
 HTTP_TIMEOUT_S = 60.0
@@ -56,12 +59,33 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-class LocalCenter:
-    """The center on this host: files in its state directory, requests on its socket."""
+def store_for(state_dir: Path, ha_dsn: str | None = None) -> RunStore:
+    """Where the run records of the center at ``state_dir`` are read: PostgreSQL with
+    ``--ha DSN`` or when the directory names an HA center's database, else its ledger."""
+    from cronfile.ha.dsn import dsn_of_state_dir
 
-    def __init__(self, state_dir: Path) -> None:
+    dsn = ha_dsn or dsn_of_state_dir(state_dir)
+    if dsn is None:
+        return JsonlRunStore(state_dir)
+    from cronfile.ha.queries import PgRunStore
+
+    return PgRunStore(dsn)
+
+
+class LocalCenter:
+    """The center on this host: files in its state directory, requests on its socket; its
+    run records from :func:`store_for`."""
+
+    def __init__(self, state_dir: Path, ha_dsn: str | None = None) -> None:
         self.state_dir = state_dir
         self.where = f"--state {state_dir}"
+        self.ha_dsn = ha_dsn
+        self.store = store_for(state_dir, ha_dsn)
+
+    def _records(self) -> None:
+        """Run records need the state directory unless they come from ``--ha DSN``."""
+        if self.ha_dsn is None:
+            self._files()
 
     def _request(self, payload: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         from cronfile.center.control import CenterUnavailable, request
@@ -77,26 +101,39 @@ class LocalCenter:
                               "center's --state)")
 
     def status(self) -> dict[str, Any]:
+        if self.ha_dsn is not None and not self.state_dir.is_dir():
+            raise AccessError(f"status --ha needs --state DIR too: the state directory of one of "
+                              f"the replicas (its applied schedules); no directory at {self.state_dir}")
         self._files()
         try:
-            return build_status(self.state_dir)
-        except StateFileError as exc:
+            return build_status(self.state_dir, store=self.store)
+        except (StateFileError, StoreUnavailable) as exc:
             raise AccessError(str(exc)) from None
 
     def runs(self, job: str | None, status: str | None, since: str | None,
              limit: int | None, until: str | None = None) -> list[dict[str, Any]]:
-        self._files()
-        return query_runs(self.state_dir, job, status, since, limit, until)
+        self._records()
+        try:
+            return query_runs(self.store, job, status, since, limit, until)
+        except StoreUnavailable as exc:
+            raise AccessError(str(exc)) from None
 
     def run(self, run_id: str, wait_s: float = 0.0) -> dict[str, Any] | None:
         if wait_s > 0:
             self._request({"op": "wait", "run_id": run_id, "timeout": wait_s}, timeout=wait_s + 10)
-        self._files()
-        return run_view(self.state_dir, run_id)
+        self._records()
+        try:
+            records = latest_run_records(self.store, self.state_dir, run_id)
+        except StoreUnavailable as exc:
+            raise AccessError(str(exc)) from None
+        return fold_run(records) if records else None
 
     def log(self, run_id: str) -> dict[str, Any] | None:
-        self._files()
-        return run_log(self.state_dir, run_id)
+        self._records()
+        try:
+            return run_log(self.store, run_id)
+        except StoreUnavailable as exc:
+            raise AccessError(str(exc)) from None
 
     def run_job(self, job: str) -> dict[str, Any]:
         return self._request({"op": "run", "job": job})
@@ -248,10 +285,12 @@ def read_token(token_file: Path | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-def connect(state_dir: Path, center: str | None, token_file: Path | None) -> CenterAccess:
+def connect(state_dir: Path, center: str | None, token_file: Path | None,
+            ha_dsn: str | None = None) -> CenterAccess:
     if center:
         return RemoteCenter(center, read_token(token_file))
-    return LocalCenter(state_dir)
+    return LocalCenter(state_dir, ha_dsn)
 
 
-__all__ = ["AccessError", "CenterAccess", "LocalCenter", "RemoteCenter", "connect", "who"]
+__all__ = ["AccessError", "CenterAccess", "LocalCenter", "RemoteCenter", "connect", "store_for",
+           "who"]

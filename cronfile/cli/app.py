@@ -276,6 +276,10 @@ def center(schedules: Path, state_dir: Path, listen: str | None, token_file: Pat
         raise click.UsageError("--tls-cert and --tls-key go together")
     http = _http_options(http_addr, http_token_file, http_tls_cert, http_tls_key, http_insecure,
                          http_idle_timeout)
+    if http is not None and ha_dsn:
+        import dataclasses
+
+        http = dataclasses.replace(http, records_dsn=ha_dsn)
     sys.exit(run_center(CenterOptions(
         schedules, state_dir, listen, token_file, grace, not no_watch, accept_undeclared,
         heartbeat_s=heartbeat, lease_s=lease,
@@ -436,16 +440,25 @@ def _remote(f: Any) -> Any:
     return STATE(CENTER(TOKEN_FILE(f)))
 
 
-def _access(state_dir: Path, center_url: str | None, token_file: Path | None) -> Any:
+HA_READ = click.option(
+    "--ha", "ha_dsn", metavar="DSN",
+    help="Read the run records from the HA centers' PostgreSQL (the ledger of record). "
+         "Default: when the --state directory is an HA center's, its database.")
+
+
+def _access(state_dir: Path, center_url: str | None, token_file: Path | None,
+            ha_dsn: str | None = None) -> Any:
     from cronfile.cli.access import AccessError, connect
 
     ctx = click.get_current_context()
     if center_url and ctx.get_parameter_source("state_dir") is click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("use either --state or --center, not both")
+    if center_url and ha_dsn:
+        raise click.UsageError("use either --ha or --center, not both (a center reads its own)")
     if token_file and not center_url:
         raise click.UsageError("--token-file goes with --center URL")
     try:
-        return connect(state_dir, center_url, token_file)
+        return connect(state_dir, center_url, token_file, ha_dsn)
     except AccessError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -462,12 +475,14 @@ def _ask(call: Any, *args: Any) -> Any:
 
 @cli.command()
 @_remote
+@HA_READ
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def status(state_dir: Path, center_url: str | None, token_file: Path | None, fmt: str) -> None:
+def status(state_dir: Path, center_url: str | None, token_file: Path | None, ha_dsn: str | None,
+           fmt: str) -> None:
     """The applied revision, last rejection, each job's next and last run, agents."""
     from cronfile.state.reports import render_status
 
-    center = _access(state_dir, center_url, token_file)
+    center = _access(state_dir, center_url, token_file, ha_dsn)
     report = _ask(center.status)
     _echo(render_status(report, fmt))
     if report.get("last_rejection"):  # the thing checked is bad (SPEC §3): a change was rejected
@@ -476,6 +491,7 @@ def status(state_dir: Path, center_url: str | None, token_file: Path | None, fmt
 
 @cli.command()
 @_remote
+@HA_READ
 @click.option("--job", help="Only this job.")
 @click.option("--status", "status_", help="Only runs with this status.",
               type=click.Choice(["succeeded", "failed", "timeout", "killed", "lost", "skipped",
@@ -485,14 +501,14 @@ def status(state_dir: Path, center_url: str | None, token_file: Path | None, fmt
 @click.option("--limit", type=click.IntRange(0), default=50, show_default=True,
               help="The latest N runs (0: all).")
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
-def runs(state_dir: Path, center_url: str | None, token_file: Path | None, job: str | None,
-         status_: str | None, since: str | None, until: str | None, limit: int,
+def runs(state_dir: Path, center_url: str | None, token_file: Path | None, ha_dsn: str | None,
+         job: str | None, status_: str | None, since: str | None, until: str | None, limit: int,
          fmt: str) -> None:
     """Runs recorded in the ledger, one line per run (newest segments read first)."""
     from cronfile.schedules.nexttimes import UsageError, parse_time
     from cronfile.state.reports import render_runs
 
-    center = _access(state_dir, center_url, token_file)
+    center = _access(state_dir, center_url, token_file, ha_dsn)
     for name, value in (("--since", since), ("--until", until)):
         try:
             if value:
@@ -505,18 +521,19 @@ def runs(state_dir: Path, center_url: str | None, token_file: Path | None, job: 
 @cli.command()
 @click.argument("run_id")
 @_remote
+@HA_READ
 @click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
 def logs(run_id: str, state_dir: Path, center_url: str | None, token_file: Path | None,
-         fmt: str) -> None:
+         ha_dsn: str | None, fmt: str) -> None:
     """One run's records and its whole output tail (exit 1 if the ledger has no such run)."""
     from cronfile.state.reports import render_log
 
-    center = _access(state_dir, center_url, token_file)
-    if not center_url:
+    center = _access(state_dir, center_url, token_file, ha_dsn)
+    if not center_url and not ha_dsn:
         _state_dir_must_exist(state_dir)
     entry = _ask(center.log, run_id)
     if entry is None:
-        where = state_dir if not center_url else center.where.removeprefix("--center ")
+        where = center.where.removeprefix("--center ") if center_url else center.store.where
         raise click.ClickException(f"no run {run_id} in the ledger of {where}")
     _echo(render_log(entry, fmt))
 

@@ -7,20 +7,28 @@ forward fold), and is complete once its first record is seen: ``dispatched``, or
 record of a slot that did not run (skipped, missed, no_agent). So ``--limit N`` stops after N
 complete, matching runs, and a ``--since/--until`` window skips, from the directory listing
 alone, every segment whose time range (in its name) cannot hold a run of the window.
+
+The fold itself (:func:`fold_runs`, :func:`collect_run`) only needs lines newest first, so any
+store that keeps the records as their JSONL lines answers with the same bytes: the state
+directory here (:class:`JsonlRunStore`), PostgreSQL for an HA center (``cronfile.ha.queries``).
+Both are a :class:`RunStore`, the one read interface of ``runs``, ``logs``, ``status`` and the
+HTTP API.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from cronfile.state.checkpoint import LedgerSummary, current_summary
 from cronfile.state.ledger import parse_iso
 from cronfile.state.segments import Segment, list_segments, read_bytes
 
-__all__ = ["RunQuery", "find_run", "newest_first_lines", "query_runs"]
+__all__ = ["JsonlRunStore", "RunQuery", "RunStore", "StoreUnavailable", "collect_run", "find_run",
+           "fold_runs", "newest_first_lines", "query_runs"]
 
 SLOT_ONLY = ("skipped", "missed", "no_agent")
 """Outcomes recorded for a slot that never ran: one record is the whole run."""
@@ -119,6 +127,14 @@ def _state(view: dict[str, Any]) -> str:
 
 def query_runs(state_dir: Path, query: RunQuery) -> list[dict[str, Any]]:
     """The runs matching ``query``, oldest first (the newest ``limit`` of them)."""
+    since_text, until_text = _iso_from(query.since), _iso_from(query.until)
+    return fold_runs(newest_first_lines(state_dir, "runs", since_text, until_text), query)
+
+
+def fold_runs(lines: Iterable[bytes], query: RunQuery) -> list[dict[str, Any]]:
+    """The runs matching ``query`` among run records given newest first (every line of the
+    window, and any before it: they are judged here), oldest first. A store that cannot say
+    where the window ends simply gives more lines; the answer is the same."""
     needle = None
     if query.job:  # a cheap test before parsing: the encoder writes exactly this
         needle = b'"job":' + json.dumps(query.job).encode()
@@ -129,7 +145,7 @@ def query_runs(state_dir: Path, query: RunQuery) -> list[dict[str, Any]]:
     since_text, until_text = _iso_from(query.since), _iso_from(query.until)
     low = since_text[:19].encode() if since_text else None
     high = until_text[:19].encode() if until_text else None
-    for line in newest_first_lines(state_dir, "runs", since_text, until_text):
+    for line in lines:
         if needle is not None and needle not in line:
             continue
         if (low or high) and _outside(line, low, high):
@@ -195,9 +211,15 @@ def recorded_slots(state_dir: Path, job: str) -> set[float]:
 def find_run(state_dir: Path, run_id: str) -> list[dict[str, Any]]:
     """Every record of one run, in the order written (newest segments first, stopping at
     its first record)."""
+    return collect_run(newest_first_lines(state_dir, "runs"), run_id)
+
+
+def collect_run(lines: Iterable[bytes], run_id: str) -> list[dict[str, Any]]:
+    """The records of ``run_id`` among run records given newest first, in the order
+    written: back to its first record, so a run id used again later shows its last run."""
     needle = b'"run_id":' + json.dumps(run_id).encode()
     records: list[dict[str, Any]] = []
-    for line in newest_first_lines(state_dir, "runs"):
+    for line in lines:
         if needle not in line:
             continue
         record = _parse(line)
@@ -210,3 +232,48 @@ def find_run(state_dir: Path, run_id: str) -> list[dict[str, Any]]:
             break
     records.reverse()
     return records
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read (its database is down): the message says which and why,
+    without a password."""
+
+
+class RunStore(Protocol):
+    """Where ``runs``, ``logs``, ``status`` and the HTTP API read run records and the
+    summary: a state directory's ledger, or the PostgreSQL ledger of record of HA centers.
+    Every implementation answers the same bytes for the same records."""
+
+    where: str
+    """How to name the store in messages (a directory, a DSN without its password)."""
+
+    def runs(self, query: RunQuery) -> list[dict[str, Any]]:
+        """The runs matching ``query``, oldest first (:func:`fold_runs`)."""
+        ...
+
+    def run_records(self, run_id: str) -> list[dict[str, Any]]:
+        """Every record of one run, in order (:func:`collect_run`); empty if unknown."""
+        ...
+
+    def summary(self, jobs: Sequence[str], agents: Sequence[str]) -> LedgerSummary:
+        """What ``status`` shows from the records: each of ``jobs``' last outcome, each of
+        ``agents``' last run, the open runs, the last rejection and notification failures.
+        A store may leave out jobs and agents not named."""
+        ...
+
+
+class JsonlRunStore:
+    """The ledger of a state directory (``runs.jsonl``, its segments, ``checkpoint.json``)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.where = str(state_dir)
+
+    def runs(self, query: RunQuery) -> list[dict[str, Any]]:
+        return query_runs(self.state_dir, query)
+
+    def run_records(self, run_id: str) -> list[dict[str, Any]]:
+        return find_run(self.state_dir, run_id)
+
+    def summary(self, jobs: Sequence[str], agents: Sequence[str]) -> LedgerSummary:
+        return current_summary(self.state_dir)

@@ -1,7 +1,9 @@
 """``cronfile runs`` and ``cronfile status``: read a center's state directory.
 
 Both work from the files alone (the ledger, ``applied.json``, ``center.json``), so they
-answer whether or not the center is running, and from any process that can read them.
+answer whether or not the center is running, and from any process that can read them. The
+records may come from another :class:`~cronfile.state.queries.RunStore` (PostgreSQL, the
+ledger of record of HA centers); everything else still comes from the state directory.
 """
 
 from __future__ import annotations
@@ -19,23 +21,30 @@ from cronfile.schedules.model import DesiredState, JobKind
 from cronfile.schedules.nexttimes import parse_time
 from cronfile.state import queries
 from cronfile.state.applied import read_applied
-from cronfile.state.checkpoint import current_summary
 from cronfile.state.gitstate import read_git_state
+from cronfile.state.queries import JsonlRunStore, RunStore
+
+Source = Path | RunStore
+"""A state directory (its own ledger) or any store of run records."""
 
 
-def query_runs(state_dir: Path, job: str | None = None, status: str | None = None,
+def _store(source: Source) -> RunStore:
+    return JsonlRunStore(source) if isinstance(source, Path) else source
+
+
+def query_runs(source: Source, job: str | None = None, status: str | None = None,
                since: str | None = None, limit: int | None = None,
                until: str | None = None) -> list[dict[str, Any]]:
     """``cronfile runs``: the newest ``limit`` matching runs, oldest first; reads the
     newest segments first and stops at the limit (:mod:`cronfile.state.queries`)."""
-    return queries.query_runs(state_dir, queries.RunQuery(
+    return _store(source).runs(queries.RunQuery(
         job=job, status=status, since=parse_time(since) if since else None,
         until=parse_time(until) if until else None, limit=limit))
 
 
-def run_log(state_dir: Path, run_id: str) -> dict[str, Any] | None:
+def run_log(source: Source, run_id: str) -> dict[str, Any] | None:
     """``cronfile logs RUN_ID``: the run's records in order and its whole output tail."""
-    records = queries.find_run(state_dir, run_id)
+    records = _store(source).run_records(run_id)
     return log_entry(run_id, records) if records else None
 
 
@@ -65,9 +74,9 @@ def render_log(entry: dict[str, Any], fmt: str) -> str:
     return out
 
 
-def run_records(state_dir: Path, run_id: str) -> list[dict[str, Any]]:
-    """Every record of one run, in order (:func:`cronfile.state.queries.find_run`)."""
-    return queries.find_run(state_dir, run_id)
+def run_records(source: Source, run_id: str) -> list[dict[str, Any]]:
+    """Every record of one run, in order (:func:`cronfile.state.queries.collect_run`)."""
+    return _store(source).run_records(run_id)
 
 
 def fold_run(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -80,9 +89,24 @@ def fold_run(records: list[dict[str, Any]]) -> dict[str, Any]:
     return view
 
 
-def run_view(state_dir: Path, run_id: str) -> dict[str, Any] | None:
-    records = run_records(state_dir, run_id)
+def run_view(source: Source, run_id: str) -> dict[str, Any] | None:
+    records = run_records(source, run_id)
     return fold_run(records) if records else None
+
+
+def latest_run_records(store: RunStore, state_dir: Path, run_id: str) -> list[dict[str, Any]]:
+    """One run's records from ``store``, or from this center's own ledger when only that
+    has its end yet: an HA center copies its records to PostgreSQL in the background, so
+    right after ``run --wait`` (or ``?wait=``) saw a run end here, the copy may lag."""
+    records = store.run_records(run_id)
+    if isinstance(store, JsonlRunStore) or _ended(records) or not state_dir.is_dir():
+        return records
+    local = queries.find_run(state_dir, run_id)
+    return local if _ended(local) else records
+
+
+def _ended(records: list[dict[str, Any]]) -> bool:
+    return any(r.get("record") == "finished" for r in records)
 
 
 def render_runs(views: list[dict[str, Any]], fmt: str) -> str:
@@ -117,13 +141,23 @@ def _center_alive(state_dir: Path) -> dict[str, Any] | None:
 
 
 def build_status(state_dir: Path, now: float | None = None,
-                 applied: DesiredState | None = None) -> dict[str, Any]:
+                 applied: DesiredState | None = None,
+                 store: RunStore | None = None) -> dict[str, Any]:
     """``applied``: the state the center holds in memory, when it is the center asking
-    (its HTTP API): the same as ``applied.json``, without parsing the files again."""
+    (its HTTP API): the same as ``applied.json``, without parsing the files again.
+    ``store``: where the records are (default: the state directory's ledger)."""
     now = time.time() if now is None else now
     if applied is None:
         applied = read_applied(state_dir)
-    summary = current_summary(state_dir)
+    connected: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError, ValueError):
+        connected = json.loads((state_dir / "agents.json").read_text())
+    if not isinstance(connected, list):
+        connected = []
+    job_names = sorted(applied.jobs) if applied is not None else []
+    agent_names = [*(applied.agents if applied is not None else ()),
+                   *(str(a.get("name")) for a in connected if isinstance(a, dict))]
+    summary = (store or JsonlRunStore(state_dir)).summary(job_names, agent_names)
     last = {name: info["last"] for name, info in summary.jobs.items() if info.get("last")}
     running: dict[str, list[str]] = {}
     for run_id, run in summary.open_runs.items():
@@ -153,9 +187,6 @@ def build_status(state_dir: Path, now: float | None = None,
                 "trigger": job.trigger.event if job.trigger else None,
                 "after": list(job.after),
             })
-    connected: list[dict[str, Any]] = []
-    with contextlib.suppress(OSError, ValueError):
-        connected = json.loads((state_dir / "agents.json").read_text())
     if center is None:
         connected = []  # a stopped center has no connections, whatever the file says
     agents = _hosts(applied, connected, by_host)
@@ -305,5 +336,5 @@ def render_status(status: dict[str, Any], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["build_status", "fold_run", "query_runs", "render_log", "render_runs", "render_status",
-           "run_log", "run_records", "run_view", "to_datetime"]
+__all__ = ["build_status", "fold_run", "latest_run_records", "query_runs", "render_log",
+           "render_runs", "render_status", "run_log", "run_records", "run_view", "to_datetime"]

@@ -350,7 +350,7 @@ def test_runs_of_a_job_with_a_limit_read_an_index_not_the_table(dsn: str) -> Non
         conn.execute("ANALYZE cronfile_records")
         for by_job, index in ((True, "cronfile_records_job_seq"), (False, "cronfile_records_runs")):
             plan = conn.execute("EXPLAIN (FORMAT JSON) " + runs_statement(by_job),
-                                {"job": "job-7", "before": 2**63 - 1, "page": 64}).fetchone()
+                                {"job": "job-7", "before": 2**63 - 1, "after": 0, "page": 64}).fetchone()
             assert plan is not None
             nodes = list(_nodes(plan[0][0]["Plan"]))
             assert "Seq Scan" not in {n["Node Type"] for n in nodes}, nodes
@@ -361,3 +361,26 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan
     for child in plan.get("Plans", []):
         yield from _nodes(child)
+
+
+def test_the_store_keeps_its_connection_and_replaces_it_after_a_server_restart(
+        pg: PgServer, both: tuple[Path, str]) -> None:
+    """The API keeps one store for the center's life: a restarted PostgreSQL costs it one
+    reconnect, not an error; a server that is down is StoreUnavailable, never a traceback."""
+    from cronfile.state.queries import StoreUnavailable
+
+    _state, dsn = both
+    store = PgRunStore(dsn)
+    first = store.runs(RunQuery(job="beta", limit=5))
+    assert len(first) == 5
+    kept = store._conn  # noqa: SLF001 - the test looks at the one connection it keeps
+    assert store.runs(RunQuery(job="beta", limit=5)) == first and store._conn is kept  # noqa: SLF001
+    pg.restart()
+    assert store.runs(RunQuery(job="beta", limit=5)) == first
+    pg.stop()
+    try:
+        with pytest.raises(StoreUnavailable, match="cannot reach PostgreSQL"):
+            store.run_records("beta-011")
+    finally:
+        pg.start()
+    assert [r["record"] for r in store.run_records("beta-011")] == ["dispatched", "started", "finished"]

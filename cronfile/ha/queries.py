@@ -20,9 +20,10 @@ What each query reads (migration 2 made the indexes):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -49,6 +50,9 @@ _HOST = ("kind = 'run' AND body->>'record' IS DISTINCT FROM 'started'"
 """A record that says where a run went (``LedgerSummary.add_run``'s rule; the index's)."""
 
 
+T = TypeVar("T")
+
+
 def _line(row: tuple[Any, ...]) -> bytes:
     """The record's JSONL line: verbatim, or for a row copied before migration 2 rebuilt
     from ``body`` (then in jsonb's key order)."""
@@ -69,8 +73,33 @@ class PgRunStore:
         self.dsn = dsn
         self.connect_timeout_s = connect_timeout_s
         self.where = dsn_without_password(dsn) or "the --ha database"
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
 
     # -- connections ----------------------------------------------------------------------
+
+    def _read(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``work`` on the store's one connection (kept: the API asks again and again;
+        queries from several threads take turns). A connection that broke since its last
+        use (the server restarted) is replaced once; any other failure is StoreUnavailable."""
+        with self._lock:
+            for fresh in (self._conn is None, True):
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    self._conn = self._connect()
+                try:
+                    return work(self._conn)
+                except psycopg.OperationalError as exc:
+                    self.close()
+                    if fresh:
+                        raise self._failed(exc) from None
+                except psycopg.Error as exc:
+                    raise self._failed(exc) from None
+        raise AssertionError("unreachable")  # the second pass returns or raises
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
@@ -90,55 +119,44 @@ class PgRunStore:
     # -- RunStore -------------------------------------------------------------------------
 
     def runs(self, query: RunQuery) -> list[dict[str, Any]]:
-        try:
-            with self._connect() as conn:
-                return fold_runs(self._newest_first(conn, query), query)
-        except psycopg.Error as exc:
-            raise self._failed(exc) from None
+        return self._read(lambda conn: fold_runs(self._newest_first(conn, query), query))
 
     def run_records(self, run_id: str) -> list[dict[str, Any]]:
-        try:
-            with self._connect() as conn:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM cronfile_records WHERE kind = 'run' AND run_id = %s"
-                    " ORDER BY seq DESC", (run_id,)).fetchall()
-        except psycopg.Error as exc:
-            raise self._failed(exc) from None
+        rows = self._read(lambda conn: conn.execute(
+            f"SELECT {_COLUMNS} FROM cronfile_records WHERE kind = 'run' AND run_id = %s"
+            " ORDER BY seq DESC", (run_id,)).fetchall())
         return collect_run((_line(r) for r in rows), run_id)
 
     def summary(self, jobs: Sequence[str], agents: Sequence[str]) -> LedgerSummary:
-        try:
-            with self._connect() as conn:
-                return self._summary(conn, list(jobs), list(dict.fromkeys(agents)))
-        except psycopg.Error as exc:
-            raise self._failed(exc) from None
+        return self._read(lambda conn: self._summary(conn, list(jobs), list(dict.fromkeys(agents))))
 
     # -- the queries ----------------------------------------------------------------------
 
     def _newest_first(self, conn: psycopg.Connection[Any], query: RunQuery) -> Iterator[bytes]:
-        """Run records, newest first, from the window's end (pages that grow, so a small
-        ``--limit`` reads one or two); stops past the window's start."""
-        before = _NO_SEQ
+        """Run records, newest first, between the window's bounds turned into ``seq``
+        bounds (pages that grow, so a small ``--limit`` reads one or two). Records of runs
+        scheduled outside the window are left out here, as the fold would skip them."""
+        params: dict[str, Any] = {"job": query.job, "before": _NO_SEQ, "after": 0,
+                                  "low": None, "high": None}
         if query.until is not None:
-            row = conn.execute(
-                "SELECT seq FROM cronfile_records WHERE kind = 'run' AND ts <= %s"
-                " ORDER BY ts DESC LIMIT 1", (_moment(query.until + UNTIL_SLACK_S),)).fetchone()
+            row = conn.execute(_SEQ_AT_OR_BEFORE, (_moment(query.until + UNTIL_SLACK_S),)).fetchone()
             if row is None:
                 return
-            before = int(row[0]) + 1
-        oldest = None if query.since is None else _moment(query.since - SINCE_SLACK_S)
-        statement = runs_statement(bool(query.job))
+            params["before"] = int(row[0]) + 1
+            params["high"] = _second(query.until)
+        if query.since is not None:
+            row = conn.execute(_SEQ_BEFORE, (_moment(query.since - SINCE_SLACK_S),)).fetchone()
+            params["after"] = 0 if row is None else int(row[0])
+            params["low"] = _second(query.since)
+        statement = runs_statement(bool(query.job), query.since is not None or query.until is not None)
         page = FIRST_PAGE
         while True:
-            rows = conn.execute(statement, {"job": query.job, "before": before,
-                                            "page": page}).fetchall()
+            rows = conn.execute(statement, {**params, "page": page}).fetchall()
             for row in rows:
-                if oldest is not None and row[1] < oldest:
-                    return
                 yield _line(row)
             if len(rows) < page:
                 return
-            before = int(rows[-1][0])
+            params["before"] = int(rows[-1][0])
             page = min(page * 4, MAX_PAGE)
 
     def _summary(self, conn: psycopg.Connection[Any], jobs: list[str],
@@ -181,12 +199,28 @@ class PgRunStore:
                              rejection=events.rejection, notify_failures=events.notify_failures)
 
 
-def runs_statement(by_job: bool) -> str:
-    """One page of run records newest first, before ``seq`` ``%(before)s``: on the index of
-    ``(job, seq)`` for one job, of ``seq`` otherwise (never a scan of the table)."""
+_SEQ_AT_OR_BEFORE = ("SELECT seq FROM cronfile_records WHERE kind = 'run' AND ts <= %s"
+                     " ORDER BY ts DESC LIMIT 1")
+_SEQ_BEFORE = "SELECT seq FROM cronfile_records WHERE kind = 'run' AND ts < %s ORDER BY ts DESC LIMIT 1"
+_IN_WINDOW = (" AND (jsonb_typeof(body->'scheduled_at') IS DISTINCT FROM 'string' OR ("
+              "(%(low)s::text IS NULL OR left(body->>'scheduled_at', 19) >= %(low)s)"
+              " AND (%(high)s::text IS NULL OR left(body->>'scheduled_at', 19) <= %(high)s)))")
+"""The fold's own pre-filter (``queries._outside``, to the second) in SQL: a record of a run
+scheduled outside the window changes no answer, so it need not travel."""
+
+
+def _second(epoch: float) -> str:
+    """An instant as the first 19 characters of a record's time (``2026-11-02T08:00:00``)."""
+    return _moment(epoch).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def runs_statement(by_job: bool, window: bool = False) -> str:
+    """One page of run records newest first, between ``seq`` ``%(after)s`` and
+    ``%(before)s``: on the index of ``(job, seq)`` for one job, of ``seq`` otherwise (never a
+    scan of the table)."""
     return (f"SELECT {_COLUMNS} FROM cronfile_records WHERE kind = 'run'"
-            f"{' AND job = %(job)s' if by_job else ''}"
-            " AND seq < %(before)s ORDER BY seq DESC LIMIT %(page)s")
+            f"{' AND job = %(job)s' if by_job else ''}{_IN_WINDOW if window else ''}"
+            " AND seq < %(before)s AND seq > %(after)s ORDER BY seq DESC LIMIT %(page)s")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ checkpoint, as on a real host), then copies every record into a fresh PostgreSQL
 center does (each with its JSONL line). For ``runs --job j --limit 20``, ``runs --since/
 --until`` (one hour three days back) and ``status`` it prints the time of the query itself
 (in process, the median of ``--repeat``) and of the whole command (``cronfile ... --state``
-vs ``cronfile ... --ha DSN --state``, best of three), and the ratio PG / JSONL. It checks
+vs ``cronfile ... --ha DSN --state``, best of five), and the ratio PG / JSONL. It checks
 that both stores print the same bytes. Skips (exit 0) when PostgreSQL is not installed.
 """
 
@@ -135,7 +135,7 @@ def main() -> int:
         for name, (call, argv) in forms.items():
             inproc = {k: median_time(lambda s=s, c=call: c(s), args.repeat) for k, s in stores.items()}
             base = [*CRONFILE, *argv, "--state", str(state)]
-            command = {"jsonl": timed(base), "pg": timed([*base, "--ha", dsn])}
+            command = {"jsonl": timed(base, 5), "pg": timed([*base, "--ha", dsn], 5)}
             outputs = [subprocess.run(a, capture_output=True).stdout for a in (base, [*base, "--ha", dsn])]
             if name != "status":  # status has "next" (now-dependent) and the center's pid
                 same &= outputs[0] == outputs[1]

@@ -124,6 +124,16 @@ def test_leader_and_standby_answer_run_queries_the_same_from_postgresql(
             for name in ("center.json", "ha.json"):
                 text = (c.state / name).read_text()
                 assert PASSWORD not in text and "dbname=" in text
+        # the database down: the API says so (503, one message), the CLI exits 1 in one line
+        pg.stop()
+        try:
+            answer = b.get("/api/v1/runs")
+            assert answer.status == 503 and "cannot reach PostgreSQL" in answer.json()["error"]
+            out = cli("runs", state=b.state)
+            assert out.returncode == 1 and out.stderr.startswith("Error: cannot reach PostgreSQL")
+            assert "Traceback" not in out.stderr and PASSWORD not in answer.body.decode() + out.stderr
+        finally:
+            pg.start()
     finally:
         b.stop()
         a.stop()

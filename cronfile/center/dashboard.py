@@ -23,7 +23,8 @@ from aiohttp import web
 from cronfile.center import assets, pages
 from cronfile.center.api import IDLE_WAIT_S, off_loop, requested_by
 from cronfile.center.port import CenterPort, CenterSnapshot, run_now
-from cronfile.state.reports import fold_run, run_records
+from cronfile.state.queries import JsonlRunStore, RunStore, StoreUnavailable
+from cronfile.state.reports import fold_run, latest_run_records
 
 log = logging.getLogger("cronfile.http")
 
@@ -43,8 +44,11 @@ class Session:
 
 
 class Dashboard:
-    def __init__(self, center: CenterPort, token: str | None, secure_cookie: bool) -> None:
+    def __init__(self, center: CenterPort, token: str | None, secure_cookie: bool,
+                 store: RunStore | None = None) -> None:
         self.center = center
+        self.store: RunStore = store or JsonlRunStore(center.state_dir)
+        """Where a run's page reads its records (PostgreSQL for an HA center, as the API)."""
         self.token = token
         self.secure_cookie = secure_cookie
         self.sessions: dict[str, Session] = {}
@@ -138,8 +142,12 @@ class Dashboard:
 
     async def run(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        state_dir = self.center.state_dir
-        records = await off_loop(self.center, lambda: run_records(state_dir, run_id))
+        state_dir, store = self.center.state_dir, self.store
+        try:
+            records = await off_loop(self.center,
+                                     lambda: latest_run_records(store, state_dir, run_id))
+        except StoreUnavailable as exc:
+            return self._html(pages.page("ledger unavailable", f"<p>{pages.e(str(exc))}</p>"), 503)
         if not records:
             return self._html(pages.page("no such run", f"<p>No run {pages.e(run_id)} in the "
                                          "ledger.</p>"), 404)

@@ -123,7 +123,8 @@ class HttpServer:
         self.options = options
         self.token = read_token(options.token_file) if options.token_file else None
         self.api = Api(center, options.body_timeout_s, options.records_dsn)
-        self.dashboard = Dashboard(center, self.token, secure_cookie=options.tls)
+        self.dashboard = Dashboard(center, self.token, secure_cookie=options.tls,
+                                   store=self.api.store)
         self.runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 

@@ -112,7 +112,7 @@ class HaCoordinator:
         database outage delays the copy instead of the center. ``dispatched`` records are
         skipped: their claim already inserted them. ``data``: the records as encoded for the
         JSONL (one line each), kept verbatim so reads from PostgreSQL print the same bytes."""
-        lines = data.decode().splitlines() if data is not None else None
+        lines = data.decode().split("\n")[:-1] if data is not None else None  # each ends in \n
         if lines is not None and len(lines) != len(records):
             lines = None  # not one line per record: a caller's mistake; keep the records
         keep = [i for i, r in enumerate(records) if r.get("record") != "dispatched"]

@@ -384,3 +384,32 @@ def test_the_store_keeps_its_connection_and_replaces_it_after_a_server_restart(
     finally:
         pg.start()
     assert [r["record"] for r in store.run_records("beta-011")] == ["dispatched", "started", "finished"]
+
+
+def test_a_run_that_ended_here_is_read_from_this_ledger_until_its_copy_arrives(
+        tmp_path: Path, dsn: str) -> None:
+    """``run --wait`` and ``?wait=`` ask right after the run ended on this center: while
+    PostgreSQL has only its start (the copy runs in the background), this ledger's records
+    answer; once the copy is there, PostgreSQL's."""
+    from cronfile.state.queries import JsonlRunStore
+    from cronfile.state.reports import latest_run_records
+
+    b = base("x1", "alpha", slot(0))
+    began = {"v": 1, "ts": at(0.1), "record": "dispatched", **b}
+    ended = {"v": 1, "ts": at(2), "record": "finished", **b, "status": "succeeded", "exit_code": 0}
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "runs.jsonl").write_text("".join(line + "\n" for line in lines_of([began, ended])))
+    store = PgRunStore(dsn)
+
+    async def copy(records: list[dict[str, Any]]) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await append_records(conn, "a", 1, "run", records, lines_of(records))
+
+    asyncio.run(copy([began]))
+    assert [r["record"] for r in store.run_records("x1")] == ["dispatched"]
+    assert latest_run_records(store, state, "x1") == [began, ended]
+    assert latest_run_records(store, tmp_path / "nosuch", "x1") == [began]
+    asyncio.run(copy([{**ended, "output_tail": "from the database"}]))
+    assert latest_run_records(store, state, "x1")[-1]["output_tail"] == "from the database"
+    assert latest_run_records(JsonlRunStore(state), state, "x1") == [began, ended]

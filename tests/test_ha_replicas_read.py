@@ -66,6 +66,7 @@ def test_leader_and_standby_answer_run_queries_the_same_from_postgresql(
         "apiVersion: cronfile/v1\njobs:\n"
         f"  tick: {{schedule: \"*/1 * * * * *\", command: \"echo tick\", {active}}}\n"
         f"  flaky: {{schedule: \"*/2 * * * * *\", command: \"echo no; exit 3\", {active}}}\n"
+        "  hello: {trigger: {event: hello}, command: \"echo hello from a\"}\n"
     )
     a, b = HaHttpCenter(tmp_path / "a", dsn, "a"), HaHttpCenter(tmp_path / "b", dsn, "b")
     for c in (a, b):
@@ -113,7 +114,7 @@ def test_leader_and_standby_answer_run_queries_the_same_from_postgresql(
         statuses = [c.get("/api/v1/status").json() for c in (a, b)]
         assert records_part(statuses[0]["jobs"]) == records_part(statuses[1]["jobs"])
         assert {j["job"]: j["last_status"] for j in statuses[1]["jobs"]} == {
-            "flaky": "failed", "tick": "succeeded"}
+            "flaky": "failed", "tick": "succeeded", "hello": None}
         assert [s["center"]["role"] for s in statuses] == ["leader", "standby"]
         for c in (a, b):
             status = json.loads(cli("status", "--format", "json", state=c.state).stdout)
@@ -124,6 +125,10 @@ def test_leader_and_standby_answer_run_queries_the_same_from_postgresql(
             for name in ("center.json", "ha.json"):
                 text = (c.state / name).read_text()
                 assert PASSWORD not in text and "dbname=" in text
+        # run --wait on the leader: its outcome is read back (from PostgreSQL, or from the
+        # leader's own ledger while the copy is on its way)
+        out = cli("run", "hello", "--wait", state=a.state)
+        assert out.returncode == 0 and out.stdout == "hello from a\n", out
         # the database down: the API says so (503, one message), the CLI exits 1 in one line
         pg.stop()
         try:

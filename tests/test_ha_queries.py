@@ -413,3 +413,32 @@ def test_a_run_that_ended_here_is_read_from_this_ledger_until_its_copy_arrives(
     asyncio.run(copy([{**ended, "output_tail": "from the database"}]))
     assert latest_run_records(store, state, "x1")[-1]["output_tail"] == "from the database"
     assert latest_run_records(JsonlRunStore(state), state, "x1") == [began, ended]
+
+
+def test_records_the_watermark_writes_reach_postgresql_too(tmp_path: Path, dsn: str) -> None:
+    """Run records still queued when the watermark moves are written with it: those go to
+    the ledger of record too, as the same lines (else a replica would miss them)."""
+    from cronfile.center.counters import RunMetrics
+    from cronfile.center.journal import Journal
+    from cronfile.center.standby import HaCoordinator
+    from cronfile.ha.elector import HaSettings
+    from cronfile.state.ledger import Ledger
+
+    state = tmp_path / "state"
+    record = {"record": "finished", **base("w1", "alpha", slot(0)), "status": "succeeded",
+              "exit_code": 0}
+
+    async def scenario() -> None:
+        with Ledger(state) as ledger:
+            journal = Journal(ledger, state, RunMetrics(), busy=lambda: True)  # no flush of its own
+            journal.ha = HaCoordinator(HaSettings(dsn=dsn, name="a"), lambda _event: None)
+            journal.records.add(dict(record))
+            journal.write_watermark(now=1e9, mark=1e9 - 1)
+            await journal.written()
+            await journal.ha.close()
+
+    asyncio.run(scenario())
+    jsonl = (state / "runs.jsonl").read_text().splitlines()
+    assert len(jsonl) == 1 and json.loads(jsonl[0])["run_id"] == "w1"
+    with psycopg.connect(dsn) as conn:
+        assert [row[0] for row in conn.execute("SELECT line FROM cronfile_records")] == jsonl

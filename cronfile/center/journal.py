@@ -131,6 +131,8 @@ class Journal:
         self._last_watermark = now
         batch = self.records.take()
         data = encode_records(batch) if batch else b""
+        if self.ha is not None and batch:  # the ledger of record gets them too, as every write
+            self.ha.mirror("run", batch, data)
 
         def records_then_mark() -> None:
             if data:

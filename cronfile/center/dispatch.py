@@ -28,13 +28,14 @@ from cronfile.center.journal import Journal
 from cronfile.center.outcomes import Outcomes
 from cronfile.center.parking import Parking
 from cronfile.center.pools import PlaceGate, Waiting
-from cronfile.center.records import NoOutcomeRecord, record_base, run_id_for, slot_record
+from cronfile.center.records import record_base, run_id_for, slot_record
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns, jitter_for
 from cronfile.center.standby import HaCoordinator
 from cronfile.clock import Clock
 from cronfile.schedules.model import Job, RunStatus
-from cronfile.state.ledger import encode_record, encode_records, iso, outcome_fields, utc_ts
+from cronfile.state.ledger import encode_record, encode_records, iso, utc_ts
+from cronfile.state.runrecord import RunRecord
 from cronfile.transports.executor import (
     Executor,
     HostUnavailable,
@@ -128,7 +129,7 @@ async def claim_chunk(ha: HaCoordinator, chunk: Chunk,
     ``dispatched`` records (the claim and those records are one statement there); the
     others go to ``not_claimed``."""
     term = ha.elector.term
-    wanted = [(action, target, request.run_id, {**base, "record": "dispatched", "term": term})
+    wanted = [(action, target, request.run_id, RunRecord.dispatched(base, term))
               for action, target, request, base in chunk.runs]
     ts = utc_ts()  # one line per record in both ledgers, with the same time
     won = await ha.claim(wanted, ts)
@@ -368,7 +369,7 @@ class Dispatcher:
                 due = action.scheduled_at + jitter_for(job, action.scheduled_at)
                 self.metrics.dispatched(self.clock.time() - due)
             chunk.runs.append((action, target, request, base))
-            records.append({**base, "record": "dispatched"})
+            records.append(RunRecord.dispatched(base))
             if target.transport == "tcp":
                 self.journal.expect_final(run_id)
             if target.executor is not self.local:
@@ -418,8 +419,7 @@ class Dispatcher:
         for action, run in started:
             run.timer = watch_max_runtime(run, action.job, self.running, self.notifier)
             if run.handle.confirmed:  # never a ``started`` the host did not confirm
-                self.records.add({**run.base, "record": "started",
-                                  "started_at": iso(run.handle.started_at.timestamp())})
+                self.records.add(RunRecord.started(run.base, run.handle.started_at.timestamp()))
             results.append({"run_id": run.run_id, "agent": run.agent, "status": "started"})
             self._watch_run(run, action)
         return results
@@ -433,8 +433,8 @@ class Dispatcher:
             log.exception("starting run %s of %s failed", request.run_id, request.job)
         reason = str(exc) if isinstance(exc, RunRefused) else f"{type(exc).__name__}: {exc}"
         status = RunStatus.NO_AGENT if isinstance(exc, HostUnavailable) else RunStatus.FAILED
-        refused = NoOutcomeRecord(base, status, reason,
-                                  finished_at=iso(self.clock.time())).to_json()
+        refused = RunRecord.without_outcome(base, status, reason,
+                                            finished_at=iso(self.clock.time())).to_json()
         self.outcomes.record(action.job.name, refused)
         self._give_place_back(action, target.agent)
         follow = self.scheduler.finished(action.job.name, request.run_id, status,
@@ -472,7 +472,7 @@ class Dispatcher:
             run.timer.cancel()
         if run.stop_reason and outcome.status is RunStatus.KILLED and not outcome.reason:
             outcome = replace(outcome, reason=run.stop_reason)
-        self.outcomes.record(run.job, {**run.base, "record": "finished", **outcome_fields(outcome)})
+        self.outcomes.record(run.job, RunRecord.ended(run.base, outcome).to_json())
         self._give_place_back(action, run.agent)
         if outcome.status is RunStatus.LOST:
             self.outcomes.lost_bases[run.run_id] = run.base

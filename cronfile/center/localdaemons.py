@@ -15,7 +15,7 @@ from cronfile.center.records import record_base, run_id_for
 from cronfile.clock import Clock
 from cronfile.schedules.loader import LOCAL_AGENT
 from cronfile.schedules.model import Job
-from cronfile.state.ledger import outcome_fields
+from cronfile.state.runrecord import RunRecord
 from cronfile.transports.daemons import DaemonSupervisor
 from cronfile.transports.executor import RunOutcome
 from cronfile.transports.local import LocalExecutor
@@ -49,9 +49,9 @@ class LocalDaemons:
             status = supervisor.status()
             run_id = status[replica].run_id if replica < len(status) else None
             restarts = status[replica].restarts if replica < len(status) else 0
-            self.record(job.name, {**base, "run_id": run_id or f"{base['run_id']}.{replica}",
-                                   "attempt": restarts + 1, "record": "finished",
-                                   "replica": replica, **outcome_fields(outcome)})
+            self.record(job.name, RunRecord.ended(
+                base, outcome, run_id=run_id or f"{base['run_id']}.{replica}",
+                attempt=restarts + 1, replica=replica).to_json())
 
         supervisor = DaemonSupervisor(self.local, request, job.replicas, job.restart, on_exit)
         self.supervisors[job.name] = supervisor

@@ -18,10 +18,10 @@ from cronfile.center.alerts import Notifier, runtime_alerts
 from cronfile.center.counters import RunMetrics
 from cronfile.center.journal import Journal
 from cronfile.center.port import RecentRun
-from cronfile.center.records import NoOutcomeRecord
 from cronfile.center.runlog import log_run
 from cronfile.clock import Clock
 from cronfile.schedules.model import Job, RunStatus
+from cronfile.state.runrecord import RunRecord
 
 log = logging.getLogger("cronfile.center")
 
@@ -130,7 +130,7 @@ class Outcomes:
         records = self.journal.records
         waiting = self.awaiting_agents.pop(run_id, None)
         if waiting is not None:  # in flight when the center restarted: its one outcome
-            self.record(str(waiting.get("job")), {**waiting, "record": "finished", **outcome})
+            self.record(str(waiting.get("job")), RunRecord.reported(waiting, outcome).to_json())
             records.flush()
             return
         # Only a run the center recorded ``lost`` may get a second, superseding record, and
@@ -142,8 +142,9 @@ class Outcomes:
             return
         if outcome.get("status") == "lost":
             return  # the agent lost it too (it restarted): nothing new to record
-        records.add({**base, "record": "finished", **outcome, "supersedes": "lost",
-                     "reason": "outcome delivered after the run was recorded lost"})
+        records.add(RunRecord.reported(
+            base, outcome, supersedes="lost",
+            reason="outcome delivered after the run was recorded lost").to_json())
         records.flush()
 
     def expire_awaiting(self, lease_s: float) -> None:
@@ -152,7 +153,7 @@ class Outcomes:
         expired, self.awaiting_agents = self.awaiting_agents, {}
         for base in expired.values():
             self.lost_bases[str(base["run_id"])] = base
-            self.record(str(base.get("job")), NoOutcomeRecord(
+            self.record(str(base.get("job")), RunRecord.without_outcome(
                 base, RunStatus.LOST,
                 f"agent {base.get('agent')} did not report this run within "
                 f"{lease_s:g}s of the center's restart").to_json())

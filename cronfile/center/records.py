@@ -1,27 +1,23 @@
-"""Run records: the one builder of those without a transport's outcome, and the writer.
+"""Run records in the center: their identity, slots that do not run, and the writer.
 
-Most ``finished`` records carry a :class:`~cronfile.transports.executor.RunOutcome`
-(``ledger.outcome_fields``). The others say why a slot produced no outcome: it did not run
-(``skipped``, ``missed``, ``no_agent``, a refused start recorded ``failed``) or its end is
-unknown (``lost``). :class:`NoOutcomeRecord` is the one builder of those, so their fields,
-their SPEC §4 order and ``duration_s`` are the same wherever they are written:
-
-* ``duration_s`` is ``0.0`` for a run that never ran, ``None`` (unknown) for a ``lost`` one;
-* times are record time text (``ledger.iso``) taken from the center's injected clock.
+Every record is a :class:`~cronfile.state.runrecord.RunRecord` (the one typed record and
+its builders); here are the center's parts of it: :func:`run_id_for`, :func:`record_base`
+(the identity fields every record of a run starts with), :func:`slot_record` (a slot that
+does not run) and :class:`RecordWriter` (group commit of run records).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from cronfile.center.scheduler import RecordSlot
 from cronfile.schedules.loader import LOCAL_AGENT
-from cronfile.schedules.model import Job, RunStatus
+from cronfile.schedules.model import Job
 from cronfile.state.ledger import iso
+from cronfile.state.runrecord import RunRecord
 
 
 def run_id_for(job: str, slot: float, agent: str, attempt: int) -> str:
@@ -35,29 +31,6 @@ def record_base(job: Job, slot: float, agent: str, transport: str | None, attemp
     """The identity fields every record of a run starts with, in SPEC §4 order."""
     return {"run_id": run_id, "job": job.name, "agent": agent, "transport": transport,
             "scheduled_at": iso(slot), "attempt": attempt, "revision": revision}
-
-
-@dataclass(frozen=True)
-class NoOutcomeRecord:
-    base: Mapping[str, Any]
-    """The run's identity fields (``run_id`` ... ``revision``, ``trigger``, ``route``), in order."""
-    status: RunStatus
-    reason: str | None
-    started_at: str | None = None
-    finished_at: str | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
-    """Fields after ``reason``, in order (``count``, ``first_scheduled_at``, ...)."""
-
-    @property
-    def duration_s(self) -> float | None:
-        return None if self.status is RunStatus.LOST else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as written, in SPEC §4 field order."""
-        return {**self.base, "record": "finished", "status": self.status.value,
-                "exit_code": None, "signal": None, "started_at": self.started_at,
-                "finished_at": self.finished_at, "duration_s": self.duration_s,
-                "output_tail": "", "reason": self.reason, **dict(self.extra)}
 
 
 RECORD_BATCH_S = 0.005
@@ -122,6 +95,6 @@ def slot_record(action: RecordSlot, revision: dict[str, Any], agent: str | None 
     if action.count > 1 or action.last_scheduled_at not in (None, action.scheduled_at):
         extra = (("count", action.count), ("first_scheduled_at", iso(action.scheduled_at)),
                  ("last_scheduled_at", iso(action.last_scheduled_at)))
-    return NoOutcomeRecord(
+    return RunRecord.without_outcome(
         record_base(job, action.scheduled_at, agent, transport, action.attempt, run_id, revision),
         action.status, action.reason, extra=extra).to_json()

@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cronfile.center.records import NoOutcomeRecord
 from cronfile.schedules.model import RunStatus
 from cronfile.state.checkpoint import LedgerSummary
 from cronfile.state.ledger import parse_iso
+from cronfile.state.runrecord import IDENTITY_FIELDS, RunRecord
 
-BASE_FIELDS = ("run_id", "job", "agent", "transport", "scheduled_at", "attempt", "revision")
+BASE_FIELDS = IDENTITY_FIELDS
 """A run record's identity, in the §4 order: what a later record of the same run repeats."""
 
 SlotKey = tuple[str, float, str]  # (job, slot rounded to ms, agent)
@@ -91,7 +91,7 @@ def recover(views: Iterable[dict[str, Any]]) -> Recovery:
             # it is recorded lost only if the agent stays away past the lease.
             out.awaiting_agents[str(view.get("run_id"))] = {k: view.get(k) for k in BASE_FIELDS}
         elif view.get("record") in ("dispatched", "started"):
-            out.lost.append(NoOutcomeRecord(
+            out.lost.append(RunRecord.without_outcome(
                 {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST,
                 "the center stopped while the run was in flight",
                 started_at=view.get("started_at")).to_json())
@@ -122,7 +122,7 @@ def recover_summary(summary: LedgerSummary) -> Recovery:
         if run.get("transport") == "tcp":  # its agent reports it when it reconnects
             out.awaiting_agents[run_id] = base
         else:
-            out.lost.append(NoOutcomeRecord(
+            out.lost.append(RunRecord.without_outcome(
                 base, RunStatus.LOST, "the center stopped while the run was in flight",
                 started_at=run.get("started_at")).to_json())
     return out

@@ -77,7 +77,6 @@ from cronfile.state.segments import (
     seal,
 )
 from cronfile.state.segments import parse_name as parse_segment
-from cronfile.transports.executor import RunOutcome
 
 ledger_log = logging.getLogger("cronfile.ledger")
 
@@ -105,7 +104,6 @@ __all__ = [
     "read",
     "read_log",
     "iso",
-    "outcome_fields",
     "utc_ts",
 ]
 
@@ -127,20 +125,6 @@ def iso(ts: float | None) -> str | None:
         return None
     text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
     return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
-
-
-def outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
-    """The fields a ``finished`` record takes from an outcome, whichever transport ran it
-    (a local run, an agent's report, SSH): the same names and the same time format."""
-    fields: dict[str, Any] = {
-        "status": outcome.status.value, "exit_code": outcome.exit_code,
-        "signal": outcome.signal, "started_at": iso(outcome.started_at.timestamp()),
-        "finished_at": iso(outcome.finished_at.timestamp()),
-        "duration_s": outcome.duration_s, "output_tail": outcome.output_tail,
-    }
-    if outcome.reason:
-        fields["reason"] = outcome.reason
-    return fields
 
 
 def parse_iso(text: Any) -> float | None:

@@ -139,7 +139,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cronfile.schedules.model import EnvValue, RunStatus, SecretRef
-from cronfile.state.ledger import outcome_fields
+from cronfile.state.runrecord import outcome_fields
 from cronfile.transports.executor import RunOutcome, RunRequest
 
 PROTOCOL_VERSION = 2
@@ -974,7 +974,7 @@ class Finished(Message):
 
     def outcome_dict(self) -> dict[str, Any]:
         """The outcome as the fields of a ``finished`` record (§4), formatted exactly as
-        for a local run (:func:`cronfile.state.ledger.outcome_fields`)."""
+        for a local run (:func:`cronfile.state.runrecord.outcome_fields`)."""
         return outcome_fields(self.to_outcome())
 
 

@@ -19,8 +19,9 @@ import pytest
 
 from cronfile.ha import lease as lease_sql
 from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer, claim_slots, fetch_records
-from cronfile.ha.elector import Elector, HaSettings, Role
+from cronfile.ha.elector import Elector, Role
 from cronfile.ha.migrations import MIGRATIONS, applied_versions, migrate
+from cronfile.ha.settings import HaSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

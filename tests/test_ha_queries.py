@@ -421,7 +421,7 @@ def test_records_the_watermark_writes_reach_postgresql_too(tmp_path: Path, dsn: 
     from cronfile.center.counters import RunMetrics
     from cronfile.center.journal import Journal
     from cronfile.center.standby import HaCoordinator
-    from cronfile.ha.elector import HaSettings
+    from cronfile.ha.settings import HaSettings
     from cronfile.state.ledger import Ledger
 
     state = tmp_path / "state"

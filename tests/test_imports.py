@@ -16,6 +16,8 @@ Private access across modules is caught two ways:
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,6 +183,18 @@ def test_no_import_circle() -> None:
 
 def test_no_private_name_crosses_a_module() -> None:
     assert private_violations() == []
+
+
+OPTIONAL_DRIVERS = ("psycopg", "aiohttp")
+"""Imported only by a center started with ``--ha`` / ``--http`` (or a query with ``--ha``):
+each costs a start ~0.3-1 s on a busy machine, and most centers and every CLI call use neither."""
+
+
+def test_a_plain_center_and_the_cli_do_not_load_the_optional_drivers() -> None:
+    probe = ("import sys, cronfile.center.daemon, cronfile.cli.app, cronfile.agent.daemon; "
+             f"print([m for m in {OPTIONAL_DRIVERS!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("edges, expected", [

@@ -52,7 +52,6 @@ from cronfile.center.records import run_id_for
 from cronfile.center.reload import Reloader
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Scheduler
-from cronfile.center.standby import HaCoordinator
 from cronfile.center.startup import Restart, retention_refusal
 from cronfile.center.statefiles import (
     CENTER_FILE,
@@ -78,6 +77,7 @@ from cronfile.transports.protocol import SecretsError
 
 if TYPE_CHECKING:
     from cronfile.center.http import HttpServer
+    from cronfile.center.standby import HaCoordinator
 
 log = logging.getLogger("cronfile.center")
 
@@ -112,7 +112,10 @@ class Center:
         self.journal = journal = Journal(self.ledger, options.state, self.metrics,
                                          self.burst.active)
         self.records = journal.records
-        self.ha = HaCoordinator(options.ha, self._ha_event) if options.ha else None
+        self.ha: HaCoordinator | None = None
+        if options.ha is not None:  # only then: importing psycopg costs a center's start ~0.3 s
+            from cronfile.center.standby import HaCoordinator
+            self.ha = HaCoordinator(options.ha, self._ha_event)
         journal.ha = self.ha
         self.notifier = Notifier(self.local, journal.event)
         self.outcomes = Outcomes(journal, self.notifier, self.metrics, clock, self._job_of,

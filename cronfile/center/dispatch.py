@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cronfile.center.alerts import Notifier
 from cronfile.center.backfill import BackfillQueue
@@ -31,7 +31,6 @@ from cronfile.center.pools import PlaceGate, Waiting
 from cronfile.center.records import record_base, run_id_for, slot_record
 from cronfile.center.routing import Router, Target
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler, StartRun, StopRuns, jitter_for
-from cronfile.center.standby import HaCoordinator
 from cronfile.clock import Clock
 from cronfile.schedules.model import Job, RunStatus
 from cronfile.state.ledger import encode_record, encode_records, iso, utc_ts
@@ -45,6 +44,9 @@ from cronfile.transports.executor import (
     RunRequest,
 )
 from cronfile.transports.local import LocalExecutor
+
+if TYPE_CHECKING:  # psycopg is imported only by a center started with --ha
+    from cronfile.center.standby import HaCoordinator
 
 log = logging.getLogger("cronfile.center")
 

@@ -16,13 +16,15 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cronfile.center.counters import RunMetrics
 from cronfile.center.records import RecordWriter
-from cronfile.center.standby import HaCoordinator
 from cronfile.center.statefiles import release_reserve, write_watermark
 from cronfile.state.ledger import Ledger, encode_records
+
+if TYPE_CHECKING:  # psycopg is imported only by a center started with --ha
+    from cronfile.center.standby import HaCoordinator
 
 log = logging.getLogger("cronfile.center")
 

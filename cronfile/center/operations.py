@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cronfile.center.backfill import (
     MAX_SLOTS,
@@ -29,12 +29,14 @@ from cronfile.center.outcomes import Outcomes
 from cronfile.center.port import AgentView, CenterSnapshot
 from cronfile.center.reload import Reloader
 from cronfile.center.scheduler import Scheduler
-from cronfile.center.standby import HaCoordinator
 from cronfile.clock import Clock
 from cronfile.schedules.model import DesiredState
 from cronfile.state.ledger import iso
 from cronfile.state.queries import recorded_slots
 from cronfile.transports.hub import AgentHub
+
+if TYPE_CHECKING:  # psycopg is imported only by a center started with --ha
+    from cronfile.center.standby import HaCoordinator
 
 
 class CenterOperations:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cronfile.ha.elector import HaSettings
+from cronfile.ha.settings import HaSettings
 from cronfile.schedules.model import DEFAULT_KILL_GRACE_S
 from cronfile.state.ledger import DEFAULT_SEGMENT_BYTES
 from cronfile.state.retention import DEFAULT_RETENTION

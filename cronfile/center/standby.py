@@ -21,8 +21,9 @@ import psycopg
 from cronfile.center.routing import Target
 from cronfile.center.scheduler import StartRun
 from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer, append_records
-from cronfile.ha.elector import Elector, HaSettings
+from cronfile.ha.elector import Elector
 from cronfile.ha.migrations import migrate
+from cronfile.ha.settings import HaSettings
 from cronfile.schedules.model import Strategy
 from cronfile.state.ledger import encode_record
 from cronfile.transports.hub import CenterRole

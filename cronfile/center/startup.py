@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 from cronfile.center.dispatch import Dispatcher
 from cronfile.center.options import CenterOptions
@@ -18,13 +19,15 @@ from cronfile.center.outcomes import Outcomes
 from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
 from cronfile.center.routing import Router
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler
-from cronfile.center.standby import HaCoordinator
 from cronfile.clock import Clock
 from cronfile.schedules.model import DesiredState, RunStatus, Strategy
 from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
 from cronfile.state.ledger import Ledger
 from cronfile.state.retention import check_retention, parse_retention
+
+if TYPE_CHECKING:  # psycopg is imported only by a center started with --ha
+    from cronfile.center.standby import HaCoordinator
 
 SLOT_MEMORY_S = 6 * 3600.0
 """Handled slots are remembered this long for once-per-slot checks in memory (jitter and

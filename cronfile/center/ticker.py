@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cronfile.center.agents import write_agents_file
 from cronfile.center.dispatch import Dispatcher
@@ -21,10 +22,12 @@ from cronfile.center.outcomes import Outcomes
 from cronfile.center.parking import Parking
 from cronfile.center.pools import PlaceGate
 from cronfile.center.scheduler import Scheduler
-from cronfile.center.standby import HaCoordinator
 from cronfile.center.statefiles import write_places_file
 from cronfile.clock import Clock
 from cronfile.transports.hub import AgentHub
+
+if TYPE_CHECKING:  # psycopg is imported only by a center started with --ha
+    from cronfile.center.standby import HaCoordinator
 
 log = logging.getLogger("cronfile.center")
 

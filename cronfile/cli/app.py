@@ -298,7 +298,7 @@ def _ha_settings(dsn: str | None, name: str | None, lease_s: float, renew_deadli
         return None
     if not name:
         raise click.UsageError("--ha needs --name (this replica's name)")
-    from cronfile.ha.elector import HaSettings
+    from cronfile.ha.settings import HaSettings
 
     try:
         return HaSettings(dsn=dsn, name=name, lease_s=lease_s, renew_deadline_s=renew_deadline_s,

@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 import psycopg
 
 from cronfile.ha import lease as lease_sql
+from cronfile.ha.settings import HaSettings
 
-__all__ = ["CenterView", "Elector", "HaSettings", "Role"]
+__all__ = ["CenterView", "Elector", "Role"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,32 +42,6 @@ class Role(enum.Enum):
     """Holds the lease: schedules and dispatches."""
     STANDBY = "standby"
     """Connected (or trying to be), never dispatches, ready to take over."""
-
-
-@dataclass(frozen=True)
-class HaSettings:
-    """``--ha DSN --name NAME --ha-lease --ha-renew-deadline`` (seconds)."""
-
-    dsn: str
-    name: str
-    lease_s: float = 15.0
-    renew_deadline_s: float = 10.0
-    renew_interval_s: float = 2.0
-    connect_timeout_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("--name must not be empty")
-        if not 0 < self.renew_deadline_s < self.lease_s:
-            raise ValueError(
-                f"--ha-renew-deadline ({self.renew_deadline_s:g}s) must be shorter than "
-                f"--ha-lease ({self.lease_s:g}s)"
-            )
-        if not 0 < self.renew_interval_s < self.renew_deadline_s:
-            raise ValueError(
-                f"the renew interval ({self.renew_interval_s:g}s) must be shorter than "
-                f"--ha-renew-deadline ({self.renew_deadline_s:g}s)"
-            )
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,12 @@ def running_sshd(directory: Path | str, pid_namespace: bool = False) -> Iterator
             directory=d, log=log, pid=proc.pid,
         )
     finally:
-        proc.terminate()
+        # unshare does not pass SIGTERM on to its child; SIGKILL ends it, and --kill-child
+        # then ends sshd (the namespace's pid 1) and with it every session in the namespace.
+        if pid_namespace:
+            proc.kill()
+        else:
+            proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -393,6 +393,9 @@ def test_token_directory(tmp_path: Path) -> None:
      ("abc\n", ":1: the secret is too weak"), (f"a {S1}\nb xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n",
                                              ":2: the secret is too weak"),
      ("0123456789abcdef\n", "too weak")],
+    # fixed ids: the secrets are random per process, and every xdist worker must collect
+    # the same test names (a secret has no place in a test name either)
+    ids=["empty", "comment-only", "bad-line", "listed-twice", "weak", "weak-line-2", "weak-bare"],
 )
 def test_bad_token_files_name_the_line_not_the_secret(
     tmp_path: Path, text: str, problem: str

@@ -302,8 +302,11 @@ def test_after_a_restart_starts_wait_for_agents_that_were_connected(tmp_path: Pa
                        15, "a1 to run again")
         after = [r for r in finished(runs, "on-a1")
                  if (parse_ts(r["scheduled_at"]) or 0) > restarted]
-        assert after and all(r["status"] == "succeeded" for r in after), \
-            [(r["scheduled_at"], r["status"]) for r in after]
+        # every slot after the restart ran on a1, none is no_agent; a loaded machine can make
+        # the run that waited for a1 outlast the next slot, which is then skipped (forbid)
+        assert after and all(r["status"] == "succeeded" or (
+            r["status"] == "skipped" and "previous run still running" in r["reason"])
+            for r in after), [(r["scheduled_at"], r["status"]) for r in after]
         verdict = check_ledger(runs, None, {"on-a1": ["a1"]}, (restarted, restarted + 3))
         assert not verdict.problems, verdict.summary()
     finally:

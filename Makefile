@@ -9,6 +9,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-quick test-latest lock lint typecheck unit bench sshd postgresql clean
 
+# The tests run in PYTEST_WORKERS processes (pytest-xdist). Most of them wait on real time
+# (1 s cron slots, heartbeats, leases, process start-ups), not on the CPU, so 3 workers on
+# 2 cores take about half the wall time of one. Tests go to whichever worker is free
+# (--dist load): keeping a file's tests on one worker (loadfile) left one worker running
+# the slowest files alone at the end. A module fixture (the PostgreSQL server, sshd) then
+# starts once per worker that runs its file. PYTEST_WORKERS=0 runs everything in one
+# process (for pdb, or -x).
+PYTEST_WORKERS ?= 3
+PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist load
+
 # Installs take the exact versions in requirements.lock, so a new upstream release cannot
 # turn main red for an unrelated change; `make test-latest` resolves the newest instead.
 $(STAMP): pyproject.toml requirements.lock
@@ -28,7 +38,7 @@ test-latest: sshd postgresql
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^cronfile' > $(LATEST)/freeze.txt
 	$(LATEST)/bin/ruff check cronfile tests bench
 	$(LATEST)/bin/mypy cronfile
-	$(LATEST)/bin/pytest -q
+	$(LATEST)/bin/pytest -q $(PYTEST_XDIST)
 
 # Rewrite requirements.lock from the versions test-latest just passed with.
 lock:
@@ -59,13 +69,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy cronfile
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_XDIST)
 
 test: $(STAMP) sshd postgresql lint typecheck unit
 
 # While editing: everything but the tests marked slow (CI and `make test` run those too).
 test-quick: $(STAMP) sshd postgresql lint typecheck
-	$(BIN)/pytest -q -m 'not slow'
+	$(BIN)/pytest -q $(PYTEST_XDIST) -m 'not slow'
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

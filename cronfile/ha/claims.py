@@ -13,7 +13,9 @@ no ``scheduled_at`` (NULL never collides) but are still fenced by the lease chec
 
 Retries are safe: a claim whose reply was lost (the connection dropped after the commit) is
 sent again with the same ``run_id``; the conflict then finds OUR run_id in the existing row
-and reports the slot as claimed, so a reconnect neither loses the claim nor doubles it.
+(the same holder AND term: run ids are deterministic, so another leader's claim of the same
+slot has the same run_id and must not count) and reports the slot as claimed, so a
+reconnect neither loses the claim nor doubles it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ recorded AS (
 SELECT run_id FROM recorded
 UNION
 SELECT c.run_id FROM cronfile_claims c JOIN wanted w USING (run_id) CROSS JOIN lease
+WHERE c.holder = lease.holder AND c.term = lease.term
 """
 
 

@@ -65,8 +65,16 @@ class RequeueRetry:
     ended: float
 
 
-def recover(views: Iterable[dict[str, Any]]) -> Recovery:
-    """Fold the ledger's run views (one per run, its latest record) into a :class:`Recovery`."""
+STOPPED_IN_FLIGHT = "the center stopped while the run was in flight"
+"""The ``reason`` of a run a restarted center records ``lost``."""
+
+
+def recover(views: Iterable[dict[str, Any]], lost_reason: str = STOPPED_IN_FLIGHT) -> Recovery:
+    """Fold the ledger's run views (one per run, its latest record) into a :class:`Recovery`.
+
+    A restart folds its own JSONL; an HA takeover folds the records table
+    (:func:`cronfile.ha.takeover.read_takeover_ledger`) with a ``lost_reason`` naming the
+    old leader: the same decisions either way (SPEC §9 "Takeover")."""
     out = Recovery()
     for view in views:
         job = view.get("job")
@@ -92,8 +100,7 @@ def recover(views: Iterable[dict[str, Any]]) -> Recovery:
             out.awaiting_agents[str(view.get("run_id"))] = {k: view.get(k) for k in BASE_FIELDS}
         elif view.get("record") in ("dispatched", "started"):
             out.lost.append(RunRecord.without_outcome(
-                {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST,
-                "the center stopped while the run was in flight",
+                {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST, lost_reason,
                 started_at=view.get("started_at")).to_json())
     return out
 
@@ -123,7 +130,7 @@ def recover_summary(summary: LedgerSummary) -> Recovery:
             out.awaiting_agents[run_id] = base
         else:
             out.lost.append(RunRecord.without_outcome(
-                base, RunStatus.LOST, "the center stopped while the run was in flight",
+                base, RunStatus.LOST, STOPPED_IN_FLIGHT,
                 started_at=run.get("started_at")).to_json())
     return out
 

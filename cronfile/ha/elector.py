@@ -89,6 +89,10 @@ class Elector:
         self._watchdog: asyncio.TimerHandle | None = None
         self.leading_changed = asyncio.Event()
         """Set (and cleared by whoever waits) at every change of role."""
+        self.expired_for_s: float | None = None
+        """At the last win: how long the lease taken over had been expired, by the
+        database's clock (None when there was no lease yet). The takeover's gap starts
+        about that long plus one lease ago."""
 
     # -- what the center reads ------------------------------------------------------------
 
@@ -203,6 +207,8 @@ class Elector:
             until_expiry = (grant.lease.expires_at - grant.lease.db_now).total_seconds()
             return max(0.05, min(self.settings.renew_interval_s, until_expiry + 0.05))
         self._term = grant.lease.term
+        self.expired_for_s = None if grant.previous_expires_at is None else max(
+            0.0, (grant.lease.db_now - grant.previous_expires_at).total_seconds())
         self._set_deadline(sent + self.settings.renew_deadline_s)
         self._set_role(Role.LEADER)
         self._emit(

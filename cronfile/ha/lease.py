@@ -48,16 +48,20 @@ class Grant:
 
     won: bool
     lease: LeaseView
+    previous_expires_at: datetime | None = None
+    """When won: when the lease taken over had expired (None if there was none). A new
+    leader's gap starts about one lease before it: the old leader's last renew."""
 
 
 _ACQUIRE = """
+WITH before AS (SELECT expires_at FROM cronfile_lease WHERE id = 1)
 INSERT INTO cronfile_lease AS l (id, holder, term, acquired_at, expires_at)
 VALUES (1, %(holder)s, 1, now(), now() + %(ttl)s)
 ON CONFLICT (id) DO UPDATE
     SET holder = EXCLUDED.holder, term = l.term + 1,
         acquired_at = now(), expires_at = now() + %(ttl)s
     WHERE l.expires_at < now()
-RETURNING holder, term, expires_at, now()
+RETURNING holder, term, expires_at, now(), (SELECT expires_at FROM before)
 """
 
 _READ = "SELECT holder, term, expires_at, now() FROM cronfile_lease WHERE id = 1"
@@ -87,7 +91,7 @@ async def acquire(conn: psycopg.AsyncConnection[Any], holder: str, ttl: timedelt
     cur = await conn.execute(_ACQUIRE, {"holder": holder, "ttl": ttl})
     row = await cur.fetchone()
     if row is not None:
-        return Grant(won=True, lease=_view(row))
+        return Grant(won=True, lease=_view(row[:4]), previous_expires_at=row[4])
     current = await read(conn)
     assert current is not None  # the upsert found a row, or it would have inserted one
     return Grant(won=False, lease=current)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
 from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FuturesTimeout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cronfile.center.recovery import RequeueRetry, pending_starts, recover
+from cronfile.center.recovery import RequeueRetry, RequeueTrigger, pending_starts, recover
 from cronfile.ha import lease as lease_sql
 from cronfile.ha.claims import Claim, claim_slots
 from cronfile.ha.migrations import migrate
@@ -26,7 +26,7 @@ from cronfile.state.ledger import fold_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import BlackholeProxy, PgServer, running_postgres, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -67,8 +67,11 @@ def final(run_id: str, status: str, at: datetime, slot: datetime, attempt: int =
 
 
 def insert(dsn: str, center: str, records: list[dict[str, Any]]) -> list[bool]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return insert_run_records(conn, center, 1, records)
+    async def go() -> list[bool]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            return await insert_run_records(conn, center, 1, records)
+
+    return asyncio.run(go())
 
 
 def test_a_takeover_reads_the_gap_and_what_is_still_open_and_recovers_as_a_restart(dsn: str) -> None:
@@ -89,13 +92,16 @@ def test_a_takeover_reads_the_gap_and_what_is_still_open_and_recovers_as_a_resta
         final("gap.1", "succeeded", NOW - 5 * timedelta(seconds=1), NOW - 6 * timedelta(seconds=1)),
         final("late.1", "succeeded", NOW - 4 * timedelta(seconds=1), NOW - 5 * timedelta(seconds=1)),
         rec("late.1", "started", NOW - 4 * timedelta(seconds=1), NOW - 5 * timedelta(seconds=1)),
+        # a triggered start that ran long ago: its event must not start it again
+        final("trig.1", "succeeded", old + m, old, trigger="trigger"),
         # older than the horizon: never read, even open
         rec("ancient.1", "dispatched", NOW - 30 * 60 * m, NOW - 30 * 60 * m),
     ]
     assert all(insert(dsn, "a", records))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO cronfile_records (kind, ts, center, body) VALUES ('event', now(),"
-                     " 'a', %s)", (json.dumps({"event": "triggered", "due": {"later": iso(NOW + m)}}),))
+        for due in ({"trig": iso(old)}, {"later": iso(NOW + m)}):
+            conn.execute("INSERT INTO cronfile_records (kind, ts, center, body) VALUES ('event',"
+                         " now(), 'a', %s)", (json.dumps({"event": "triggered", "due": due}),))
 
     async def read() -> Any:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -104,17 +110,22 @@ def test_a_takeover_reads_the_gap_and_what_is_still_open_and_recovers_as_a_resta
 
     got = asyncio.run(read())
     assert sorted({r["run_id"] for r in got.runs}) == [
-        "agent.1", "fixed.1", "fixed.2", "flaky.1", "gap.1", "late.1", "long.1"]
-    assert [e["due"] for e in got.triggered] == [{"later": iso(NOW + m)}]
+        "agent.1", "fixed.1", "fixed.2", "flaky.1", "gap.1", "late.1", "long.1", "trig.1"]
+    assert [e["due"] for e in got.triggered] == [{"trig": iso(old)}, {"later": iso(NOW + m)}]
+    assert got.last_success == {"done": (old + m).timestamp(), "fixed": (old + m).timestamp(),
+                                "gap": (NOW - 5 * timedelta(seconds=1)).timestamp(),
+                                "late": (NOW - 4 * timedelta(seconds=1)).timestamp(),
+                                "trig": (old + m).timestamp()}
 
-    found = recover(fold_runs(got.runs), "center a (term 1) lost the lease while the run was in flight")
+    found = recover(fold_runs(got.runs), lambda v: f"center {v['center']} stopped leading")
     assert [(r["run_id"], r["status"], r["reason"], r["started_at"]) for r in found.lost] == [
-        ("long.1", "lost", "center a (term 1) lost the lease while the run was in flight", iso(old))]
+        ("long.1", "lost", "center a stopped leading", iso(old))]
     assert list(found.awaiting_agents) == ["agent.1"]
     assert ("gap", round((NOW - 6 * timedelta(seconds=1)).timestamp(), 3), "local") in found.done_slots
-    retries = [s for s in pending_starts(found, got.triggered, (NOW - 6 * 60 * m).timestamp(),
-                                         lambda job: True) if isinstance(s, RequeueRetry)]
-    assert [(s.job, s.attempt) for s in retries] == [("flaky", 1)]
+    pending = pending_starts(found, got.triggered, (NOW - 6 * 60 * m).timestamp(), lambda job: True)
+    assert [(s.job, s.attempt) for s in pending if isinstance(s, RequeueRetry)] == [("flaky", 1)]
+    assert [(s.job, s.due) for s in pending if isinstance(s, RequeueTrigger)] == [
+        ("later", (NOW + m).timestamp())]
 
 
 def test_a_run_gets_one_final_record_whichever_center_writes_first(dsn: str) -> None:
@@ -125,7 +136,7 @@ def test_a_run_gets_one_final_record_whichever_center_writes_first(dsn: str) -> 
     assert insert(dsn, "b", [lost]) == [True]  # the new leader recorded it lost first
     # the old leader's own records come later: its started is kept, its final refused
     assert insert(dsn, "a", [started, real]) == [True, False]
-    assert insert(dsn, "b", [lost]) == [False]  # and never twice by the same center
+    assert insert(dsn, "b", [lost]) == [True]  # b sending it again: still b's, not added twice
     superseding = {**real, "supersedes": "lost"}
     assert insert(dsn, "b", [superseding]) == [True]
     with psycopg.connect(dsn) as conn:
@@ -139,24 +150,34 @@ def test_two_centers_racing_to_finish_the_same_runs_write_one_final_each(dsn: st
     slot = NOW - timedelta(minutes=1)
     batches = {name: [final(f"race.{i}", status, NOW, slot) for i in range(1, 201)]
                for name, status in (("a", "succeeded"), ("b", "lost"))}
-    barrier = threading.Barrier(2)
-    kept: dict[str, list[bool]] = {}
 
-    def write(name: str) -> None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT 1")
-            barrier.wait()
-            kept[name] = insert_run_records(conn, name, 1, batches[name])
+    async def race() -> dict[str, list[bool]]:
+        conns = {n: await psycopg.AsyncConnection.connect(dsn, autocommit=True) for n in batches}
+        try:
+            for conn in conns.values():
+                await conn.execute("SELECT 1")
+            kept = await asyncio.gather(*(insert_run_records(conns[n], n, 1, batches[n])
+                                          for n in batches))
+            return dict(zip(batches, kept, strict=True))
+        finally:
+            for conn in conns.values():
+                await conn.close()
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in batches]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    kept = asyncio.run(race())
     assert [a != b for a, b in zip(kept["a"], kept["b"], strict=True)] == [True] * 200
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT run_id) FROM cronfile_records").fetchone() \
             == (200, 200)
+
+
+def test_a_batch_sent_again_after_a_lost_reply_adds_nothing_and_is_still_ours(dsn: str) -> None:
+    slot = NOW - timedelta(minutes=1)
+    batch = [rec("z.1", "started", NOW, slot), final("z.1", "succeeded", NOW, slot)]
+    assert insert(dsn, "a", batch) == [True, True]
+    assert insert(dsn, "a", batch) == [True, True]  # the retry: ours, and not added again
+    assert insert(dsn, "b", batch[1:]) == [False]
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM cronfile_records").fetchone() == (2,)
 
 
 def test_the_store_keeps_a_centers_order_and_reports_what_it_refused(dsn: str) -> None:
@@ -167,9 +188,8 @@ def test_the_store_keeps_a_centers_order_and_reports_what_it_refused(dsn: str) -
         first = store.submit([rec("x.1", "started", NOW, slot), final("x.1", "succeeded", NOW, slot),
                               rec("y.1", "started", NOW, slot)])
         second = store.submit([final("y.1", "failed", NOW, slot)])
-        assert [(r["run_id"], r["record"]) for r in first.result(10)] == [
-            ("x.1", "started"), ("y.1", "started")]
-        assert [(r["run_id"], r["status"]) for r in second.result(10)] == [("y.1", "failed")]
+        assert first.result(10) == [True, False, True]
+        assert second.result(10) == [True]
         assert store.refused == 1
     finally:
         store.close()
@@ -200,3 +220,24 @@ def test_a_new_leader_never_counts_the_old_leaders_claim_of_the_same_run_id_as_i
             assert await claim_slots(conn, "b", 2, same) == set()
 
     asyncio.run(scenario())
+
+
+def test_a_silent_connection_is_given_up_and_close_returns(pg: PgServer, dsn: str) -> None:
+    """A partition (no RST, no FIN) must not hang the store: every try is bounded, so the
+    center can still stop; what never reached the table is not reported as written."""
+    database = dsn.rsplit("/", 1)[1]
+    proxy = BlackholeProxy(pg.port)
+    store = RunRecordStore(pg.dsn(database, port=proxy.port), "a", lambda: 1, timeout_s=1.0)
+    slot = NOW - timedelta(minutes=1)
+    try:
+        assert store.submit([rec("p.1", "started", NOW, slot)]).result(10) == [True]
+        proxy.blackhole()
+        pending = store.submit([final("p.1", "succeeded", NOW, slot)])
+        with pytest.raises(FuturesTimeout):
+            pending.result(2.5)  # tried, timed out, tried again: still waiting
+        store.close(timeout=0.5)
+        assert pending.done() and pending.exception() is not None
+    finally:
+        proxy.close()
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT body->>'record' FROM cronfile_records").fetchall() == [("started",)]

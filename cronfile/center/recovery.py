@@ -69,12 +69,17 @@ STOPPED_IN_FLIGHT = "the center stopped while the run was in flight"
 """The ``reason`` of a run a restarted center records ``lost``."""
 
 
-def recover(views: Iterable[dict[str, Any]], lost_reason: str = STOPPED_IN_FLIGHT) -> Recovery:
+def stopped_in_flight(_view: dict[str, Any]) -> str:
+    return STOPPED_IN_FLIGHT
+
+
+def recover(views: Iterable[dict[str, Any]],
+            lost_reason: Callable[[dict[str, Any]], str] = stopped_in_flight) -> Recovery:
     """Fold the ledger's run views (one per run, its latest record) into a :class:`Recovery`.
 
     A restart folds its own JSONL; an HA takeover folds the records table
-    (:func:`cronfile.ha.takeover.read_takeover_ledger`) with a ``lost_reason`` naming the
-    old leader: the same decisions either way (SPEC §9 "Takeover")."""
+    (:func:`cronfile.ha.takeover.read_takeover_ledger`) with a ``lost_reason`` naming each
+    run's old leader: the same decisions either way (SPEC §9 "Takeover")."""
     out = Recovery()
     for view in views:
         job = view.get("job")
@@ -100,7 +105,7 @@ def recover(views: Iterable[dict[str, Any]], lost_reason: str = STOPPED_IN_FLIGH
             out.awaiting_agents[str(view.get("run_id"))] = {k: view.get(k) for k in BASE_FIELDS}
         elif view.get("record") in ("dispatched", "started"):
             out.lost.append(RunRecord.without_outcome(
-                {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST, lost_reason,
+                {k: view.get(k) for k in BASE_FIELDS}, RunStatus.LOST, lost_reason(view),
                 started_at=view.get("started_at")).to_json())
     return out
 

@@ -6,142 +6,200 @@ final record that reached the old leader's JSONL but not PostgreSQL (the copy wa
 when it was SIGKILLed) would give its run two final records, one on each host. So the
 center hands each batch of run records (``started`` and every ``finished``: succeeded,
 failed, killed, lost, missed, skipped, no_agent) to :class:`RunRecordStore`, which commits
-it in one statement on a thread of its own (off the event loop, and off the ledger's writer
-thread, so ``dispatched`` fsyncs never wait for it), and only the records it kept are then
+it in one statement on a thread of its own (off the center's event loop, and off the
+ledger's writer thread, so ``dispatched`` fsyncs never wait for it; every try is bounded in
+time, so a connection gone silent is given up and made again), and only the records it kept are then
 written and fsynced to the JSONL. The other choice, recovery tolerating a missing final,
 cannot work for local runs: the new leader cannot see the old host's JSONL at all.
 
 Exactly one final record per run across every center: a ``finished`` record is inserted
 only if the table holds none for its ``run_id`` yet (a ``supersedes`` record, a late agent
-outcome after ``lost``, is the one allowed second). The check and the insert run under one
-transaction-scoped advisory lock, so two centers finishing the same run (a leader that was
+outcome after ``lost``, is the one allowed second; and a batch sent again after its reply
+was lost adds nothing). The check and the insert run under one transaction-scoped advisory
+lock, so two centers finishing the same run (a leader that was
 frozen past its lease, and the one that recorded its runs ``lost`` meanwhile) take turns
 and the second sees the first's record. A refused record is reported back and the center
 leaves it out of its JSONL too: the other center's record is the run's outcome.
 
-The order of a center's run records in the table is the order of its batches (one thread,
-one connection), so a run's ``started`` never lands after its ``finished``.
+The order of a center's run records in the table is the order of its batches (one at a
+time, in order), so a run's ``started`` never lands after its ``finished``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import psycopg
+
+from cronfile.state.ledger import FORMAT_VERSION
 
 __all__ = ["FINALS_LOCK_KEY", "RunRecordStore", "insert_run_records"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FINALS_LOCK_KEY = 0x63726F6E66696E  # "cronfin": serialises the once-per-run check
 
+# A record is inserted unless the run already has one of its kind (``started``, or a final;
+# a ``supersedes`` final is a kind of its own): a final another center wrote first is
+# refused, and a batch sent again after a lost reply adds nothing.
 _INSERT = """
 INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body)
 SELECT 'run', coalesce((e->>'ts')::timestamptz, now()), e->>'run_id', e->>'job',
        %(center)s, %(term)s, e->'body'
 FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS x(e, n)
-WHERE e->'body'->>'record' IS DISTINCT FROM 'finished'
-   OR e->'body' ? 'supersedes'
-   OR NOT EXISTS (
-        SELECT 1 FROM cronfile_records r
-        WHERE r.run_id = e->>'run_id' AND r.kind = 'run'
-          AND r.body->>'record' = 'finished' AND NOT r.body ? 'supersedes')
+WHERE NOT EXISTS (
+    SELECT 1 FROM cronfile_records r
+    WHERE r.run_id = e->>'run_id' AND r.kind = 'run'
+      AND r.body->>'record' = e->'body'->>'record'
+      AND (r.body ? 'supersedes') = (e->'body' ? 'supersedes'))
 ORDER BY n
-RETURNING run_id, body->>'record'
+RETURNING run_id, body->>'record', body ? 'supersedes'
+"""
+
+_OURS = """
+SELECT run_id, body->>'record', body ? 'supersedes' FROM cronfile_records
+WHERE kind = 'run' AND run_id = ANY(%(run_ids)s) AND center = %(center)s
 """
 
 
-def insert_run_records(conn: psycopg.Connection[Any], center: str, term: int | None,
-                       records: Sequence[dict[str, Any]]) -> list[bool]:
-    """Insert a batch in one transaction; per record, whether it was kept (False: a final
-    record of a run that already has one, written by whichever center came first)."""
+def _kind(record: dict[str, Any]) -> tuple[str, str, bool]:
+    return str(record.get("run_id")), str(record.get("record")), "supersedes" in record
+
+
+async def insert_run_records(conn: psycopg.AsyncConnection[Any], center: str, term: int | None,
+                             records: Sequence[dict[str, Any]], ts: str | None = None) -> list[bool]:
+    """Insert a batch in one transaction; per record, whether it is this center's (False:
+    a final record of a run that another center recorded first). ``ts``: the time the
+    center's JSONL gives the batch (its ``ts`` column and the records' own)."""
     if not records:
         return []
-    rows = [{"ts": r.get("ts"), "run_id": r.get("run_id"), "job": r.get("job"), "body": r}
+    rows = [{"ts": r.get("ts", ts), "run_id": r.get("run_id"), "job": r.get("job"),
+             "body": r if ts is None or "ts" in r else {"v": FORMAT_VERSION, "ts": ts, **r}}
             for r in records]
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINALS_LOCK_KEY,))
-        cur = conn.execute(_INSERT, {"center": center, "term": term,
-                                     "rows": json.dumps(rows, default=str)})
-        inserted = [(str(run_id), str(kind)) for run_id, kind in cur.fetchall()]
-    # Only finals can be refused, and a batch never holds two plain finals of one run.
-    kept_finals = {run_id for run_id, kind in inserted if kind == "finished"}
-    return [r.get("record") != "finished" or "supersedes" in r or str(r.get("run_id")) in kept_finals
-            for r in records]
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINALS_LOCK_KEY,))
+        cur = await conn.execute(_INSERT, {"center": center, "term": term,
+                                           "rows": json.dumps(rows, default=str)})
+        ours = {(str(a), str(b), bool(c)) for a, b, c in await cur.fetchall()}
+        refused = [r for r in records if _kind(r) not in ours]
+        if refused:  # written by an earlier try of this very batch, or by another center
+            cur = await conn.execute(_OURS, {"center": center,
+                                             "run_ids": [str(r.get("run_id")) for r in refused]})
+            ours |= {(str(a), str(b), bool(c)) for a, b, c in await cur.fetchall()}
+    return [_kind(r) in ours for r in records]
 
 
 class RunRecordStore:
-    """Commits batches of run records on one thread, retrying a lost connection with backoff
-    until :meth:`close`; :meth:`submit` returns a future of the records kept."""
+    """Commits batches of run records in order, on an event loop of its own in a thread of
+    its own; a try that fails or takes longer than ``timeout_s`` (a connection gone silent)
+    is made again on a fresh connection, until :meth:`close`. :meth:`submit` returns a
+    future of the records to write to the JSONL."""
 
     def __init__(self, dsn: str, center: str, term: Callable[[], int | None],
-                 connect_timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0) -> None:
         self.dsn = dsn
         self.center = center
         self._term = term
-        self.connect_timeout_s = connect_timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ha-runs")
-        self._conn: psycopg.Connection[Any] | None = None
-        self._closing = threading.Event()
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="ha-runs")
+        self._thread.start()
+        self._order = asyncio.Lock()  # batches commit in the order they were submitted
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._closing = False
         self.refused = 0
         """Final records refused because another center had recorded the run (for tests)."""
 
-    def submit(self, records: Sequence[dict[str, Any]]) -> Future[list[dict[str, Any]]]:
-        batch = list(records)
-        return self._pool.submit(self._write, batch, self._term())
+    def submit(self, records: Sequence[dict[str, Any]],
+               ts: str | None = None) -> Future[list[bool]]:
+        """Commit ``records`` (stamped ``ts``, as the JSONL will have them); the future gives,
+        per record, whether to write it to the JSONL."""
+        return asyncio.run_coroutine_threadsafe(self._write(list(records), self._term(), ts),
+                                                self._loop)
 
-    def _write(self, batch: list[dict[str, Any]], term: int | None) -> list[dict[str, Any]]:
-        backoff = 0.05
-        while True:
-            try:
-                kept = insert_run_records(self._connection(), self.center, term, batch)
-                break
-            except (psycopg.OperationalError, OSError) as exc:
-                self._drop()
-                if self._closing.is_set():
-                    raise
-                log.warning("ha: writing %d run records to PostgreSQL failed (%s); retrying",
-                            len(batch), exc)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-        out = []
+    def barrier(self) -> Future[None]:
+        """Done once every batch submitted before it is committed (or given up on)."""
+        return asyncio.run_coroutine_threadsafe(self._after_all(), self._loop)
+
+    async def _after_all(self) -> None:
+        async with self._order:
+            return
+
+    async def _write(self, batch: list[dict[str, Any]], term: int | None,
+                     ts: str | None) -> list[bool]:
+        async with self._order:
+            backoff = 0.05
+            while True:
+                try:
+                    conn = await self._bounded(self._connection())
+                    kept = await self._bounded(insert_run_records(conn, self.center, term, batch, ts))
+                    break
+                except (psycopg.OperationalError, OSError, TimeoutError) as exc:
+                    self._drop_now()
+                    if self._closing:
+                        raise
+                    log.warning("ha: writing %d run records to PostgreSQL failed (%s); "
+                                "retrying", len(batch), exc or type(exc).__name__)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
         for record, ok in zip(batch, kept, strict=True):
-            if ok:
-                out.append(record)
-            else:
+            if not ok:
                 self.refused += 1
                 log.warning("ha: run %s of %s already has its final record (written by another "
                             "center); this one (%s) is not recorded", record.get("run_id"),
                             record.get("job"), record.get("status"))
-        return out
+        return kept
 
-    def _connection(self) -> psycopg.Connection[Any]:
+    async def _bounded(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro``'s result within ``timeout_s``, or TimeoutError. Unlike ``wait_for`` it
+        does not wait for the cancelled statement: psycopg then sends a cancel request,
+        which on a silent link hangs as the statement did."""
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        if task not in done:
+            task.cancel()
+            raise TimeoutError(f"no answer from PostgreSQL within {self.timeout_s:g}s")
+        return task.result()
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn, autocommit=True,
-                                         connect_timeout=max(1, round(self.connect_timeout_s)))
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=max(1, round(self.timeout_s)))
         return self._conn
 
-    def _drop(self) -> None:
+    def _drop_now(self) -> None:
+        """Forget the connection, closing its socket at once (a polite close could wait
+        on a silent link)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                conn.close()
+                conn.pgconn.finish()
 
     def close(self, timeout: float = 5.0) -> None:
         """Let the batches queued so far commit for up to ``timeout`` seconds, then stop
         retrying: what could not reach PostgreSQL is left out (the next leader records
         those runs ``lost``, their only final record)."""
-        done = threading.Event()
-        self._pool.submit(done.set)
-        if not done.wait(timeout):
-            log.error("ha: PostgreSQL did not take the last run records within %gs", timeout)
-        self._closing.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._drop()
+        with contextlib.suppress(Exception):
+            self.barrier().result(timeout)
+        self._closing = True
+        with contextlib.suppress(Exception):
+            self.barrier().result(self.timeout_s + 2.0)
+        self._loop.call_soon_threadsafe(self._stop_loop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def _stop_loop(self) -> None:
+        self._drop_now()
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.stop()

@@ -12,7 +12,10 @@ What is read is bounded, not the whole history:
   left: those records say which of the gap's slots are handled, and how);
 * since ``horizon`` (the slot memory, hours), only the runs that can still matter: those
   with no final record (still in flight when the old leader died), failed or timed-out
-  attempts (a retry may be due) and later attempts (which say a retry already happened).
+  attempts (a retry may be due), later attempts (which say a retry already happened) and
+  triggered runs (which say a ``triggered`` event's start already happened).
+
+Each record comes with ``center``, the center that wrote it (a ``lost`` reason names it).
 
 Records come back oldest first per run, with a run's ``finished`` records after its other
 ones: the copy of a ``started`` record must never make a run that ended look open again.
@@ -34,14 +37,17 @@ class TakeoverLedger:
     """The run records and ``triggered`` events a takeover recovers from."""
 
     runs: list[dict[str, Any]]
-    """Run records (§4 dicts), in the order to fold them (``ledger.fold_runs``)."""
+    """Run records (§4 dicts plus ``center``), in the order to fold them (``ledger.fold_runs``)."""
     triggered: list[dict[str, Any]]
     """``triggered`` events since the horizon, oldest first."""
+    last_success: dict[str, float]
+    """Per job, the ``ts`` of its last ``succeeded`` record since the horizon (for
+    ``expect.success_within``; a restart has it from its summary)."""
 
 
 _RUNS = """
 WITH recent AS (
-    SELECT seq, ts, run_id, body FROM cronfile_records
+    SELECT seq, ts, run_id, center, body FROM cronfile_records
     WHERE kind = 'run' AND ts >= %(horizon)s AND run_id IS NOT NULL
 ),
 wanted AS (
@@ -51,9 +57,16 @@ wanted AS (
     UNION
     SELECT run_id FROM recent
     WHERE body->>'status' IN ('failed', 'timeout') OR (body->>'attempt')::int > 1
+       OR body->>'trigger' = 'trigger'
 )
-SELECT body FROM recent JOIN wanted USING (run_id)
+SELECT body || jsonb_build_object('center', center) FROM recent JOIN wanted USING (run_id)
 ORDER BY (body->>'record' = 'finished'), seq
+"""
+
+_LAST_SUCCESS = """
+SELECT job, extract(epoch FROM max(ts))::float8 FROM cronfile_records
+WHERE kind = 'run' AND ts >= %(horizon)s AND body->>'status' = 'succeeded' AND job IS NOT NULL
+GROUP BY job
 """
 
 _TRIGGERED = """
@@ -69,7 +82,13 @@ async def read_takeover_ledger(conn: psycopg.AsyncConnection[Any], since: float,
     ``horizon`` <= ``since`` bounds the older part, see the module docstring)."""
     params = {"since": datetime.fromtimestamp(since, UTC),
               "horizon": datetime.fromtimestamp(min(horizon, since), UTC)}
-    async with conn.transaction():  # one snapshot for both reads
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot
+        # The planner cannot guess how few runs are wanted and would JIT-compile the
+        # query: measured (bench/ha_takeover.py), that was 80% of a takeover's read.
+        await conn.execute("SET LOCAL jit = off")
         runs = [row[0] for row in await (await conn.execute(_RUNS, params)).fetchall()]
         triggered = [row[0] for row in await (await conn.execute(_TRIGGERED, params)).fetchall()]
-    return TakeoverLedger(runs=runs, triggered=triggered)
+        success = {str(job): float(ts) for job, ts in
+                   await (await conn.execute(_LAST_SUCCESS, params)).fetchall()}
+    return TakeoverLedger(runs=runs, triggered=triggered, last_success=success)

@@ -82,6 +82,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cronfile.center")
 
 
+class OutcomeDeferred(Exception):
+    """An agent's outcome this center cannot record yet: not acked, so delivered again."""
+
+
 class RunState(enum.Enum):
     """A center's life: it ends either ``stopped`` (a signal, exit 0) or ``crashed`` (a core
     task died, exit 1: a center that looks alive but schedules nothing is worse)."""
@@ -139,7 +143,7 @@ class Center:
         self.daemons = LocalDaemons(self.local, clock, self._spawn, self._revision,
                                     self.outcomes.record)
         self.restart = Restart(self.ledger, clock, self.scheduler, self.router, self.dispatcher,
-                               self.outcomes)
+                               self.outcomes, journal, options.lease_s)
         # A load or a reload frees most of what it allocated: give it back to the system.
         self.reloads = Reloader(self.loader, options.state, lambda: self.desired,
                                 lambda state, diff: self._apply(state, diff=diff),
@@ -181,7 +185,9 @@ class Center:
         self.journal.event(str(fields.pop("event")), **fields)
         self._write_center_file()
         if event["event"] == "leader_acquired" and self.ha is not None:
-            self._spawn(self.restart.take_over(self.ha), critical=True)
+            # At once, before any tick as the leader (see Restart.handed_over).
+            self.restart.handed_over(self.ticker.standby_tick)
+            self._spawn(self.restart.take_over(self.ha, self.desired), critical=True)
 
     def _ha_view_changed(self) -> bool:
         return self.ha is not None and self.ha.view() != self._center_file_view
@@ -224,7 +230,8 @@ class Center:
         self._write_center_file()
         self.journal.event("center_started", pid=os.getpid(), schedules=str(self.options.schedules),
                            listen=self.options.listen)
-        self.restart.recover_ledger()
+        if self.ha is None:  # an HA center recovers when it leads, from PostgreSQL
+            self.restart.recover_ledger()
         if first.state is None:
             try:
                 previous = read_applied(self.state_dir)
@@ -244,7 +251,8 @@ class Center:
             self._apply(previous, initial=True)
         else:
             self._apply(first.state, initial=True)
-        self.restart.requeue_pending(self.desired)
+        if self.ha is None:
+            self.restart.requeue_pending(self.desired)
         self._install_signals()
         await self._start_services()
         if self.hub is not None and self.desired is not None:
@@ -344,6 +352,15 @@ class Center:
         Otherwise see :meth:`~cronfile.center.outcomes.Outcomes.from_agent`."""
         if await self.journal.outcome_recorded(run_id):
             return
+        if self.ha is not None:
+            # An outcome of the old leader's run may reach this center before it leads or
+            # has read that run from PostgreSQL: it waits (a lease and a half of each
+            # kind), else it is not acked (the agent keeps it and delivers it again).
+            patience = self.ha.settings.lease_s + self.options.lease_s \
+                + 2 * self.ha.settings.renew_interval_s
+            if not await self.restart.outcome_may_wait(patience):
+                raise OutcomeDeferred(f"run {run_id}: this center does not know the runs in "
+                                      "flight yet (it does not lead)")
         self.outcomes.from_agent(run_id, agent, outcome)
 
     # ------------------------------------------------------------------ stopping

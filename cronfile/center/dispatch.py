@@ -246,6 +246,10 @@ class Dispatcher:
         if parked:
             await self.perform(parked, wait=False)
 
+    def in_flight_ids(self) -> set[str]:
+        """The runs this center is starting or running (an HA takeover leaves them be)."""
+        return set(self.running) | set(self._starting)
+
     def _busy(self, job: str, agent: str) -> bool:
         """A run of ``job`` on ``agent`` is in flight (being started, or running)."""
         return (job, agent) in self._starting.values() or any(

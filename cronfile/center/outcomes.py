@@ -147,13 +147,14 @@ class Outcomes:
             reason="outcome delivered after the run was recorded lost").to_json())
         records.flush()
 
-    def expire_awaiting(self, lease_s: float) -> None:
-        """Agents that did not report their runs within a lease of the restart: those runs
-        are ``lost`` (a late outcome still supersedes that, once)."""
+    def expire_awaiting(self, lease_s: float, cause: str = "restart") -> None:
+        """Agents that did not report their runs within a lease of the restart (or the HA
+        takeover: ``cause``): those runs are ``lost`` (a late outcome still supersedes
+        that, once)."""
         expired, self.awaiting_agents = self.awaiting_agents, {}
         for base in expired.values():
             self.lost_bases[str(base["run_id"])] = base
             self.record(str(base.get("job")), RunRecord.without_outcome(
                 base, RunStatus.LOST,
                 f"agent {base.get('agent')} did not report this run within "
-                f"{lease_s:g}s of the center's restart").to_json())
+                f"{lease_s:g}s of the center's {cause}").to_json())

@@ -426,6 +426,14 @@ class Scheduler:
         self._push(due, "trigger", state, due)
         return True
 
+    def handed_over(self, until: float) -> None:
+        """A standby's ticks threw their actions away up to ``until``; the slots up to it
+        belong to a new leader's catch-up from now on (SPEC §9 "Takeover"), not to the
+        fire path, which has already passed them."""
+        for state in self._jobs.values():
+            if state.armed_at is not None:
+                state.armed_at = max(state.armed_at, until)
+
     def catch_up(self, name: str, since: float, now: float, done: set[float]) -> list[Action]:
         """Slots in (since, now] while the center was down, minus those in the ledger
         (``done``): with ``catch_up: latest`` the latest runs once; the rest are one

@@ -3,8 +3,10 @@
 The center asks :meth:`HaCoordinator.leading` before it acts on a tick (a standby ticks to
 keep its timers current but throws every action away), and :meth:`HaCoordinator.claim`
 before it writes a chunk's ``dispatched`` records: only the runs PostgreSQL granted are
-written and sent. A takeover is then a restart in place: the center runs its catch-up over
-the gap, and the slots the old leader claimed count as done.
+written and sent. Run records are committed there before they reach the JSONL
+(:meth:`HaCoordinator.store_runs`). A takeover is then a restart in place: the center reads
+the old leader's records (:meth:`HaCoordinator.takeover_ledger`) and recovers from them with
+the same pure recovery as a restart (``center/recovery.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +26,9 @@ from cronfile.center.scheduler import StartRun
 from cronfile.ha.claims import SLOT_TARGET, Claim, Claimer, append_records
 from cronfile.ha.elector import Elector
 from cronfile.ha.migrations import migrate
+from cronfile.ha.runrecords import RunRecordStore
 from cronfile.ha.settings import HaSettings
+from cronfile.ha.takeover import TakeoverLedger, read_takeover_ledger
 from cronfile.schedules.model import Strategy
 from cronfile.state.ledger import encode_record
 from cronfile.transports.hub import CenterRole
@@ -47,6 +52,8 @@ class HaCoordinator:
         self.settings = settings
         self.elector = Elector(settings, on_event)
         self.claimer = Claimer(settings.dsn, settings.name, settings.connect_timeout_s)
+        self.runs = RunRecordStore(settings.dsn, settings.name, lambda: self.elector.term,
+                                   settings.connect_timeout_s)
         self._outbox: asyncio.Queue[tuple[str, list[dict[str, Any]], list[str] | None]] = \
             asyncio.Queue()
 
@@ -88,30 +95,50 @@ class HaCoordinator:
                                 dispatched=record, line=line))
         return await self.claimer.claim(term, claims, self.leading)
 
-    async def claimed_since(self, since: float) -> list[tuple[str, float, str]]:
-        """Slots claimed (by any leader) at or after ``since``: done, for catch-up.
+    def gap_start(self, now: float) -> float:
+        """Where a takeover's gap begins: slots from here on may have been left unhandled.
 
-        If the database cannot say (it went away at this very moment), none: catch-up then
-        tries every slot of the gap, and the claims (keyed on the slot) still refuse the
-        ones the old leader ran.
-        """
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                    self.settings.dsn, autocommit=True,
-                    connect_timeout=max(1, round(self.settings.connect_timeout_s))) as conn:
-                cur = await conn.execute(
-                    "SELECT job, extract(epoch FROM scheduled_at)::float8, target FROM cronfile_claims"
-                    " WHERE scheduled_at >= to_timestamp(%s)", (since,))
-                return [(str(j), float(s), str(t)) for j, s, t in await cur.fetchall()]
-        except (psycopg.Error, OSError) as exc:
-            log.warning("ha: cannot read the old leader's claims (%s); the claims will tell", exc)
-            return []
+        The old leader renewed last about one lease before its lease expired (and could
+        have been stuck for a renew interval before that); the lease may have stood
+        expired for a while too (every center was down): the gap covers all of it. Starting
+        early costs nothing but a longer read: handled slots are in the records. The first
+        leader a database ever had has no gap: no slot was ever anyone's."""
+        expired_for = self.elector.expired_for_s
+        if expired_for is None:
+            return now
+        return now - expired_for - self.settings.lease_s - 2 * self.settings.renew_interval_s
+
+    async def takeover_ledger(self, since: float, horizon: float) -> TakeoverLedger | None:
+        """The records a takeover recovers from (:func:`read_takeover_ledger`), retried
+        while this center leads; None if it stopped leading first (nothing to recover)."""
+        backoff = 0.1
+        while self.leading():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.settings.dsn, autocommit=True,
+                        connect_timeout=max(1, round(self.settings.connect_timeout_s))) as conn:
+                    return await read_takeover_ledger(conn, since, horizon)
+            except (psycopg.OperationalError, OSError) as exc:
+                log.warning("ha: cannot read the old leader's records yet (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        return None
+
+    def store_runs(self, records: Sequence[dict[str, Any]], ts: str,
+                   lines: Sequence[bytes]) -> Future[list[bool]]:
+        """Commit run records to PostgreSQL before they go to the JSONL (see
+        :mod:`cronfile.ha.runrecords`), stamped ``ts`` and kept as the ``lines`` the JSONL
+        will have; the future says, per record, whether to write it there. Never
+        ``dispatched`` records: their claim inserted them."""
+        assert all(r.get("record") != "dispatched" for r in records)
+        return self.runs.submit(records, ts, lines)
 
     def mirror(self, kind: str, records: Sequence[dict[str, Any]], data: bytes | None = None) -> None:
-        """Copy records this center writes to its JSONL into PostgreSQL too (``run`` or
-        ``event``), in the background: the JSONL write stays the one on the hot path, and a
-        database outage delays the copy instead of the center. ``dispatched`` records are
-        skipped: their claim already inserted them. ``data``: the records as encoded for the
+        """Copy records this center writes to its JSONL into PostgreSQL too, in the
+        background: the JSONL write stays the one on the hot path, and a database outage
+        delays the copy instead of the center. For events; run records go through
+        :meth:`store_runs`, before the JSONL. ``dispatched`` records are skipped: their
+        claim already inserted them. ``data``: the records as encoded for the
         JSONL (one line each), kept verbatim so reads from PostgreSQL print the same bytes."""
         lines = data.decode().split("\n")[:-1] if data is not None else None  # each ends in \n
         if lines is not None and len(lines) != len(records):
@@ -171,4 +198,5 @@ class HaCoordinator:
         shipper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await shipper
+        await asyncio.to_thread(self.runs.close, timeout)
 

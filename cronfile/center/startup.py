@@ -3,8 +3,9 @@
 Runs the previous center left in flight are recorded ``lost`` (agent runs get a lease to
 report first), the slots it handled are excluded (once per slot), what it had queued but not
 started is queued again, and the slots of the outage are recorded or run as each job's
-``catch_up`` says. An HA takeover does the same for the last lease's span. The pure part is
-:mod:`cronfile.center.recovery`; this module applies it to the running parts.
+``catch_up`` says. An HA takeover does the same from PostgreSQL (:meth:`Restart.take_over`):
+an HA center recovers only when it leads. The pure part is :mod:`cronfile.center.recovery`;
+this module applies it to the running parts.
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from cronfile.center.dispatch import Dispatcher
+from cronfile.center.journal import Journal
 from cronfile.center.options import CenterOptions
 from cronfile.center.outcomes import Outcomes
-from cronfile.center.recovery import Recovery, RequeueTrigger, pending_starts, recover_summary
+from cronfile.center.recovery import (
+    Recovery,
+    RequeueRetry,
+    RequeueTrigger,
+    pending_starts,
+    recover,
+    recover_summary,
+)
 from cronfile.center.routing import Router
 from cronfile.center.scheduler import Action, RecordSlot, Scheduler
 from cronfile.clock import Clock
 from cronfile.schedules.model import DesiredState, RunStatus, Strategy
 from cronfile.state.applied import StateFileError, read_applied
 from cronfile.state.checkpoint import LedgerSummary
-from cronfile.state.ledger import Ledger
+from cronfile.state.ledger import Ledger, fold_runs
 from cronfile.state.retention import check_retention, parse_retention
 
 if TYPE_CHECKING:  # psycopg is imported only by a center started with --ha
@@ -46,32 +55,52 @@ def retention_refusal(options: CenterOptions, state: DesiredState | None, now: f
                            state.jobs.values(), now)
 
 
+def has_triggers(desired: DesiredState | None) -> bool:
+    return desired is not None and any(job.trigger is not None for job in desired.jobs.values())
+
+
 class Restart:
     def __init__(self, ledger: Ledger, clock: Clock, scheduler: Scheduler, router: Router,
-                 dispatcher: Dispatcher, outcomes: Outcomes) -> None:
+                 dispatcher: Dispatcher, outcomes: Outcomes, journal: Journal,
+                 lease_s: float) -> None:
         self.ledger = ledger
         self.clock = clock
         self.scheduler = scheduler
         self.router = router
         self.dispatcher = dispatcher
         self.outcomes = outcomes
+        self.journal = journal
+        self.lease_s = lease_s
         self.history = LedgerSummary()  # what start-up needs from the ledger's history
         self.missed_until: dict[str, float] = {}  # per job: end of the last recorded missed range
         self._recovered = Recovery()  # what the ledger said at start, until requeued
+        # when the agents' runs in flight at the start (or the takeover) are given up on
+        self.awaiting_until = clock.time() + lease_s
+        # Set once the runs in flight of the previous center (or leader) are known: an HA
+        # center learns them only when it leads (see :meth:`outcome_may_wait`).
+        self.recovered_runs = asyncio.Event()
+        self._cause = "restart"  # what the agents' runs were awaited after
 
     def recover_ledger(self) -> None:
         """Runs the previous center left in flight are ``lost``; remember handled slots.
         From the ledger's summary: nothing here reads old history."""
         found = recover_summary(self.history)
+        self._learn(found)
+        self._recovered = found
+        if found.lost:
+            self.ledger.append_runs(found.lost)
+        self.recovered_runs.set()
+
+    def _learn(self, found: Recovery) -> None:
+        """What a restart or a takeover learned: handled slots, missed ranges, last
+        successes, agents' runs to await."""
         self.dispatcher.done_slots |= found.done_slots
-        self.missed_until.update(found.missed_until)
+        for job, end in found.missed_until.items():
+            self.missed_until[job] = max(self.missed_until.get(job, end), end)
         last_success = self.outcomes.last_success
         for job, ended in found.last_success.items():
             last_success[job] = max(last_success.get(job, 0.0), ended)
         self.outcomes.awaiting_agents.update(found.awaiting_agents)
-        self._recovered = found
-        if found.lost:
-            self.ledger.append_runs(found.lost)
 
     def requeue_pending(self, desired: DesiredState | None) -> None:
         """What the previous center had queued but not started when it stopped is queued
@@ -80,12 +109,13 @@ class Restart:
         memory (6 h) is dropped: a retry or a triggered run days late would surprise more
         than help."""
         found, self._recovered = self._recovered, Recovery()
-        triggered_jobs = desired is not None and any(
-            job.trigger is not None for job in desired.jobs.values())
         # the triggered events of the last hours, from the ledger's summary
-        events = self.history.triggered if triggered_jobs else ()
-        for start in pending_starts(found, events, self.clock.time() - SLOT_MEMORY_S,
-                                    self.scheduler.has_job):
+        events = self.history.triggered if has_triggers(desired) else ()
+        self._requeue(pending_starts(found, events, self.clock.time() - SLOT_MEMORY_S,
+                                     self.scheduler.has_job))
+
+    def _requeue(self, pending: list[RequeueTrigger | RequeueRetry]) -> None:
+        for start in pending:
             if isinstance(start, RequeueTrigger):
                 self.scheduler.requeue_trigger(start.job, start.due)
             else:
@@ -122,24 +152,67 @@ class Restart:
         if actions:
             await self.dispatcher.perform(actions, wait=False)
 
-    async def take_over(self, ha: HaCoordinator) -> None:
-        """Slots of the last lease's span may be the old leader's: what it claimed is done,
-        the rest follows each job's catch_up, exactly as after a restart."""
+    def handed_over(self, standby_tick: float | None) -> None:
+        """HA, at the moment this center wins the lease (before any tick as the leader):
+        what its ticks as a standby threw away (up to ``standby_tick``) is the takeover's
+        catch-up, and the runs in flight are unknown until the takeover has read them."""
+        if standby_tick is not None:
+            self.scheduler.handed_over(standby_tick)
+        self.recovered_runs.clear()
+        self._cause = "takeover"
+
+    async def take_over(self, ha: HaCoordinator, desired: DesiredState | None) -> None:
+        """Recover from PostgreSQL exactly as a restart recovers from the JSONL (SPEC §9):
+        the old leader's runs left in flight (``lost``, or awaited from their agents up to
+        the lease), its retries and triggered starts pending (queued again at their time),
+        and the gap's slots (run or recorded, per ``catch_up``)."""
         await ha.claimer.warm()
-        since = self.clock.time() - ha.settings.lease_s - 2 * ha.settings.renew_interval_s
-        for job, slot, target in await ha.claimed_since(since):
-            self.dispatcher.done_slots.add((job, round(slot, 3), target))
+        now = self.clock.time()
+        since = ha.gap_start(now)
+        found = await ha.takeover_ledger(since, now - SLOT_MEMORY_S)
+        if found is None:  # it stopped leading first: the next leader recovers
+            return
+        # A center that stepped down and leads again still holds its own runs.
+        live = self.dispatcher.in_flight_ids() | self.journal.ending_ids()
+        views = [v for v in fold_runs(found.runs) if v.get("run_id") not in live]
+        recovery = recover(views, lambda view: (
+            f"center {view.get('center')} (term {view.get('term')}) stopped leading "
+            "while the run was in flight"))
+        self._learn(recovery)
+        last_success = self.outcomes.last_success
+        for job, ended in found.last_success.items():
+            last_success[job] = max(last_success.get(job, 0.0), ended)
+        self.awaiting_until = now + self.lease_s
+        records = self.journal.records
+        for record in recovery.lost:
+            records.add(record)
+        records.flush()
+        self.recovered_runs.set()
+        self._requeue(pending_starts(recovery, found.triggered if has_triggers(desired) else (),
+                                     now - SLOT_MEMORY_S, self.scheduler.has_job))
         await self.catch_up(since)
+        records.flush()
+
+    async def outcome_may_wait(self, patience_s: float) -> bool:
+        """Before an agent's outcome of a run not in flight here is taken: an agent may
+        deliver to a center that is about to lead (or just leads) and has not read the old
+        leader's runs yet. False if they are still unknown after ``patience_s``."""
+        if self.recovered_runs.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.recovered_runs.wait(), patience_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def housekeeping(self, lease_s: float) -> None:
         """Once a minute: forget handled slots older than any start can be (the ledger
         keeps them; memory need not), and give up on agents that never came back."""
-        began = self.clock.time()
         while True:
             await asyncio.sleep(min(60.0, lease_s))
             now = self.clock.time()
             horizon = now - SLOT_MEMORY_S
             dispatcher = self.dispatcher
             dispatcher.done_slots = {k for k in dispatcher.done_slots if k[1] >= horizon}
-            if self.outcomes.awaiting_agents and now - began >= lease_s:
-                self.outcomes.expire_awaiting(lease_s)
+            if self.outcomes.awaiting_agents and now >= self.awaiting_until:
+                self.outcomes.expire_awaiting(lease_s, self._cause)

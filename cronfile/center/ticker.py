@@ -58,6 +58,7 @@ class Ticker:
         self.wake = wake
         self.stopping = stopping
         self.last_tick: float | None = None  # every slot up to it was handed to perform()
+        self.standby_tick: float | None = None  # HA: the last tick whose actions were dropped
         self._last_expect_check = 0.0
         self._places_written, self._places_written_at = -1, 0.0
 
@@ -78,6 +79,7 @@ class Ticker:
                 actions = self.scheduler.tick(now)
                 if self.ha is not None and not self.ha.leading():
                     actions = []  # a standby keeps its timers current and does nothing
+                    self.standby_tick = now
                 await dispatcher.perform(actions, wait=False)
             finally:
                 dispatcher.end_burst()

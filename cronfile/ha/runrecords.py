@@ -51,9 +51,9 @@ FINALS_LOCK_KEY = 0x63726F6E66696E  # "cronfin": serialises the once-per-run che
 # a ``supersedes`` final is a kind of its own): a final another center wrote first is
 # refused, and a batch sent again after a lost reply adds nothing.
 _INSERT = """
-INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body)
+INSERT INTO cronfile_records (kind, ts, run_id, job, center, term, body, line)
 SELECT 'run', coalesce((e->>'ts')::timestamptz, now()), e->>'run_id', e->>'job',
-       %(center)s, %(term)s, e->'body'
+       %(center)s, %(term)s, e->'body', e->>'line'
 FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS x(e, n)
 WHERE NOT EXISTS (
     SELECT 1 FROM cronfile_records r
@@ -75,15 +75,20 @@ def _kind(record: dict[str, Any]) -> tuple[str, str, bool]:
 
 
 async def insert_run_records(conn: psycopg.AsyncConnection[Any], center: str, term: int | None,
-                             records: Sequence[dict[str, Any]], ts: str | None = None) -> list[bool]:
+                             records: Sequence[dict[str, Any]], ts: str | None = None,
+                             lines: Sequence[bytes] | None = None) -> list[bool]:
     """Insert a batch in one transaction; per record, whether it is this center's (False:
     a final record of a run that another center recorded first). ``ts``: the time the
-    center's JSONL gives the batch (its ``ts`` column and the records' own)."""
+    center's JSONL gives the batch (its ``ts`` column and the records' own); ``lines``: the
+    records as the JSONL has them, kept verbatim (reads print those bytes)."""
     if not records:
         return []
     rows = [{"ts": r.get("ts", ts), "run_id": r.get("run_id"), "job": r.get("job"),
              "body": r if ts is None or "ts" in r else {"v": FORMAT_VERSION, "ts": ts, **r}}
             for r in records]
+    if lines is not None:
+        for row, line in zip(rows, lines, strict=True):
+            row["line"] = line.decode("ascii").rstrip("\n")
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINALS_LOCK_KEY,))
         cur = await conn.execute(_INSERT, {"center": center, "term": term,
@@ -119,12 +124,13 @@ class RunRecordStore:
         self.refused = 0
         """Final records refused because another center had recorded the run (for tests)."""
 
-    def submit(self, records: Sequence[dict[str, Any]],
-               ts: str | None = None) -> Future[list[bool]]:
-        """Commit ``records`` (stamped ``ts``, as the JSONL will have them); the future gives,
-        per record, whether to write it to the JSONL."""
-        return asyncio.run_coroutine_threadsafe(self._write(list(records), self._term(), ts),
-                                                self._loop)
+    def submit(self, records: Sequence[dict[str, Any]], ts: str | None = None,
+               lines: Sequence[bytes] | None = None) -> Future[list[bool]]:
+        """Commit ``records`` (stamped ``ts``, encoded as the JSONL ``lines``); the future
+        gives, per record, whether to write it to the JSONL."""
+        return asyncio.run_coroutine_threadsafe(
+            self._write(list(records), self._term(), ts, None if lines is None else list(lines)),
+            self._loop)
 
     def barrier(self) -> Future[None]:
         """Done once every batch submitted before it is committed (or given up on)."""
@@ -134,14 +140,15 @@ class RunRecordStore:
         async with self._order:
             return
 
-    async def _write(self, batch: list[dict[str, Any]], term: int | None,
-                     ts: str | None) -> list[bool]:
+    async def _write(self, batch: list[dict[str, Any]], term: int | None, ts: str | None,
+                     lines: list[bytes] | None) -> list[bool]:
         async with self._order:
             backoff = 0.05
             while True:
                 try:
                     conn = await self._bounded(self._connection())
-                    kept = await self._bounded(insert_run_records(conn, self.center, term, batch, ts))
+                    kept = await self._bounded(insert_run_records(conn, self.center, term, batch, ts,
+                                                                  lines))
                     break
                 except (psycopg.OperationalError, OSError, TimeoutError) as exc:
                     self._drop_now()

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from centerlib import CenterProc, cli, dispatched, parse_ts, wait_for  # noqa: E402
+from centerlib import CenterProc, cli, cronfile_command, dispatched, parse_ts, wait_for  # noqa: E402
 from faultlib import FaultProxy  # noqa: E402
 from fleetlib import AgentProc, FleetCenter  # noqa: E402
 from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
@@ -271,4 +271,47 @@ def test_an_agent_run_in_flight_on_the_killed_leader_gets_the_agents_outcome_onc
             a.stop()
     assert finals(a.runs()) == []
     assert len(finals(b.runs(), run_id)) == 1
+    check_one_final_per_run(dsn, a, b)
+
+
+def test_an_agent_on_both_centers_delivers_the_killed_leaders_run_to_the_new_one_once(
+        pg: PgServer, tmp_path: Path) -> None:
+    """The same with ``cronfile agent --center A,B`` (a connection to each replica): the
+    run ends while nobody leads, its outcome goes to the new leader, which has read the
+    run from PostgreSQL by then, and becomes its one final record."""
+    dsn = pg.new_database()
+    marks = tmp_path / "marks"
+    schedule = ("apiVersion: cronfile/v1\nagents:\n  web1: {labels: {team: t}}\njobs:\n"
+                "  remote:\n    schedule: \"0 0 1 1 *\"\n    targets: {agents: [web1]}\n"
+                f"    command: \"sleep 1; echo $CRONFILE_RUN_ID >> {marks}\"\n")
+    a, b = (HaFleetCenter(tmp_path / n, dsn, n) for n in ("a", "b"))
+    for c in (a, b):
+        c.write("jobs.yaml", schedule)
+    agent = AgentProc(tmp_path, a, "web1")
+    try:
+        a.start()
+        a.wait_events(lambda es: any(e.get("event") == "leader_acquired" for e in es), 10, "a leads")
+        b.start()
+        agent.launch([*cronfile_command(), "agent", "--center",
+                      f"127.0.0.1:{a.port},127.0.0.1:{b.port}", "--name", "web1",
+                      "--token-file", str(a.token_file), "--state", str(agent.state),
+                      "--backoff-max", "0.5"], dict(os.environ))
+        a.wait_connected("web1")
+        b.wait_connected("web1")
+        assert cli("run", "remote", state=a.state).returncode == 0
+        run_id = a.wait_runs(lambda rs: [r["run_id"] for r in rs if r.get("record") == "started"],
+                             10, "the run to start on the agent")[0]
+        wait_in_table(dsn, "its started record in PostgreSQL",
+                      lambda rows: any(r.get("record") == "started" for _c, r in rows))
+        a.kill()
+        done = b.wait_runs(lambda rs: finals(rs, run_id), LEASE_S + 15,
+                           "b to record the agent's outcome")
+        assert [(r["status"], r["exit_code"], r["agent"], r["transport"]) for r in done] == [
+            ("succeeded", 0, "web1", "tcp")]
+        assert marks.read_text().split() == [run_id]
+    finally:
+        agent.stop()
+        b.stop()
+        a.stop()
+    assert finals(a.runs()) == []
     check_one_final_per_run(dsn, a, b)

@@ -145,7 +145,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> None:
         for name in names:
             log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cronfile.agent.daemon", "--center", f"127.0.0.1:{hub.port}",
+                [sys.executable, "-m", "cronfile", "agent", "--center", f"127.0.0.1:{hub.port}",
                  "--name", name, "--token-file", str(token), "--state", str(tmp / name),
                  "--log-level", "WARNING"],
                 stdout=log, stderr=subprocess.STDOUT,

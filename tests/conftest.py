@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if TYPE_CHECKING:
+    from pglib import PgServer
 
 
 def cronfile_command() -> list[str]:
@@ -21,3 +27,14 @@ def cronfile_command() -> list[str]:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """One real PostgreSQL server per test process (per xdist worker), not one per module:
+    starting one costs seconds. Each test takes a database of its own
+    (``pg.new_database()``); a test that stops or restarts the server starts it again."""
+    from pglib import running_postgres
+
+    with running_postgres() as server:
+        yield server

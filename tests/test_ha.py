@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,12 @@ from cronfile.ha.settings import HaSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pglib import BlackholeProxy, PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import BlackholeProxy, PgServer, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 @pytest.fixture

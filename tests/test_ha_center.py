@@ -8,7 +8,6 @@ import json
 import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from centerlib import CenterProc, cli, dispatched, wait_for  # noqa: E402
-from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import PgServer, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
 LEASE_S, DEADLINE_S = 3.0, 2.0
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 class HaCenter(CenterProc):

@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from centerlib import ChildProc, cli, cronfile_command, dispatched, finished, wait_for  # noqa: E402
 from fencinglib import Replica  # noqa: E402
 from fleetlib import SECRET, FleetCenter  # noqa: E402
-from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import PgServer, skip_reason  # noqa: E402
 
 from cronfile.transports.hub import CenterRole  # noqa: E402
 
@@ -38,12 +37,6 @@ pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pyt
 
 LEASE_S, DEADLINE_S = 3.0, 2.0
 AGENT = "web-1"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 class HaFleetCenter(FleetCenter):

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pglib import PgServer, free_port, running_postgres, skip_reason  # noqa: E402
+from pglib import PgServer, free_port, skip_reason  # noqa: E402
 
 from cronfile.cli.app import cli  # noqa: E402
 from cronfile.ha.claims import Claim, append_records, claim_slots  # noqa: E402
@@ -40,12 +40,6 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
 REVISION = {"content_hash": "sha256:0123456789abcdef", "git_commit": None}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 @pytest.fixture

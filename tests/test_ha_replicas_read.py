@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from centerlib import cli, dispatched, wait_for  # noqa: E402
 from httplib import HttpCenter  # noqa: E402
-from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import PgServer, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
 PASSWORD = "pw-never-written-7f3a"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 class HaHttpCenter(HttpCenter):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FuturesTimeout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,18 +25,12 @@ from cronfile.state.ledger import fold_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pglib import BlackholeProxy, PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import BlackholeProxy, PgServer, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from centerlib import CenterProc, cli, cronfile_command, dispatched, parse_ts, wait_for  # noqa: E402
 from faultlib import FaultProxy  # noqa: E402
 from fleetlib import AgentProc, FleetCenter  # noqa: E402
-from pglib import PgServer, running_postgres, skip_reason  # noqa: E402
+from pglib import PgServer, skip_reason  # noqa: E402
 from test_ha_center import DEADLINE_S, LEASE_S, HaCenter, check_once_per_slot, pair  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    with running_postgres() as server:
-        yield server
 
 
 def two_centers(tmp_path: Path, dsn: str, jobs: str) -> tuple[HaCenter, HaCenter]:

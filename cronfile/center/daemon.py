@@ -33,6 +33,7 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from cronfile import gcpause
+from cronfile.center.agentreports import AgentReports
 from cronfile.center.agents import start_hub, sync_agent_daemons, write_agents_file
 from cronfile.center.alerts import Notifier
 from cronfile.center.backfill import BackfillQueue
@@ -80,10 +81,6 @@ if TYPE_CHECKING:
     from cronfile.center.standby import HaCoordinator
 
 log = logging.getLogger("cronfile.center")
-
-
-class OutcomeDeferred(Exception):
-    """An agent's outcome this center cannot record yet: not acked, so delivered again."""
 
 
 class RunState(enum.Enum):
@@ -144,6 +141,9 @@ class Center:
                                     self.outcomes.record)
         self.restart = Restart(self.ledger, clock, self.scheduler, self.router, self.dispatcher,
                                self.outcomes, journal, options.lease_s)
+        self.agent_reports = AgentReports(journal, options.state, lambda: self.hub, self.parking,
+                                          self._wake, self.outcomes, self.restart, self.ha,
+                                          options.lease_s)
         # A load or a reload frees most of what it allocated: give it back to the system.
         self.reloads = Reloader(self.loader, options.state, lambda: self.desired,
                                 lambda state, diff: self._apply(state, diff=diff),
@@ -318,7 +318,7 @@ class Center:
             raise CenterError(str(exc)) from None
         if self.options.listen:
             try:
-                self.hub = await start_hub(self.options, self.router.inventory, self, self.ha,
+                self.hub = await start_hub(self.options, self.router.inventory, self.agent_reports, self.ha,
                                            self.journal.event)
             except SecretsError as exc:  # names the file and line, never a secret
                 raise CenterError(str(exc)) from None
@@ -331,37 +331,6 @@ class Center:
 
             self.http = HttpServer(self.operations, self.options.http)
             await self.http.start()
-
-    # ------------------------------------------------------------------ what agents report
-
-    def agent_connected(self, name: str) -> None:
-        self.journal.event("agent_connected", agent=name)
-        if self.hub is not None:
-            write_agents_file(self.state_dir, self.hub)
-        self.parking.agent_back(name)
-        self._wake.set()
-
-    def agent_disconnected(self, name: str) -> None:
-        self.journal.event("agent_disconnected", agent=name)
-        if self.hub is not None:
-            write_agents_file(self.state_dir, self.hub)
-
-    async def agent_outcome(self, run_id: str, agent: str, outcome: dict[str, Any]) -> None:
-        """Every outcome an agent delivers; returns once it is durable (the hub acks it
-        then). A run of this center: its handle resolved, its watcher writes the record.
-        Otherwise see :meth:`~cronfile.center.outcomes.Outcomes.from_agent`."""
-        if await self.journal.outcome_recorded(run_id):
-            return
-        if self.ha is not None:
-            # An outcome of the old leader's run may reach this center before it leads or
-            # has read that run from PostgreSQL: it waits (a lease and a half of each
-            # kind), else it is not acked (the agent keeps it and delivers it again).
-            patience = self.ha.settings.lease_s + self.options.lease_s \
-                + 2 * self.ha.settings.renew_interval_s
-            if not await self.restart.outcome_may_wait(patience):
-                raise OutcomeDeferred(f"run {run_id}: this center does not know the runs in "
-                                      "flight yet (it does not lead)")
-        self.outcomes.from_agent(run_id, agent, outcome)
 
     # ------------------------------------------------------------------ stopping
 

@@ -39,6 +39,12 @@ from cronfile.transports.protocol import Ack, Cancel, Daemons, Finished, Protoco
 log = logging.getLogger("cronfile.agents")
 
 
+
+class OutcomeDeferred(Exception):
+    """Raised by ``on_outcome``: the center cannot record this outcome yet (an HA center
+    that has not read the old leader's runs in flight). Not acked, so the agent delivers it
+    again; an expected wait, logged as such, without a traceback."""
+
 class OrderSender(Protocol):
     """The fence every order goes through (:class:`~cronfile.transports.orders.Orders`)."""
 
@@ -297,6 +303,9 @@ class RemoteRuns:
         run_id = msg.run_id
         try:
             await call_back(self.on_outcome, run_id, conn.name, msg.outcome_dict())
+        except OutcomeDeferred as exc:
+            log.info("the outcome of run %s waits: %s", run_id, exc)
+            return
         except Exception:
             # Not acked: the agent keeps it and delivers it again on its next
             # connection, when the center may be able to record it.

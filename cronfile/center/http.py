@@ -20,7 +20,6 @@ Security decisions, in one place:
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -30,6 +29,7 @@ from aiohttp import web
 
 from cronfile.center.options import HttpOptions
 from cronfile.center.port import CenterPort
+from cronfile.transports.admission import is_loopback
 
 log = logging.getLogger("cronfile.http")
 
@@ -51,15 +51,6 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise HttpConfigError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def check_options(options: HttpOptions) -> None:

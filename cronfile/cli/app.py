@@ -8,7 +8,6 @@ reaches a user for bad input.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 import time
 from pathlib import Path
@@ -404,23 +403,14 @@ def _check_listen(listen: str, token_file: Path | None) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise click.UsageError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:7070")
+    from cronfile.transports.admission import is_loopback
+
     # Agents on other hosts could register unauthenticated: refuse to start rather than
     # quietly bind 127.0.0.1, which remote agents would only see as "connection refused".
-    if token_file is None and not _is_loopback_host(host):
+    if token_file is None and not is_loopback(host):
         raise click.UsageError(
             f"--listen {listen}: a non-loopback address needs --token-file (agents must "
             "authenticate); without one, listen on 127.0.0.1:PORT")
-
-
-def _is_loopback_host(host: str) -> bool:
-    """``localhost`` or a loopback IP; any other name may resolve to a public interface."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _state_dir_must_exist(state_dir: Path) -> None:

@@ -62,6 +62,10 @@ RESERVED_NAMES = frozenset({"local"})
 
 
 def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (``[::1]`` too); any other name may resolve to a public
+    interface. The one test of "does this address stay on the host", for the agent port,
+    ``--http`` and the CLI's listen checks."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:

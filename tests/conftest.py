@@ -38,3 +38,16 @@ def pg() -> Iterator[PgServer]:
 
     with running_postgres() as server:
         yield server
+
+
+@pytest.fixture
+def dsn(pg: PgServer) -> str:
+    """A database of its own on the shared server, with the HA schema migrated."""
+    import psycopg
+
+    from cronfile.ha.migrations import migrate
+
+    database = pg.new_database()
+    with psycopg.connect(database, autocommit=True) as conn:
+        migrate(conn)
+    return database

@@ -32,14 +32,6 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def dsn(pg: PgServer) -> str:
-    database = pg.new_database()
-    with psycopg.connect(database, autocommit=True) as conn:
-        migrate(conn)
-    return database
-
-
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 

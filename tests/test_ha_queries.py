@@ -42,14 +42,6 @@ T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
 REVISION = {"content_hash": "sha256:0123456789abcdef", "git_commit": None}
 
 
-@pytest.fixture
-def dsn(pg: PgServer) -> str:
-    database = pg.new_database()
-    with psycopg.connect(database, autocommit=True) as conn:
-        migrate(conn)
-    return database
-
-
 def at(seconds: float) -> str:
     moment = T0 + timedelta(seconds=seconds)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -18,7 +18,6 @@ import pytest
 from cronfile.center.recovery import RequeueRetry, RequeueTrigger, pending_starts, recover
 from cronfile.ha import lease as lease_sql
 from cronfile.ha.claims import Claim, claim_slots
-from cronfile.ha.migrations import migrate
 from cronfile.ha.runrecords import RunRecordStore, insert_run_records
 from cronfile.ha.takeover import read_takeover_ledger
 from cronfile.state.ledger import fold_runs
@@ -31,14 +30,6 @@ _reason = skip_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-@pytest.fixture
-def dsn(pg: PgServer) -> str:
-    database = pg.new_database()
-    with psycopg.connect(database, autocommit=True) as conn:
-        migrate(conn)
-    return database
 
 
 def iso(t: datetime) -> str:

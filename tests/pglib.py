@@ -169,3 +169,14 @@ class BlackholeProxy:
         for s in self._sockets:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+LEASE_S, DEADLINE_S = 3.0, 2.0
+"""The HA tests' lease and renew deadline: short, so a failover fits in a test."""
+
+
+def ha_argv(dsn: str, name: str, lease_s: float = LEASE_S,
+            deadline_s: float = DEADLINE_S) -> list[str]:
+    """The ``cronfile center`` options of one HA replica."""
+    return ["--ha", dsn, "--name", name,
+            "--ha-lease", f"{lease_s:g}s", "--ha-renew-deadline", f"{deadline_s:g}s"]

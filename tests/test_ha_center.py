@@ -18,12 +18,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from centerlib import CenterProc, cli, dispatched, wait_for  # noqa: E402
-from pglib import PgServer, skip_reason  # noqa: E402
+from pglib import LEASE_S, PgServer, ha_argv, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
-LEASE_S, DEADLINE_S = 3.0, 2.0
 
 
 class HaCenter(CenterProc):
@@ -32,8 +31,7 @@ class HaCenter(CenterProc):
         self.dsn, self.name = dsn, name
 
     def argv(self) -> list[str]:
-        return [*super().argv(), "--ha", self.dsn, "--name", self.name,
-                "--ha-lease", f"{LEASE_S:g}s", "--ha-renew-deadline", f"{DEADLINE_S:g}s"]
+        return [*super().argv(), *ha_argv(self.dsn, self.name)]
 
     def status(self) -> dict[str, Any]:
         out = cli("status", "--format", "json", state=self.state)

@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from centerlib import ChildProc, cli, cronfile_command, dispatched, finished, wait_for  # noqa: E402
 from fencinglib import Replica  # noqa: E402
 from fleetlib import SECRET, FleetCenter  # noqa: E402
-from pglib import PgServer, skip_reason  # noqa: E402
+from pglib import LEASE_S, PgServer, ha_argv, skip_reason  # noqa: E402
 
 from cronfile.transports.hub import CenterRole  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
-LEASE_S, DEADLINE_S = 3.0, 2.0
 AGENT = "web-1"
 
 
@@ -47,8 +46,7 @@ class HaFleetCenter(FleetCenter):
         self.dsn, self.name = dsn, name
 
     def argv(self) -> list[str]:
-        return [*super().argv(), "--ha", self.dsn, "--name", self.name,
-                "--ha-lease", f"{LEASE_S:g}s", "--ha-renew-deadline", f"{DEADLINE_S:g}s"]
+        return [*super().argv(), *ha_argv(self.dsn, self.name)]
 
     def status(self) -> dict[str, Any]:
         out = cli("status", "--format", "json", state=self.state)

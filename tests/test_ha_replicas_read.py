@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from centerlib import cli, dispatched, wait_for  # noqa: E402
 from httplib import HttpCenter  # noqa: E402
-from pglib import PgServer, skip_reason  # noqa: E402
+from pglib import PgServer, ha_argv, skip_reason  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
@@ -31,8 +31,7 @@ class HaHttpCenter(HttpCenter):
         self.dsn, self.name = dsn, name
 
     def argv(self) -> list[str]:
-        return [*super().argv(), "--ha", self.dsn, "--name", self.name,
-                "--ha-lease", "3s", "--ha-renew-deadline", "2s"]
+        return [*super().argv(), *ha_argv(self.dsn, self.name)]
 
     def role(self) -> str:
         return str(json.loads((self.state / "center.json").read_text()).get("role"))

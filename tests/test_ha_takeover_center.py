@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from centerlib import CenterProc, cli, cronfile_command, dispatched, parse_ts, wait_for  # noqa: E402
 from faultlib import FaultProxy  # noqa: E402
 from fleetlib import AgentProc, FleetCenter  # noqa: E402
-from pglib import PgServer, skip_reason  # noqa: E402
-from test_ha_center import DEADLINE_S, LEASE_S, HaCenter, check_once_per_slot, pair  # noqa: E402
+from pglib import LEASE_S, PgServer, ha_argv, skip_reason  # noqa: E402
+from test_ha_center import HaCenter, check_once_per_slot, pair  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
@@ -217,8 +217,7 @@ class HaFleetCenter(FleetCenter):
         self.dsn, self.name = dsn, name
 
     def argv(self) -> list[str]:
-        return [*super().argv(), "--ha", self.dsn, "--name", self.name,
-                "--ha-lease", f"{LEASE_S:g}s", "--ha-renew-deadline", f"{DEADLINE_S:g}s"]
+        return [*super().argv(), *ha_argv(self.dsn, self.name)]
 
 
 def test_an_agent_run_in_flight_on_the_killed_leader_gets_the_agents_outcome_once(
